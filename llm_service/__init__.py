@@ -1,0 +1,1 @@
+"""llm_service: the process that runs the language model (gRPC LLMService)."""

@@ -1,0 +1,32 @@
+"""llm_service entry point: `python -m llm_service --checkpoint DIR --port N`."""
+
+import asyncio
+import logging
+
+from llm_service.config import LLMConfig
+from llm_service.engine import Engine
+from llm_service.models import load_language_model
+from llm_service.server import LLMServicer
+from mmserve.grpc_util import serve
+from mmserve.proto import llm_pb2, llm_pb2_grpc
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s llm %(levelname)s %(message)s")
+    config = LLMConfig.from_args(argv)
+    engine = Engine(load_language_model(config), config.max_waiting, config.max_model_len)
+    servicer = LLMServicer(engine)
+    asyncio.run(
+        serve(
+            lambda server: llm_pb2_grpc.add_LLMServiceServicer_to_server(servicer, server),
+            llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name,
+            config.host,
+            config.port,
+            config.max_message_bytes,
+            on_stop=engine.stop,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

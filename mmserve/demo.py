@@ -1,0 +1,181 @@
+"""Build small random-weight llava-hf checkpoints offline (the `make run` demo model and the tests' models).
+
+Everything is created locally: a byte-level BPE tokenizer trained on a built-in corpus, a CLIP image
+processor, a chat template and random weights. No network access is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# A llava-hf 1.5 style template: per message "ROLE: ", the message's images first, then its text.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+
+_WORDS = (
+    "the a an image picture photo of in on with and is are what where who how many colour color red green "
+    "blue yellow black white cat dog bird car tree house sky sea mountain person people sitting standing "
+    "running small large bright dark left right top bottom describe this that there here it shows shown "
+    "question answer assistant user hello world model vision language token embedding"
+).split()
+_EXTRA = ["你好世界", "这是什么", "图片里有一只猫", "😀 🐱 🚗", "naïve café déjà vu", "12345 67890", "Hello, World!"]
+
+
+def _corpus() -> list[str]:
+    lines = []
+    for i, word in enumerate(_WORDS):
+        tail = " ".join(_WORDS[(i * 7 + k) % len(_WORDS)] for k in range(8))
+        lines.append(f"{word.capitalize()} {tail}.")
+        lines.append(f"What is in the {word}? {tail}!")
+    return lines + _EXTRA * 5
+
+
+def build_tokenizer(vocab_size: int = 400):
+    """A Llama-style (BOS-prefixing) byte-level BPE tokenizer with an `<image>` special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+@dataclass
+class LlavaShape:
+    image_size: int = 56
+    patch_size: int = 14
+    vision_hidden: int = 32
+    vision_intermediate: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 64
+    text_intermediate: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    vocab_size: int = 400
+    max_position_embeddings: int = 4096
+
+
+# The `make run` demo: LLaVA-1.5's token geometry (336px, patch 14 -> 576 image tokens), tiny widths.
+DEMO_SHAPE = LlavaShape(image_size=336, vision_hidden=64, vision_intermediate=128, text_hidden=128, text_intermediate=256)
+
+
+def build_llava_checkpoint(path: str | Path, shape: LlavaShape = LlavaShape(), seed: int = 0, dtype: str = "float32") -> Path:
+    """Write a random-weight `LlavaForConditionalGeneration` checkpoint with tokenizer and processor."""
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(shape.vocab_size)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=shape.vision_hidden,
+            intermediate_size=shape.vision_intermediate,
+            num_hidden_layers=shape.vision_layers,
+            num_attention_heads=shape.vision_heads,
+            image_size=shape.image_size,
+            patch_size=shape.patch_size,
+            projection_dim=shape.vision_hidden,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=shape.text_hidden,
+            intermediate_size=shape.text_intermediate,
+            num_hidden_layers=shape.text_layers,
+            num_attention_heads=shape.text_heads,
+            num_key_value_heads=shape.text_kv_heads,
+            max_position_embeddings=shape.max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_index=image_token_id,
+        image_seq_length=(shape.image_size // shape.patch_size) ** 2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    # Default init leaves tiny random models emitting one token forever; wider logits make the
+    # greedy path depend on the input, which is what parity tests need.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.15 if "embed" in name or "lm_head" in name else 0.08)
+    model.to(getattr(torch, dtype)).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+
+    side = shape.image_size
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
+        tokenizer=tokenizer,
+        patch_size=shape.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+    (path / "mmserve_demo.json").write_text(__import__("json").dumps({"seed": seed, **asdict(shape)}))
+    return path
+
+
+def default_demo_dir() -> Path:
+    home = Path(os.environ.get("MMSERVE_HOME", Path.home() / ".cache" / "mmserve"))
+    return home / "demo-llava"
+
+
+def ensure_demo_checkpoint(path: Path | None = None) -> Path:
+    """The demo checkpoint folder, built on first use."""
+    path = Path(path) if path else default_demo_dir()
+    if not (path / "config.json").is_file() or not (path / "mmserve_demo.json").is_file():
+        print(f"Building the random-weight demo checkpoint at {path} (offline, once) ...", flush=True)
+        build_llava_checkpoint(path, DEMO_SHAPE)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("path", nargs="?", help="output folder (default: the demo checkpoint location)")
+    args = parser.parse_args()
+    print(ensure_demo_checkpoint(Path(args.path) if args.path else None))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""gRPC plumbing shared by the vision and LLM services: limits, health, reflection, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mmserve.errors import InvalidInputError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+# A LLaVA-1.5-7B image embedding is 576 x 4096 bf16 = 4.7 MB, over gRPC's 4 MB default; a request
+# may carry several. Both ends use this limit unless configured otherwise.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+_STATUS_OF = (
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+)
+
+
+def _status_for(exc: Exception) -> grpc.StatusCode:
+    for kind, code in _STATUS_OF:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str):
+    code = _status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method)
+    await context.abort(code, str(exc) or type(exc).__name__)
+
+
+def map_errors(method):
+    """Map domain errors raised by a servicer method to gRPC status codes (the one place per service)."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status, never swallowed
+                await _abort(context, exc, method.__qualname__)
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    async def unary_wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort(context, exc, method.__qualname__)
+
+    return unary_wrapper
+
+
+async def serve(
+    add_servicer,
+    service_full_name: str,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    grace_seconds: float = 5.0,
+    on_stop=None,
+) -> None:
+    """Run a grpc.aio server with health checking and reflection until SIGINT/SIGTERM.
+
+    `add_servicer(server)` registers the service. On a signal the health status turns NOT_SERVING,
+    in-flight calls get `grace_seconds` to finish, then `on_stop()` (if given) runs.
+    """
+    server = grpc.aio.server(options=channel_options(max_message_bytes))
+    add_servicer(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (service_full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    for name in ("", service_full_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s serving on %s:%d", service_full_name, host, bound)
+    print(f"{service_full_name} ready on {host}:{bound}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", grace_seconds)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_seconds)
+    if on_stop is not None:
+        on_stop()

@@ -1,0 +1,50 @@
+"""Image decoding with a pixel cap checked before the full decode (decompression bombs)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+
+from PIL import Image
+
+from mmserve.errors import InvalidInputError
+
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def probe_image(data: bytes, max_pixels: int, what: str = "image") -> tuple[int, int]:
+    """(width, height) read from the header only; raises InvalidInputError if unreadable or too large."""
+    if not data:
+        raise InvalidInputError(f"{what} is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except InvalidInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidInputError(f"{what} has too many pixels") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+        raise InvalidInputError(f"{what} cannot be decoded as an image ({type(exc).__name__}: {exc})") from None
+    if width <= 0 or height <= 0:
+        raise InvalidInputError(f"{what} has an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise InvalidInputError(f"{what} is {width}x{height} = {width * height} pixels, over the cap of {max_pixels}")
+    return width, height
+
+
+def decode_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Image:
+    """Fully decode to RGB after the header check (first frame of animations)."""
+    probe_image(data, max_pixels, what)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt data surfaces here
+        raise InvalidInputError(f"{what} cannot be decoded as an image ({type(exc).__name__}: {exc})") from None

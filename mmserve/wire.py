@@ -1,0 +1,227 @@
+"""Domain types that cross process boundaries, and their only protobuf conversions.
+
+The gateway talks to the vision and LLM services through these types; the gRPC clients and
+servers convert at the edge with the functions below, and the in-process clients of the Python
+API pass the same objects without any conversion.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from mmserve.proto import llm_pb2, vision_pb2
+from mmserve.tensor_codec import tensor_from_pb, tensor_to_pb
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """Encoded image bytes and their hex SHA-256."""
+
+    data: bytes
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """The vision encoder's output for one image."""
+
+    embedding: torch.Tensor  # (N_i, hidden)
+    content_hash: str
+    grid_thw: tuple[int, ...] = ()  # Qwen2-VL family only
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.embedding.shape[0])
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """Embeddings that overwrite `length` placeholder tokens starting at `offset`."""
+
+    offset: int
+    embedding: torch.Tensor  # (length, hidden)
+    content_hash: str
+    grid_thw: tuple[int, ...] = ()
+    length: int = -1  # -1: taken from embedding rows
+
+    def __post_init__(self):
+        if self.length < 0:
+            object.__setattr__(self, "length", int(self.embedding.shape[0]))
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 16
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    token_ids: list[int]
+    images: list[ImageSpan]
+    sampling: SamplingParams
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass
+class GenerateOutput:
+    """One message of a generation stream; the last one has finish_reason and usage."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+# ---- vision ------------------------------------------------------------------------------------
+
+
+def image_input_to_pb(image: ImageInput) -> vision_pb2.ImageInput:
+    return vision_pb2.ImageInput(data=image.data, content_hash=image.content_hash)
+
+
+def image_input_from_pb(message: vision_pb2.ImageInput) -> ImageInput:
+    return ImageInput(data=message.data, content_hash=message.content_hash)
+
+
+def image_features_to_pb(features: ImageFeatures) -> vision_pb2.ImageEmbedding:
+    return vision_pb2.ImageEmbedding(
+        embedding=tensor_to_pb(features.embedding),
+        content_hash=features.content_hash,
+        grid_thw=list(features.grid_thw),
+    )
+
+
+def image_features_from_pb(message: vision_pb2.ImageEmbedding) -> ImageFeatures:
+    return ImageFeatures(
+        embedding=tensor_from_pb(message.embedding),
+        content_hash=message.content_hash,
+        grid_thw=tuple(message.grid_thw),
+    )
+
+
+# ---- llm ---------------------------------------------------------------------------------------
+
+_FINISH_TO_PB = {
+    None: llm_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: llm_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: llm_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: llm_pb2.FINISH_REASON_ABORT,
+}
+_FINISH_FROM_PB = {value: key for key, value in _FINISH_TO_PB.items()}
+
+
+def sampling_to_pb(params: SamplingParams) -> llm_pb2.SamplingParams:
+    return llm_pb2.SamplingParams(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        max_new_tokens=params.max_new_tokens,
+        min_new_tokens=params.min_new_tokens,
+        ignore_eos=params.ignore_eos,
+        stop_token_ids=params.stop_token_ids,
+        seed=params.seed,
+        repetition_penalty=params.repetition_penalty,
+    )
+
+
+def sampling_from_pb(message: llm_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        temperature=message.temperature,
+        top_p=message.top_p or 1.0,
+        top_k=message.top_k,
+        max_new_tokens=message.max_new_tokens,
+        min_new_tokens=message.min_new_tokens,
+        ignore_eos=message.ignore_eos,
+        stop_token_ids=list(message.stop_token_ids),
+        seed=message.seed if message.HasField("seed") else None,
+        repetition_penalty=message.repetition_penalty or 1.0,
+    )
+
+
+def generate_request_to_pb(request: GenerateRequest) -> llm_pb2.GenerateRequest:
+    return llm_pb2.GenerateRequest(
+        request_id=request.request_id,
+        token_ids=request.token_ids,
+        images=[
+            llm_pb2.ImageSpan(
+                offset=span.offset,
+                length=span.length,
+                embedding=tensor_to_pb(span.embedding),
+                content_hash=span.content_hash,
+                grid_thw=list(span.grid_thw),
+            )
+            for span in request.images
+        ],
+        sampling=sampling_to_pb(request.sampling),
+    )
+
+
+def generate_request_from_pb(message: llm_pb2.GenerateRequest) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=message.request_id,
+        token_ids=list(message.token_ids),
+        images=[
+            ImageSpan(
+                offset=span.offset,
+                length=span.length,
+                embedding=tensor_from_pb(span.embedding),
+                content_hash=span.content_hash,
+                grid_thw=tuple(span.grid_thw),
+            )
+            for span in message.images
+        ],
+        sampling=sampling_from_pb(message.sampling),
+    )
+
+
+def generate_output_to_pb(output: GenerateOutput) -> llm_pb2.GenerateResponse:
+    message = llm_pb2.GenerateResponse(
+        token_ids=output.token_ids, finish_reason=_FINISH_TO_PB[output.finish_reason]
+    )
+    if output.usage is not None:
+        message.usage.CopyFrom(
+            llm_pb2.Usage(
+                prompt_tokens=output.usage.prompt_tokens,
+                completion_tokens=output.usage.completion_tokens,
+                cached_tokens=output.usage.cached_tokens,
+            )
+        )
+    return message
+
+
+def generate_output_from_pb(message: llm_pb2.GenerateResponse) -> GenerateOutput:
+    usage = None
+    if message.HasField("usage"):
+        usage = Usage(
+            prompt_tokens=message.usage.prompt_tokens,
+            completion_tokens=message.usage.completion_tokens,
+            cached_tokens=message.usage.cached_tokens,
+        )
+    return GenerateOutput(
+        token_ids=list(message.token_ids),
+        finish_reason=_FINISH_FROM_PB[message.finish_reason],
+        usage=usage,
+    )

@@ -1,0 +1,1 @@
+"""vision_service: the process that turns images into embeddings (gRPC VisionService)."""

@@ -1,0 +1,31 @@
+"""vision_service entry point: `python -m vision_service --checkpoint DIR --port N`."""
+
+import asyncio
+import logging
+
+from mmserve.grpc_util import serve
+from mmserve.proto import vision_pb2, vision_pb2_grpc
+from vision_service.config import VisionConfig
+from vision_service.encoder import VisionEncoder
+from vision_service.server import VisionServicer
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s vision %(levelname)s %(message)s")
+    config = VisionConfig.from_args(argv)
+    encoder = VisionEncoder(config)
+    servicer = VisionServicer(encoder)
+    asyncio.run(
+        serve(
+            lambda server: vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server),
+            vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name,
+            config.host,
+            config.port,
+            config.max_message_bytes,
+            on_stop=encoder.close,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""LLaVA (llava-hf format) vision half: CLIP tower + multi-modal projector, loaded without the LM."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from mmserve.checkpoint import first_prefix_present, load_strict, load_weights
+
+
+class LlavaVision(torch.nn.Module):
+    family = "llava"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.feature_layer = config.vision_feature_layer
+        self.select_strategy = config.vision_feature_select_strategy
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str, dtype: torch.dtype, device: str) -> tuple[LlavaVision, object]:
+        config = AutoConfig.from_pretrained(checkpoint)
+        model = cls(config)
+        tower_prefix = first_prefix_present(checkpoint, ["model.vision_tower.", "vision_tower."])
+        projector_prefix = tower_prefix.replace("vision_tower.", "multi_modal_projector.")
+        tower_state = load_weights(checkpoint, {tower_prefix: ""})
+        # Hub checkpoints nest the CLIP weights under `vision_model.`; transformers 5 modules do not.
+        expects_nested = any(k.startswith("vision_model.") for k in model.vision_tower.state_dict())
+        tower_state = {_nest(k, expects_nested): v for k, v in tower_state.items()}
+        load_strict(model.vision_tower, tower_state, f"{checkpoint}: vision tower ({tower_prefix}*)")
+        load_strict(
+            model.multi_modal_projector,
+            load_weights(checkpoint, {projector_prefix: ""}),
+            f"{checkpoint}: projector ({projector_prefix}*)",
+        )
+        processor = AutoImageProcessor.from_pretrained(checkpoint)
+        return model.to(device=device, dtype=dtype).eval(), processor
+
+    def preprocess(self, processor, images: list[Image.Image]) -> dict:
+        return {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]}
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) pixels -> B tensors of (N, text_hidden)."""
+        param = next(self.parameters())
+        out = self.vision_tower(pixel_values.to(param.device, param.dtype), output_hidden_states=True)
+        layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
+        selected = [out.hidden_states[i] for i in layers]  # each (B, 1 + patches, vision_hidden)
+        if self.select_strategy == "default":
+            selected = [h[:, 1:] for h in selected]  # drop CLS
+        features = self.multi_modal_projector(torch.cat(selected, dim=-1))  # (B, N, text_hidden)
+        return list(features)
+
+    def grid_thw(self, inputs: dict, index: int) -> tuple[int, ...]:
+        return ()
+
+
+def _nest(key: str, nested: bool) -> str:
+    if nested and not key.startswith("vision_model."):
+        return "vision_model." + key
+    if not nested and key.startswith("vision_model."):
+        return key[len("vision_model.") :]
+    return key
