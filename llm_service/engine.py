@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from llm_service.sampler import make_generator, sample_next
 from mmserve.errors import InvalidInputError, OverloadedError
-from mmserve.wire import FinishReason, GenerateOutput, GenerateRequest, Usage
+from mmserve.wire import FinishReason, GenerateOutput, GenerateRequest, LLMInfo, Usage
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,10 @@ class Engine:
             if not finished:
                 seq.aborted = True  # read by the engine thread at its next step
                 self._inbox.put(None)  # wake it if idle
+
+    def info(self) -> LLMInfo:
+        model = self.model
+        return LLMInfo(model.family, self.max_model_len, model.image_token_id, model.hidden_size, tuple(model.eos_token_ids))
 
     def num_running(self) -> int:
         return len(self._running)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from llm_service.engine import Engine
 from mmserve.grpc_util import map_errors
-from mmserve.proto import llm_pb2, llm_pb2_grpc
-from mmserve.wire import generate_output_to_pb, generate_request_from_pb
+from mmserve.proto import llm_pb2_grpc
+from mmserve.wire import generate_output_to_pb, generate_request_from_pb, llm_info_to_pb
 
 
 class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
@@ -20,11 +20,4 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
 
     @map_errors
     async def GetModelInfo(self, request, context):
-        model = self.engine.model
-        return llm_pb2.LLMModelInfo(
-            family=model.family,
-            max_model_len=self.engine.max_model_len,
-            image_token_id=model.image_token_id,
-            hidden_size=model.hidden_size,
-            eos_token_ids=model.eos_token_ids,
-        )
+        return llm_info_to_pb(self.engine.info())

@@ -137,7 +137,7 @@ def build_llava_checkpoint(path: str | Path, shape: LlavaShape = LlavaShape(), s
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() >= 2:
-                param.normal_(0.0, 0.15 if "embed" in name or "lm_head" in name else 0.08)
+                param.normal_(0.0, 1.0 if "embed" in name or "lm_head" in name else 0.2)
     model.to(getattr(torch, dtype)).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)

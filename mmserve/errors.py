@@ -15,3 +15,11 @@ class OverloadedError(MMServeError):
 
 class CheckpointError(MMServeError):
     """A checkpoint folder cannot be served (startup error)."""
+
+
+class UnavailableError(MMServeError):
+    """A backend service cannot be reached (gRPC UNAVAILABLE, HTTP 503)."""
+
+
+class DeadlineError(MMServeError):
+    """A backend did not answer in time (gRPC DEADLINE_EXCEEDED, HTTP 504)."""

@@ -225,3 +225,34 @@ def generate_output_from_pb(message: llm_pb2.GenerateResponse) -> GenerateOutput
         finish_reason=_FINISH_FROM_PB[message.finish_reason],
         usage=usage,
     )
+
+
+@dataclass(frozen=True)
+class LLMInfo:
+    """Static facts about the served language model."""
+
+    family: str
+    max_model_len: int
+    image_token_id: int
+    hidden_size: int
+    eos_token_ids: tuple[int, ...]
+
+
+def llm_info_from_pb(message: llm_pb2.LLMModelInfo) -> LLMInfo:
+    return LLMInfo(
+        family=message.family,
+        max_model_len=message.max_model_len,
+        image_token_id=message.image_token_id,
+        hidden_size=message.hidden_size,
+        eos_token_ids=tuple(message.eos_token_ids),
+    )
+
+
+def llm_info_to_pb(info: LLMInfo) -> llm_pb2.LLMModelInfo:
+    return llm_pb2.LLMModelInfo(
+        family=info.family,
+        max_model_len=info.max_model_len,
+        image_token_id=info.image_token_id,
+        hidden_size=info.hidden_size,
+        eos_token_ids=list(info.eos_token_ids),
+    )

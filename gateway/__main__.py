@@ -1,0 +1,42 @@
+"""gateway entry point: `python -m gateway --vision ADDR --llm ADDR --checkpoint DIR --port N`."""
+
+import asyncio
+import logging
+
+import uvicorn
+
+from gateway.api import create_app
+from gateway.clients import GrpcLLMClient, GrpcVisionClient
+from gateway.config import GatewayConfig
+from gateway.media import MediaFetcher
+from gateway.prompts import PROMPT_ADAPTERS
+from gateway.serving import ServingCore
+from mmserve.checkpoint import detect_family
+
+
+def build_app(config: GatewayConfig):
+    family = detect_family(config.checkpoint, config.model_type)
+    prompt = PROMPT_ADAPTERS[family](config.checkpoint, config.tokenizer_path)
+    vision = GrpcVisionClient(config.vision_addr, config.max_message_bytes, config.backend_timeout_s)
+    llm = GrpcLLMClient(config.llm_addr, config.max_message_bytes, config.backend_timeout_s)
+    core = ServingCore(prompt, vision, llm, MediaFetcher(config.media), config.max_images_per_request)
+    backends = {"vision": vision._channel, "llm": llm._channel}
+    return create_app(core, config.model_name, config.api_key, backends)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
+    config = GatewayConfig.from_args(argv)
+
+    async def serve():
+        app = build_app(config)  # inside the loop: grpc.aio channels bind to it
+        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                               timeout_graceful_shutdown=5))
+        print(f"gateway ready on http://{config.host}:{config.port}", flush=True)
+        await server.serve()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

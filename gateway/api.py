@@ -1,0 +1,248 @@
+"""The OpenAI-compatible HTTP surface: thin routes over ServingCore, one error handler."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from gateway.serving import GenerationSettings, ServingCore, TextDelta, new_request_id
+from mmserve.errors import DeadlineError, InvalidInputError, MMServeError, OverloadedError, UnavailableError
+from mmserve.wire import SamplingParams, Usage
+
+log = logging.getLogger(__name__)
+
+_HTTP_STATUS = (
+    (InvalidInputError, 400, "invalid_request_error"),
+    (OverloadedError, 429, "rate_limit_error"),
+    (UnavailableError, 503, "service_unavailable"),
+    (DeadlineError, 504, "timeout"),
+)
+
+
+def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def status_of(exc: Exception) -> tuple[int, str]:
+    for cls, status, kind in _HTTP_STATUS:
+        if isinstance(exc, cls):
+            return status, kind
+    return 500, "internal_error"
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mmserve_gateway_requests", "Requests by route and outcome", ["route", "outcome"], registry=self.registry)
+        self.e2e = Histogram("mmserve_gateway_e2e_seconds", "End-to-end request latency", ["route"], registry=self.registry)
+        self.ttft = Histogram("mmserve_gateway_ttft_seconds", "Time to first token", registry=self.registry)
+
+
+def sampling_params(body: SamplingFields) -> SamplingParams:
+    return SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if body.top_k in (None, -1) else body.top_k,
+        min_new_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
+        seed=body.seed,
+        repetition_penalty=body.repetition_penalty,
+    )
+
+
+def usage_json(usage: Usage) -> dict:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def create_app(core: ServingCore, model_name: str, api_key: str | None = None, backends: dict | None = None) -> FastAPI:
+    """`backends` maps a name to a gRPC channel whose health /health reports (None in-process)."""
+    app = FastAPI(title="mmserve gateway")
+    metrics = Metrics()
+
+    @app.exception_handler(MMServeError)
+    async def _domain_error(request: Request, exc: MMServeError):
+        status, kind = status_of(exc)
+        if status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
+        return JSONResponse(error_body(str(exc), kind, status), status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        return JSONResponse(error_body(message, "invalid_request_error", 400, where or None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", exc.status_code), status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return JSONResponse(error_body("invalid or missing API key", "authentication_error", 401), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        down = {}
+        for name, channel in (backends or {}).items():
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                    down[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.aio.AioRpcError as exc:
+                down[name] = exc.code().name
+        if down:
+            return JSONResponse({"status": "unavailable", "backends": down}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mmserve"}]}
+
+    async def run(route: str, body, text: str, urls: list[str], request_id: str, render) -> Response:
+        started = time.monotonic()
+        settings = GenerationSettings(sampling_params(body), body.token_limit, body.stop_list)
+        try:
+            prepared = await core.prepare(text, urls, request_id)
+            deltas = core.generate(prepared, settings, request_id)
+            if body.stream:
+                first = await anext(deltas)  # errors before the first token still get a status code
+                metrics.ttft.observe(time.monotonic() - started)
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(
+                    render.stream(first, deltas, prepared.token_ids, include_usage, body.return_token_ids),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            parts, ids, last = [], [], None
+            async for delta in deltas:
+                if not ids:
+                    metrics.ttft.observe(time.monotonic() - started)
+                parts.append(delta.text)
+                ids.extend(delta.token_ids)
+                last = delta
+            metrics.requests.labels(route, "ok").inc()
+            metrics.e2e.labels(route).observe(time.monotonic() - started)
+            return JSONResponse(render.full("".join(parts), ids, last, prepared.token_ids, body.return_token_ids))
+        except MMServeError as exc:
+            metrics.requests.labels(route, str(status_of(exc)[0])).inc()
+            raise
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        request_id = new_request_id("chatcmpl")
+        messages = [
+            {
+                "role": m.role,
+                "content": m.content
+                if not isinstance(m.content, list)
+                else [{"type": "text", "text": p.text} if p.type == "text" else {"type": "image", "url": p.url} for p in m.content],
+            }
+            for m in body.messages
+        ]
+        text, urls = core.chat_prompt(messages)
+        return await run("chat", body, text, urls, request_id, _ChatRender(request_id, model_name))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        request_id = new_request_id("cmpl")
+        text = core.prompt.normalize_raw(body.prompt)
+        return await run("completions", body, text, body.urls, request_id, _TextRender(request_id, model_name))
+
+    return app
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class _Render:
+    """Builds response bodies of one route; subclasses say how a choice and a delta look."""
+
+    object_full = object_chunk = ""
+
+    def __init__(self, request_id: str, model: str):
+        self.request_id, self.model, self.created = request_id, model, int(time.time())
+
+    def envelope(self, obj: str, choices: list, **extra) -> dict:
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
+
+    def full(self, text: str, ids: list[int], last: TextDelta, prompt_ids: list[int], with_ids: bool) -> dict:
+        choice = {"index": 0, **self.full_choice(text), "finish_reason": last.finish_reason}
+        extra = {"usage": usage_json(last.usage)}
+        if with_ids:
+            choice["token_ids"] = ids
+            extra["prompt_token_ids"] = prompt_ids
+        return self.envelope(self.object_full, [choice], **extra)
+
+    async def stream(self, first: TextDelta, rest: AsyncIterator[TextDelta], prompt_ids, include_usage: bool, with_ids: bool):
+        try:
+            head = self.stream_head()
+            if head is not None:
+                yield _sse(self.envelope(self.object_chunk, [{"index": 0, **head, "finish_reason": None}]))
+            delta, usage = first, None
+            while delta is not None:
+                choice = {"index": 0, **self.chunk_choice(delta.text), "finish_reason": delta.finish_reason}
+                if with_ids:
+                    choice["token_ids"] = delta.token_ids
+                yield _sse(self.envelope(self.object_chunk, [choice]))
+                usage = delta.usage
+                delta = await anext(rest, None)
+            if include_usage and usage is not None:
+                yield _sse(self.envelope(self.object_chunk, [], usage=usage_json(usage)))
+            yield "data: [DONE]\n\n"
+        except MMServeError as exc:
+            status, kind = status_of(exc)
+            yield _sse(error_body(str(exc), kind, status))
+            yield "data: [DONE]\n\n"
+        finally:
+            await rest.aclose()  # done, or the client went away: stop the generation
+
+
+class _ChatRender(_Render):
+    object_full, object_chunk = "chat.completion", "chat.completion.chunk"
+
+    def full_choice(self, text):
+        return {"message": {"role": "assistant", "content": text}}
+
+    def stream_head(self):
+        return {"delta": {"role": "assistant", "content": ""}}
+
+    def chunk_choice(self, text):
+        return {"delta": {"content": text} if text else {}}
+
+
+class _TextRender(_Render):
+    object_full = object_chunk = "text_completion"
+
+    def full_choice(self, text):
+        return {"text": text}
+
+    def stream_head(self):
+        return None
+
+    def chunk_choice(self, text):
+        return {"text": text}

@@ -1,0 +1,148 @@
+"""Fetching image bytes from http(s), data: and file urls under the media security policy."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import os
+import socket
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
+
+import httpx
+
+from gateway.config import MediaConfig
+from mmserve.errors import InvalidInputError
+
+
+class MediaError(InvalidInputError):
+    """An image source cannot be used (HTTP 400 naming the source)."""
+
+
+def _short(url: str) -> str:
+    return url if len(url) <= 80 else url[:77] + "..."
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved)
+
+
+class MediaFetcher:
+    def __init__(self, config: MediaConfig):
+        self.config = config
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(config.fetch_timeout_s),
+            follow_redirects=False,  # each hop is re-checked against the policy
+            headers={"User-Agent": "mmserve-gateway"},
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def fetch(self, url: str) -> bytes:
+        if not isinstance(url, str) or not url:
+            raise MediaError("image url is empty")
+        scheme = urlsplit(url).scheme.lower()
+        if scheme == "data":
+            return self._from_data_url(url)
+        if scheme in ("http", "https"):
+            try:
+                return await asyncio.wait_for(self._from_http(url), self.config.fetch_timeout_s)
+            except TimeoutError:
+                raise MediaError(f"image url {_short(url)} timed out after {self.config.fetch_timeout_s:g}s") from None
+        if scheme == "file" or (scheme == "" and url.startswith("/")):
+            return await asyncio.to_thread(self._from_file, url)
+        raise MediaError(f"image url scheme {scheme or '(none)'!r} is not supported; use http(s), data: or file://")
+
+    # ---- data: -------------------------------------------------------------------------------
+
+    def _from_data_url(self, url: str) -> bytes:
+        header, sep, payload = url[5:].partition(",")
+        if not sep:
+            raise MediaError("data url has no ',' separating header and data")
+        media_type = header.split(";")[0].strip().lower()
+        if media_type and not media_type.startswith("image/"):
+            raise MediaError(f"data url media type {media_type!r} is not an image")
+        if ";base64" not in header.lower():
+            raise MediaError("data url must be base64-encoded (data:image/...;base64,...)")
+        if len(payload) > self.config.max_image_bytes * 4 // 3 + 4:
+            raise MediaError(f"data url image is over the {self.config.max_image_bytes} byte cap")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise MediaError("data url payload is not valid base64") from None
+
+    # ---- http(s) -----------------------------------------------------------------------------
+
+    async def _check_destination(self, url: str) -> None:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        if not host:
+            raise MediaError(f"image url {_short(url)} has no host")
+        allowed = self.config.allowed_domains
+        if allowed and not any(host == d or host.endswith("." + d) for d in allowed):
+            raise MediaError(f"image host {host!r} is not in the allowed domains")
+        if self.config.allow_private_urls:
+            return
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise MediaError(f"image host {host!r} cannot be resolved ({exc.strerror or exc})") from None
+        for info in infos:
+            address = info[4][0]
+            if not _is_public(address):
+                raise MediaError(
+                    f"image url {_short(url)} resolves to non-public address {address}; "
+                    "private, loopback and link-local destinations are refused (--allow-private-urls)"
+                )
+
+    async def _from_http(self, url: str) -> bytes:
+        for _ in range(self.config.max_redirects + 1):
+            await self._check_destination(url)
+            try:
+                async with self._client.stream("GET", url) as response:
+                    if response.is_redirect:
+                        location = response.headers.get("location")
+                        if not location:
+                            raise MediaError(f"image url {_short(url)} redirected without a Location")
+                        url = urljoin(url, location)
+                        continue
+                    if response.status_code != 200:
+                        raise MediaError(f"image url {_short(url)} answered HTTP {response.status_code}")
+                    declared = response.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > self.config.max_image_bytes:
+                        raise MediaError(f"image at {_short(url)} is {declared} bytes, over the {self.config.max_image_bytes} byte cap")
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > self.config.max_image_bytes:
+                            raise MediaError(f"image at {_short(url)} is over the {self.config.max_image_bytes} byte cap")
+                    return bytes(body)
+            except httpx.TimeoutException:
+                raise MediaError(f"image url {_short(url)} timed out") from None
+            except httpx.HTTPError as exc:
+                raise MediaError(f"image url {_short(url)} could not be fetched ({type(exc).__name__}: {exc})") from None
+        raise MediaError(f"image url {_short(url)} redirected more than {self.config.max_redirects} times")
+
+    # ---- file ------------------------------------------------------------------------------------
+
+    def _from_file(self, url: str) -> bytes:
+        root = self.config.allowed_local_media_path
+        if root is None:
+            raise MediaError("local image files are disabled (start the gateway with --allowed-local-media-path)")
+        raw = unquote(urlsplit(url).path) if url.startswith("file:") else url
+        path = Path(raw).resolve()  # resolves symlinks and '..' before the containment check
+        if not path.is_relative_to(root):
+            raise MediaError(f"local image {raw!r} is outside the allowed folder")
+        if not path.is_file():
+            raise MediaError(f"local image {raw!r} does not exist")
+        size = os.path.getsize(path)
+        if size > self.config.max_image_bytes:
+            raise MediaError(f"local image {raw!r} is {size} bytes, over the {self.config.max_image_bytes} byte cap")
+        return path.read_bytes()

@@ -1,0 +1,93 @@
+"""Prompt adapters: chat templating, image tags and tokenization, one adapter per model family."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from mmserve.errors import CheckpointError, InvalidInputError
+from mmserve.wire import ImageFeatures, ImageSpan
+
+log = logging.getLogger(__name__)
+
+
+def load_chat_template(checkpoint: str, tokenizer) -> str | None:
+    """The checkpoint's chat template: the tokenizer's, else a processor-level file (llava-hf keeps it there)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    folder = Path(checkpoint)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    if (folder / "chat_template.json").is_file():
+        return json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+    return None
+
+
+class LlavaPrompt:
+    """LLaVA: `<image>` marks each image; the chat template comes from the checkpoint."""
+
+    family = "llava"
+    image_tag = "<image>"
+    # Also accepted in raw prompts (Pipeline, /v1/completions), as the seed's examples write them.
+    tag_aliases = ("<img/>",)
+
+    def __init__(self, checkpoint: str, tokenizer_path: str):
+        from mmserve.checkpoint import read_config
+
+        config = read_config(checkpoint)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.image_token_id = int(config.get("image_token_id", config.get("image_token_index", -1)))
+        if self.tokenizer.convert_tokens_to_ids(self.image_tag) != self.image_token_id:
+            raise CheckpointError(
+                f"{tokenizer_path}: tokenizer maps {self.image_tag!r} to "
+                f"{self.tokenizer.convert_tokens_to_ids(self.image_tag)}, config.json says {self.image_token_id}"
+            )
+        self.chat_template = load_chat_template(checkpoint, self.tokenizer)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """Messages in transformers' multimodal format ({"type": "image"} parts) -> prompt text."""
+        if not self.chat_template:
+            raise InvalidInputError("this model has no chat template; use /v1/completions with a raw prompt")
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
+
+    def normalize_raw(self, prompt: str) -> str:
+        for alias in self.tag_aliases:
+            prompt = prompt.replace(alias, self.image_tag)
+        return prompt
+
+    def tokenize(self, text: str) -> list[int]:
+        # Add BOS the way the HF processor does, unless the template already wrote it.
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+
+PROMPT_ADAPTERS = {"llava": LlavaPrompt}
+
+
+def expand_image_tokens(
+    token_ids: list[int], image_token_id: int, features: list[ImageFeatures]
+) -> tuple[list[int], list[ImageSpan]]:
+    """Replace the i-th image token by features[i].num_tokens copies and record each span.
+
+    N_i comes from the vision service's answer, so the prompt and the embeddings agree by construction.
+    """
+    tags = sum(1 for t in token_ids if t == image_token_id)
+    if tags != len(features):
+        raise InvalidInputError(f"the prompt has {tags} image tags but {len(features)} images were given")
+    expanded: list[int] = []
+    spans: list[ImageSpan] = []
+    images = iter(features)
+    for token in token_ids:
+        if token != image_token_id:
+            expanded.append(token)
+            continue
+        image = next(images)
+        spans.append(ImageSpan(offset=len(expanded), embedding=image.embedding, content_hash=image.content_hash, grid_thw=image.grid_thw))
+        expanded.extend([image_token_id] * image.num_tokens)
+    return expanded, spans

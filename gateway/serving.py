@@ -1,0 +1,145 @@
+"""The gateway's serving core, shared by the HTTP API and the in-process Pipeline.
+
+prompt text + image urls -> fetch -> vision Embed -> tokenize + expand image tags -> LLM Generate
+-> incremental detokenization + stop strings -> text deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from gateway.detokenizer import IncrementalDetokenizer, StopStrings
+from gateway.media import MediaError, MediaFetcher
+from gateway.prompts import expand_image_tokens
+from mmserve.errors import InvalidInputError, UnavailableError
+from mmserve.images import content_hash, probe_image
+from mmserve.wire import GenerateRequest, ImageInput, ImageSpan, LLMInfo, SamplingParams, Usage
+
+
+@dataclass
+class PreparedPrompt:
+    token_ids: list[int]  # image placeholders expanded
+    images: list[ImageSpan]
+
+
+@dataclass
+class GenerationSettings:
+    sampling: SamplingParams
+    max_tokens: int | None = None  # None: up to the context length
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TextDelta:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last delta
+    usage: Usage | None = None  # on the last delta
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class ServingCore:
+    def __init__(self, prompt, vision_client, llm_client, fetcher: MediaFetcher, max_images_per_request: int):
+        self.prompt = prompt
+        self.tokenizer = prompt.tokenizer
+        self.vision = vision_client
+        self.llm = llm_client
+        self.fetcher = fetcher
+        self.max_images = max_images_per_request
+        self._llm_info: LLMInfo | None = None
+
+    async def llm_info(self) -> LLMInfo:
+        if self._llm_info is None:
+            self._llm_info = await self.llm.model_info()
+        return self._llm_info
+
+    # ---- prompts ---------------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: list[dict]) -> tuple[str, list[str]]:
+        """OpenAI chat messages -> (rendered prompt, image urls in prompt order)."""
+        converted, urls = [], []
+        for message in messages:
+            content = message.get("content")
+            if content is None or isinstance(content, str):
+                converted.append({"role": message["role"], "content": content or ""})
+                continue
+            parts = []
+            for part in content:
+                if part["type"] == "text":
+                    parts.append({"type": "text", "text": part["text"]})
+                else:  # image_url, validated at the edge
+                    parts.append({"type": "image"})
+                    urls.append(part["url"])
+            converted.append({"role": message["role"], "content": parts})
+        return self.prompt.render_chat(converted), urls
+
+    async def prepare(self, text: str, urls: list[str], request_id: str) -> PreparedPrompt:
+        token_ids = self.prompt.tokenize(text)
+        tags = sum(1 for t in token_ids if t == self.prompt.image_token_id)
+        if tags != len(urls):
+            raise InvalidInputError(
+                f"the prompt has {tags} image tag{'s' * (tags != 1)} ({self.prompt.image_tag}) "
+                f"but {len(urls)} image{'s' * (len(urls) != 1)} were given"
+            )
+        if len(urls) > self.max_images:
+            raise InvalidInputError(f"{len(urls)} images in one request, over the limit of {self.max_images}")
+        if not urls:
+            return PreparedPrompt(token_ids, [])
+        images = await asyncio.gather(*(self._load_image(i, url) for i, url in enumerate(urls)))
+        features = await self.vision.embed(images, request_id)
+        token_ids, spans = expand_image_tokens(token_ids, self.prompt.image_token_id, features)
+        return PreparedPrompt(token_ids, spans)
+
+    async def _load_image(self, index: int, url: str) -> ImageInput:
+        try:
+            data = await self.fetcher.fetch(url)
+            probe_image(data, self.fetcher.config.max_image_pixels, what="image")
+        except InvalidInputError as exc:
+            raise MediaError(f"image {index}: {exc}") from None
+        return ImageInput(data=data, content_hash=content_hash(data))
+
+    # ---- generation --------------------------------------------------------------------------------
+
+    async def generate(self, prepared: PreparedPrompt, settings: GenerationSettings, request_id: str) -> AsyncIterator[TextDelta]:
+        info = await self.llm_info()
+        prompt_len = len(prepared.token_ids)
+        room = info.max_model_len - prompt_len
+        max_tokens = settings.max_tokens if settings.max_tokens is not None else room
+        if room < 1 or max_tokens > room:
+            raise InvalidInputError(
+                f"this model's maximum context length is {info.max_model_len} tokens; the prompt has {prompt_len} "
+                f"and {max_tokens} completion tokens were requested"
+            )
+        sampling = settings.sampling
+        sampling.max_new_tokens = max_tokens
+        request = GenerateRequest(request_id, prepared.token_ids, prepared.images, sampling)
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStrings(settings.stop)
+        cached = 0
+        async with aclosing(self.llm.generate(request)) as outputs:
+            async for output in outputs:
+                text = stops.feed(detokenizer.push(output.token_ids))
+                finish = output.finish_reason.value if output.finish_reason else None
+                if output.usage is not None:
+                    cached = output.usage.cached_tokens
+                if stops.stopped:
+                    finish = "stop"  # closing `outputs` cancels the rest of the generation
+                elif finish is not None:
+                    text += stops.feed(detokenizer.finish())
+                    text += stops.flush()
+                    finish = "stop" if stops.stopped else finish
+                if finish is None:
+                    if text or output.token_ids:
+                        yield TextDelta(text, output.token_ids)
+                    continue
+                usage = Usage(prompt_len, len(detokenizer.ids), cached)
+                yield TextDelta(text, output.token_ids, finish, usage)
+                return
+        raise UnavailableError("the llm stream ended without a finish reason")
