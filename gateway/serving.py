@@ -86,7 +86,7 @@ class ServingCore:
         if tags != len(urls):
             raise InvalidInputError(
                 f"the prompt has {tags} image tag{'s' * (tags != 1)} ({self.prompt.image_tag}) "
-                f"but {len(urls)} image{'s' * (len(urls) != 1)} were given"
+                f"but {len(urls)} image{' was' if len(urls) == 1 else 's were'} given"
             )
         if len(urls) > self.max_images:
             raise InvalidInputError(f"{len(urls)} images in one request, over the limit of {self.max_images}")

@@ -1,0 +1,53 @@
+# mmserve front door. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmserve-installed
+PROTO_STUBS := mmserve/proto/tensor_pb2.py mmserve/proto/vision_pb2.py mmserve/proto/llm_pb2.py
+
+.DEFAULT_GOAL := help
+.PHONY: help install protos run demo test test-fast lint format compose-config clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@echo "  variables: MODEL=/path/or/hub-id  PORT=8000  MODEL_TYPE=llava  TOKENIZER_PATH=...  PYTEST_ARGS=..."
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned resolve would pull a multi-GB CUDA build on CPU machines
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install mmserve with its test tools
+
+$(PROTO_STUBS): $(wildcard protos/*.proto) $(STAMP)
+	$(PY) -c "from mmserve.proto import generate_stubs; generate_stubs()"
+
+protos: $(PROTO_STUBS) ## generate the gRPC/protobuf stubs from protos/
+
+run: install protos ## start vision + LLM + gateway on http://127.0.0.1:8000 (PORT=..., MODEL=... to serve a checkpoint)
+	CHECKPOINT_PATH="$(MODEL)" $(PY) -m mmserve.start_server
+
+demo: install ## build the random-weight demo checkpoint (done by `make run` when needed)
+	$(PY) -m mmserve.demo
+
+test: install protos ## run the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install ## ruff lint + format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install ## apply ruff formatting and safe fixes
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+compose-config: ## validate docker-compose.yml (needs docker compose or podman-compose)
+	docker compose config --quiet
+
+clean: ## remove generated stubs and caches (keeps .venv)
+	rm -f mmserve/proto/*_pb2*.py mmserve/proto/*_pb2*.pyi
+	rm -rf .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,107 @@
+"""Start the whole stack (vision service, LLM service, gateway) from environment variables.
+
+    MODEL_TYPE=llava CHECKPOINT_PATH=/models/llava TOKENIZER_PATH=/models/llava python -m mmserve.start_server
+
+With no CHECKPOINT_PATH (or MODEL) it serves a small random-weight demo checkpoint, built offline the
+first time. Ctrl-C (SIGINT) or SIGTERM stops all three processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mmserve.demo import ensure_demo_checkpoint
+
+
+def resolve_checkpoint(name: str | None) -> tuple[str, bool]:
+    """(local folder, is_demo) for a folder, a hub id, or nothing (the demo)."""
+    if not name:
+        return str(ensure_demo_checkpoint()), True
+    if Path(name).is_dir():
+        return str(Path(name).resolve()), False
+    from huggingface_hub import snapshot_download
+
+    print(f"{name!r} is not a local folder; downloading it from the Hugging Face Hub ...", flush=True)
+    return snapshot_download(name), False
+
+
+def wait_healthy(address: str, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SystemExit(f"{' '.join(process.args[:3])} exited with code {process.returncode} during startup")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise SystemExit(f"{address} not healthy after {timeout_s:.0f}s")
+
+
+def main() -> None:
+    env = os.environ
+    checkpoint, is_demo = resolve_checkpoint(env.get("CHECKPOINT_PATH") or env.get("MODEL"))
+    host = env.get("HOST", "127.0.0.1")
+    port = env.get("PORT", "8000")
+    vision_port = env.get("VISION_PORT", "50051")
+    llm_port = env.get("LLM_PORT", "50052")
+    common = ["--checkpoint", checkpoint] + (["--model-type", env["MODEL_TYPE"]] if env.get("MODEL_TYPE") else [])
+    python = sys.executable
+    procs: list[subprocess.Popen] = []
+
+    def shutdown(*_):
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    signal.signal(signal.SIGTERM, lambda *_: (shutdown(), sys.exit(0)))
+    try:
+        procs.append(subprocess.Popen([python, "-m", "vision_service", *common, "--port", vision_port]))
+        procs.append(subprocess.Popen([python, "-m", "llm_service", *common, "--port", llm_port]))
+        wait_healthy(f"127.0.0.1:{vision_port}", procs[0], 300)
+        wait_healthy(f"127.0.0.1:{llm_port}", procs[1], 300)
+        gateway_args = [
+            *common, "--vision", f"127.0.0.1:{vision_port}", "--llm", f"127.0.0.1:{llm_port}", "--host", host, "--port", port,
+        ]
+        if env.get("TOKENIZER_PATH"):
+            gateway_args += ["--tokenizer", env["TOKENIZER_PATH"]]
+        procs.append(subprocess.Popen([python, "-m", "gateway", *gateway_args]))
+        banner = [
+            "",
+            "mmserve is starting:",
+            f"  model     {checkpoint}" + ("  (random-weight DEMO checkpoint: output is gibberish)" if is_demo else ""),
+            f"  gateway   http://{host}:{port}   (OpenAI API: /v1/chat/completions, /v1/completions, /v1/models)",
+            f"  vision    127.0.0.1:{vision_port} (gRPC)    llm 127.0.0.1:{llm_port} (gRPC)",
+            "  Ctrl-C stops all three.",
+            "",
+        ]
+        print("\n".join(banner), flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        failed = [p for p in procs if p.poll() is not None]
+        print(f"{' '.join(failed[0].args[:3])} exited with code {failed[0].returncode}; stopping the stack", flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The three-process stack, driven by the official openai client, against transformers' reference."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import Stack, data_url, image_server
+from tests.reference import LlavaReference
+
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint, image_dir, tmp_path_factory):
+    with image_server(image_dir) as http_base:
+        stack = Stack(
+            tiny_checkpoint,
+            tmp_path_factory.mktemp("logs"),
+            ["--allow-private-urls", "--allowed-local-media-path", str(image_dir)],
+        ).start()
+        try:
+            yield stack, http_base
+        finally:
+            stack.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    stack, _ = served
+    return openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return LlavaReference(tiny_checkpoint)
+
+
+def chat(client, text, urls, **kwargs):
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
+    return client.chat.completions.create(
+        model="tiny-llava",
+        messages=[{"role": "user", "content": content}],
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        extra_body={"return_token_ids": True},
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    "text,images",
+    [
+        ("What is in the image?", ["a.png"]),
+        ("Compare the two pictures.", ["b.jpg", "c.png"]),
+        ("Describe a red car on the left.", []),
+    ],
+    ids=["one-image", "two-images", "no-image"],
+)
+def test_greedy_tokens_equal_reference(served, client, reference, image_dir, text, images):
+    _, http_base = served
+    # One image over http, the next as a data: url, the next as a local file: every source is exercised.
+    sources = [
+        f"{http_base}/{name}" if i % 3 == 0 else data_url((image_dir / name).read_bytes()) if i % 3 == 1 else f"file://{image_dir / name}"
+        for i, name in enumerate(images)
+    ]
+    response = chat(client, text, sources)
+    ref_prompt, ref_new = reference.greedy(
+        reference.chat_prompt(text, len(images)), [(image_dir / n).read_bytes() for n in images], MAX_TOKENS
+    )
+    assert response.model_extra["prompt_token_ids"] == ref_prompt
+    choice = response.choices[0]
+    assert choice.model_extra["token_ids"] == ref_new
+    assert len(set(ref_new)) > 3, "the reference output is degenerate; the comparison would be weak"
+    assert choice.message.content == reference.processor.tokenizer.decode(ref_new, skip_special_tokens=True)
+    assert response.usage.prompt_tokens == len(ref_prompt)
+    assert response.usage.completion_tokens == len(ref_new)
+
+
+def test_images_change_the_answer(client, image_dir, served):
+    _, http_base = served
+    first = chat(client, "What is this?", [f"{http_base}/a.png"]).choices[0].model_extra["token_ids"]
+    second = chat(client, "What is this?", [f"{http_base}/c.png"]).choices[0].model_extra["token_ids"]
+    assert first != second
+
+
+def test_streaming_deltas_equal_the_full_answer(client, served, image_dir):
+    stack, http_base = served
+    url = f"{http_base}/a.png"
+    full = chat(client, "Stream this.", [url]).choices[0].message.content
+    stream = chat(client, "Stream this.", [url], stream=True, stream_options={"include_usage": True})
+    deltas, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            deltas.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(deltas) == full
+    assert finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens > 0
+
+    # The raw SSE stream ends with the [DONE] sentinel.
+    body = {
+        "messages": [{"role": "user", "content": "Hello there"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", stack.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+
+
+def test_stop_strings_cut_the_text(client, served):
+    full = chat(client, "Describe a red car on the left.", []).choices[0].message.content
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = chat(client, "Describe a red car on the left.", [], stop=[stop]).choices[0]
+    assert cut.message.content == full[: full.index(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_raw_prompt_with_image_tags(served, reference, image_dir):
+    stack, http_base = served
+    prompt = "USER: <image>\nWhat is this? ASSISTANT:"
+    r = httpx.post(
+        stack.base_url + "/v1/completions",
+        json={"prompt": prompt, "urls": [f"{http_base}/a.png"], "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    _, ref_new = reference.greedy(prompt, [(image_dir / "a.png").read_bytes()], MAX_TOKENS)
+    assert r.json()["choices"][0]["token_ids"] == ref_new
+
+
+def test_models_and_health(client, served):
+    stack, _ = served
+    assert [m.id for m in client.models.list().data] == ["tiny-llava"]
+    assert httpx.get(stack.base_url + "/health").json() == {"status": "ok"}
+    assert "mmserve_gateway_requests" in httpx.get(stack.base_url + "/metrics").text
+
+
+def _assert_error(exc_info, status, *needles):
+    err = exc_info.value
+    assert err.status_code == status
+    body = err.body if isinstance(err.body, dict) else {}
+    message = body.get("message", "")
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_bad_input_gets_4xx_and_the_stack_keeps_serving(client, served, image_dir):
+    stack, http_base = served
+    good = f"{http_base}/a.png"
+
+    # Tag/image count mismatch (raw prompt): the message names both numbers.
+    r = httpx.post(stack.base_url + "/v1/completions", json={"prompt": "<image> and <image>", "urls": [good]}, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert "2 image tags" in r.json()["error"]["message"] and "1 image was given" in r.json()["error"]["message"]
+
+    # A user typing the tag in chat text is counted, so the mismatch is reported, not crashed on.
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, "what does <image> mean?", [good])
+    _assert_error(info, 400, "2 image tags", "1 image was given")
+
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, "What is this?", [f"{http_base}/broken.png"])
+    _assert_error(info, 400, "image 0", "cannot be decoded")
+
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, "What is this?", [data_url(b"definitely not an image")])
+    _assert_error(info, 400, "cannot be decoded")
+
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, "What is this?", ["http://127.0.0.1:1/unreachable.png"])
+    _assert_error(info, 400, "could not be fetched")
+
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, "What is this?", [f"{http_base}/missing.png"])
+    _assert_error(info, 400, "HTTP 404")
+
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, "What is this?", ["file:///etc/passwd"])
+    _assert_error(info, 400, "outside the allowed folder")
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], temperature=-1)
+    _assert_error(info, 400, "temperature")
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
+    _assert_error(info, 400, "maximum context length")
+
+    # Streaming requests fail the same way, before the stream starts.
+    with pytest.raises(openai.BadRequestError):
+        chat(client, "What is this?", [data_url(b"junk")], stream=True)
+
+    # ... and the next good request still succeeds.
+    assert chat(client, "What is this?", [good]).choices[0].finish_reason in ("stop", "length")
+    for proc in stack.procs.values():
+        assert proc.poll() is None

@@ -1,0 +1,113 @@
+"""Test helpers: images, free ports, a loopback image server and the three-process stack."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_image(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def image_server(folder: Path):
+    """Serve `folder` over HTTP on loopback; yields the base url."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+class Stack:
+    """vision_service + llm_service + gateway as three real processes on loopback."""
+
+    def __init__(self, checkpoint: Path, log_dir: Path, gateway_args: list[str] = ()):
+        self.checkpoint = checkpoint
+        self.log_dir = log_dir
+        self.vision_port, self.llm_port, self.port = free_port(), free_port(), free_port()
+        self.gateway_args = list(gateway_args)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = open(self.log_dir / f"{name}.log", "w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def start(self, timeout_s: float = 180) -> Stack:
+        ck = str(self.checkpoint)
+        self._spawn("vision", ["vision_service", "--checkpoint", ck, "--port", str(self.vision_port)])
+        self._spawn("llm", ["llm_service", "--checkpoint", ck, "--port", str(self.llm_port)])
+        self._spawn("gateway", [
+            "gateway", "--checkpoint", ck, "--port", str(self.port),
+            "--vision", f"127.0.0.1:{self.vision_port}", "--llm", f"127.0.0.1:{self.llm_port}", *self.gateway_args,
+        ])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"stack not healthy after {timeout_s}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
