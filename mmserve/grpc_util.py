@@ -76,19 +76,10 @@ def map_errors(method):
     return unary_wrapper
 
 
-async def serve(
-    add_servicer,
-    service_full_name: str,
-    host: str,
-    port: int,
-    max_message_bytes: int,
-    grace_seconds: float = 5.0,
-    on_stop=None,
-) -> None:
-    """Run a grpc.aio server with health checking and reflection until SIGINT/SIGTERM.
+async def start_server(add_servicer, service_full_name: str, host: str, port: int, max_message_bytes: int):
+    """Start a grpc.aio server with the service, health checking (SERVING) and reflection.
 
-    `add_servicer(server)` registers the service. On a signal the health status turns NOT_SERVING,
-    in-flight calls get `grace_seconds` to finish, then `on_stop()` (if given) runs.
+    Returns (server, health servicer, bound port).
     """
     server = grpc.aio.server(options=channel_options(max_message_bytes))
     add_servicer(server)
@@ -104,6 +95,24 @@ async def serve(
     await server.start()
     for name in ("", service_full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer, bound
+
+
+async def serve(
+    add_servicer,
+    service_full_name: str,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    grace_seconds: float = 5.0,
+    on_stop=None,
+) -> None:
+    """Run the server until SIGINT/SIGTERM.
+
+    On a signal the health status turns NOT_SERVING, in-flight calls get `grace_seconds` to finish,
+    then `on_stop()` (if given) runs.
+    """
+    server, health_servicer, bound = await start_server(add_servicer, service_full_name, host, port, max_message_bytes)
     log.info("%s serving on %s:%d", service_full_name, host, bound)
     print(f"{service_full_name} ready on {host}:{bound}", flush=True)
 
