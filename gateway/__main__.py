@@ -30,8 +30,11 @@ def main(argv=None) -> None:
 
     async def serve():
         app = build_app(config)  # inside the loop: grpc.aio channels bind to it
-        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                               timeout_graceful_shutdown=5))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5
+            )
+        )
         print(f"gateway ready on http://{config.host}:{config.port}", flush=True)
         await server.serve()
 

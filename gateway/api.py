@@ -44,8 +44,15 @@ def status_of(exc: Exception) -> tuple[int, str]:
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("mmserve_gateway_requests", "Requests by route and outcome", ["route", "outcome"], registry=self.registry)
-        self.e2e = Histogram("mmserve_gateway_e2e_seconds", "End-to-end request latency", ["route"], registry=self.registry)
+        self.requests = Counter(
+            "mmserve_gateway_requests",
+            "Requests by route and outcome",
+            ["route", "outcome"],
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "mmserve_gateway_e2e_seconds", "End-to-end request latency", ["route"], registry=self.registry
+        )
         self.ttft = Histogram("mmserve_gateway_ttft_seconds", "Time to first token", registry=self.registry)
 
 
@@ -70,7 +77,9 @@ def usage_json(usage: Usage) -> dict:
     }
 
 
-def create_app(core: ServingCore, model_name: str, api_key: str | None = None, backends: dict | None = None) -> FastAPI:
+def create_app(
+    core: ServingCore, model_name: str, api_key: str | None = None, backends: dict | None = None
+) -> FastAPI:
     """`backends` maps a name to a gRPC channel whose health /health reports (None in-process)."""
     app = FastAPI(title="mmserve gateway")
     metrics = Metrics()
@@ -86,18 +95,26 @@ def create_app(core: ServingCore, model_name: str, api_key: str | None = None, b
     async def _validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        message = (
+            f"{where}: {first.get('msg', 'invalid request')}"
+            if where
+            else first.get("msg", "invalid request")
+        )
         return JSONResponse(error_body(message, "invalid_request_error", 400, where or None), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", exc.status_code), status_code=exc.status_code)
+        return JSONResponse(
+            error_body(str(exc.detail), "invalid_request_error", exc.status_code), status_code=exc.status_code
+        )
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
             if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return JSONResponse(error_body("invalid or missing API key", "authentication_error", 401), status_code=401)
+                return JSONResponse(
+                    error_body("invalid or missing API key", "authentication_error", 401), status_code=401
+                )
         return await call_next(request)
 
     @app.get("/health")
@@ -105,7 +122,9 @@ def create_app(core: ServingCore, model_name: str, api_key: str | None = None, b
         down = {}
         for name, channel in (backends or {}).items():
             try:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2
+                )
                 if reply.status != health_pb2.HealthCheckResponse.SERVING:
                     down[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.aio.AioRpcError as exc:
@@ -120,7 +139,10 @@ def create_app(core: ServingCore, model_name: str, api_key: str | None = None, b
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mmserve"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mmserve"}],
+        }
 
     async def run(route: str, body, text: str, urls: list[str], request_id: str, render) -> Response:
         started = time.monotonic()
@@ -146,7 +168,9 @@ def create_app(core: ServingCore, model_name: str, api_key: str | None = None, b
                 last = delta
             metrics.requests.labels(route, "ok").inc()
             metrics.e2e.labels(route).observe(time.monotonic() - started)
-            return JSONResponse(render.full("".join(parts), ids, last, prepared.token_ids, body.return_token_ids))
+            return JSONResponse(
+                render.full("".join(parts), ids, last, prepared.token_ids, body.return_token_ids)
+            )
         except MMServeError as exc:
             metrics.requests.labels(route, str(status_of(exc)[0])).inc()
             raise
@@ -159,7 +183,10 @@ def create_app(core: ServingCore, model_name: str, api_key: str | None = None, b
                 "role": m.role,
                 "content": m.content
                 if not isinstance(m.content, list)
-                else [{"type": "text", "text": p.text} if p.type == "text" else {"type": "image", "url": p.url} for p in m.content],
+                else [
+                    {"type": "text", "text": p.text} if p.type == "text" else {"type": "image", "url": p.url}
+                    for p in m.content
+                ],
             }
             for m in body.messages
         ]
@@ -170,7 +197,9 @@ def create_app(core: ServingCore, model_name: str, api_key: str | None = None, b
     async def completions(body: CompletionRequest):
         request_id = new_request_id("cmpl")
         text = core.prompt.normalize_raw(body.prompt)
-        return await run("completions", body, text, body.urls, request_id, _TextRender(request_id, model_name))
+        return await run(
+            "completions", body, text, body.urls, request_id, _TextRender(request_id, model_name)
+        )
 
     return app
 
@@ -188,7 +217,14 @@ class _Render:
         self.request_id, self.model, self.created = request_id, model, int(time.time())
 
     def envelope(self, obj: str, choices: list, **extra) -> dict:
-        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
+        return {
+            "id": self.request_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
 
     def full(self, text: str, ids: list[int], last: TextDelta, prompt_ids: list[int], with_ids: bool) -> dict:
         choice = {"index": 0, **self.full_choice(text), "finish_reason": last.finish_reason}
@@ -198,7 +234,14 @@ class _Render:
             extra["prompt_token_ids"] = prompt_ids
         return self.envelope(self.object_full, [choice], **extra)
 
-    async def stream(self, first: TextDelta, rest: AsyncIterator[TextDelta], prompt_ids, include_usage: bool, with_ids: bool):
+    async def stream(
+        self,
+        first: TextDelta,
+        rest: AsyncIterator[TextDelta],
+        prompt_ids,
+        include_usage: bool,
+        with_ids: bool,
+    ):
         try:
             head = self.stream_head()
             if head is not None:

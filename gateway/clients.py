@@ -57,7 +57,9 @@ class GrpcVisionClient:
         self._timeout = timeout_s
 
     async def embed(self, images: list[ImageInput], request_id: str) -> list[ImageFeatures]:
-        request = vision_pb2.EmbedRequest(request_id=request_id, images=[image_input_to_pb(i) for i in images])
+        request = vision_pb2.EmbedRequest(
+            request_id=request_id, images=[image_input_to_pb(i) for i in images]
+        )
         try:
             response = await self._stub.Embed(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:

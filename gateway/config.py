@@ -28,7 +28,9 @@ class MediaConfig:
             raise ValueError("fetch timeout, byte cap and pixel cap must be positive")
         if self.allowed_local_media_path is not None:
             if not Path(self.allowed_local_media_path).is_dir():
-                raise ValueError(f"allowed local media path {self.allowed_local_media_path!r} is not a folder")
+                raise ValueError(
+                    f"allowed local media path {self.allowed_local_media_path!r} is not a folder"
+                )
             self.allowed_local_media_path = str(Path(self.allowed_local_media_path).resolve())
 
 
@@ -61,32 +63,81 @@ class GatewayConfig:
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> GatewayConfig:
         env = os.environ.get
-        p = argparse.ArgumentParser(prog="python -m gateway", description="mmserve gateway (OpenAI-compatible HTTP)")
+        p = argparse.ArgumentParser(
+            prog="python -m gateway", description="mmserve gateway (OpenAI-compatible HTTP)"
+        )
         p.add_argument("--checkpoint", default=env("CHECKPOINT_PATH"), help="model folder [CHECKPOINT_PATH]")
-        p.add_argument("--tokenizer", dest="tokenizer_path", default=env("TOKENIZER_PATH"), help="tokenizer folder [TOKENIZER_PATH]")
+        p.add_argument(
+            "--tokenizer",
+            dest="tokenizer_path",
+            default=env("TOKENIZER_PATH"),
+            help="tokenizer folder [TOKENIZER_PATH]",
+        )
         p.add_argument("--model-type", default=env("MODEL_TYPE"), help="family override [MODEL_TYPE]")
-        p.add_argument("--model-name", default=env("MODEL_NAME"), help="name served in /v1/models [MODEL_NAME]")
-        p.add_argument("--vision", dest="vision_addr", default=env("VISION_ADDR", "127.0.0.1:50051"), help="vision service address [VISION_ADDR]")
-        p.add_argument("--llm", dest="llm_addr", default=env("LLM_ADDR", "127.0.0.1:50052"), help="LLM service address [LLM_ADDR]")
+        p.add_argument(
+            "--model-name", default=env("MODEL_NAME"), help="name served in /v1/models [MODEL_NAME]"
+        )
+        p.add_argument(
+            "--vision",
+            dest="vision_addr",
+            default=env("VISION_ADDR", "127.0.0.1:50051"),
+            help="vision service address [VISION_ADDR]",
+        )
+        p.add_argument(
+            "--llm",
+            dest="llm_addr",
+            default=env("LLM_ADDR", "127.0.0.1:50052"),
+            help="LLM service address [LLM_ADDR]",
+        )
         p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="bind address [HOST]")
         p.add_argument("--port", type=int, default=int(env("PORT", "8000")), help="HTTP port [PORT]")
         p.add_argument("--api-key", default=env("API_KEY"), help="require this bearer token [API_KEY]")
-        p.add_argument("--max-images-per-request", type=int, default=int(env("MAX_IMAGES_PER_REQUEST", "16")),
-                       help="[MAX_IMAGES_PER_REQUEST]")
-        p.add_argument("--max-message-bytes", type=int, default=int(env("GRPC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
-                       help="gRPC message size limit [GRPC_MAX_MESSAGE_BYTES]")
-        p.add_argument("--fetch-timeout", type=float, default=float(env("MEDIA_FETCH_TIMEOUT", "10")),
-                       help="seconds per image url [MEDIA_FETCH_TIMEOUT]")
-        p.add_argument("--max-image-bytes", type=int, default=int(env("MAX_IMAGE_BYTES", 20 * 1024 * 1024)),
-                       help="[MAX_IMAGE_BYTES]")
-        p.add_argument("--max-image-pixels", type=int, default=int(env("MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)),
-                       help="[MAX_IMAGE_PIXELS]")
-        p.add_argument("--allow-private-urls", action="store_true", default=env("ALLOW_PRIVATE_URLS", "") == "1",
-                       help="allow loopback/private/link-local image urls [ALLOW_PRIVATE_URLS=1]")
-        p.add_argument("--allowed-domains", default=env("ALLOWED_MEDIA_DOMAINS", ""),
-                       help="comma-separated host allow-list for image urls [ALLOWED_MEDIA_DOMAINS]")
-        p.add_argument("--allowed-local-media-path", default=env("ALLOWED_LOCAL_MEDIA_PATH"),
-                       help="serve file:// images from under this folder only [ALLOWED_LOCAL_MEDIA_PATH]")
+        p.add_argument(
+            "--max-images-per-request",
+            type=int,
+            default=int(env("MAX_IMAGES_PER_REQUEST", "16")),
+            help="[MAX_IMAGES_PER_REQUEST]",
+        )
+        p.add_argument(
+            "--max-message-bytes",
+            type=int,
+            default=int(env("GRPC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
+            help="gRPC message size limit [GRPC_MAX_MESSAGE_BYTES]",
+        )
+        p.add_argument(
+            "--fetch-timeout",
+            type=float,
+            default=float(env("MEDIA_FETCH_TIMEOUT", "10")),
+            help="seconds per image url [MEDIA_FETCH_TIMEOUT]",
+        )
+        p.add_argument(
+            "--max-image-bytes",
+            type=int,
+            default=int(env("MAX_IMAGE_BYTES", 20 * 1024 * 1024)),
+            help="[MAX_IMAGE_BYTES]",
+        )
+        p.add_argument(
+            "--max-image-pixels",
+            type=int,
+            default=int(env("MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)),
+            help="[MAX_IMAGE_PIXELS]",
+        )
+        p.add_argument(
+            "--allow-private-urls",
+            action="store_true",
+            default=env("ALLOW_PRIVATE_URLS", "") == "1",
+            help="allow loopback/private/link-local image urls [ALLOW_PRIVATE_URLS=1]",
+        )
+        p.add_argument(
+            "--allowed-domains",
+            default=env("ALLOWED_MEDIA_DOMAINS", ""),
+            help="comma-separated host allow-list for image urls [ALLOWED_MEDIA_DOMAINS]",
+        )
+        p.add_argument(
+            "--allowed-local-media-path",
+            default=env("ALLOWED_LOCAL_MEDIA_PATH"),
+            help="serve file:// images from under this folder only [ALLOWED_LOCAL_MEDIA_PATH]",
+        )
         args = p.parse_args(argv)
         if not args.checkpoint:
             p.error("--checkpoint (or CHECKPOINT_PATH) is required")

@@ -29,7 +29,9 @@ def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
-    return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved)
+    return ip.is_global and not (
+        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
+    )
 
 
 class MediaFetcher:
@@ -55,10 +57,14 @@ class MediaFetcher:
             try:
                 return await asyncio.wait_for(self._from_http(url), self.config.fetch_timeout_s)
             except TimeoutError:
-                raise MediaError(f"image url {_short(url)} timed out after {self.config.fetch_timeout_s:g}s") from None
+                raise MediaError(
+                    f"image url {_short(url)} timed out after {self.config.fetch_timeout_s:g}s"
+                ) from None
         if scheme == "file" or (scheme == "" and url.startswith("/")):
             return await asyncio.to_thread(self._from_file, url)
-        raise MediaError(f"image url scheme {scheme or '(none)'!r} is not supported; use http(s), data: or file://")
+        raise MediaError(
+            f"image url scheme {scheme or '(none)'!r} is not supported; use http(s), data: or file://"
+        )
 
     # ---- data: -------------------------------------------------------------------------------
 
@@ -91,7 +97,9 @@ class MediaFetcher:
         if self.config.allow_private_urls:
             return
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, parts.port or 443, type=socket.SOCK_STREAM
+            )
         except OSError as exc:
             raise MediaError(f"image host {host!r} cannot be resolved ({exc.strerror or exc})") from None
         for info in infos:
@@ -117,17 +125,23 @@ class MediaFetcher:
                         raise MediaError(f"image url {_short(url)} answered HTTP {response.status_code}")
                     declared = response.headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > self.config.max_image_bytes:
-                        raise MediaError(f"image at {_short(url)} is {declared} bytes, over the {self.config.max_image_bytes} byte cap")
+                        raise MediaError(
+                            f"image at {_short(url)} is {declared} bytes, over the {self.config.max_image_bytes} byte cap"
+                        )
                     body = bytearray()
                     async for chunk in response.aiter_bytes():
                         body += chunk
                         if len(body) > self.config.max_image_bytes:
-                            raise MediaError(f"image at {_short(url)} is over the {self.config.max_image_bytes} byte cap")
+                            raise MediaError(
+                                f"image at {_short(url)} is over the {self.config.max_image_bytes} byte cap"
+                            )
                     return bytes(body)
             except httpx.TimeoutException:
                 raise MediaError(f"image url {_short(url)} timed out") from None
             except httpx.HTTPError as exc:
-                raise MediaError(f"image url {_short(url)} could not be fetched ({type(exc).__name__}: {exc})") from None
+                raise MediaError(
+                    f"image url {_short(url)} could not be fetched ({type(exc).__name__}: {exc})"
+                ) from None
         raise MediaError(f"image url {_short(url)} redirected more than {self.config.max_redirects} times")
 
     # ---- file ------------------------------------------------------------------------------------
@@ -135,7 +149,9 @@ class MediaFetcher:
     def _from_file(self, url: str) -> bytes:
         root = self.config.allowed_local_media_path
         if root is None:
-            raise MediaError("local image files are disabled (start the gateway with --allowed-local-media-path)")
+            raise MediaError(
+                "local image files are disabled (start the gateway with --allowed-local-media-path)"
+            )
         raw = unquote(urlsplit(url).path) if url.startswith("file:") else url
         path = Path(raw).resolve()  # resolves symlinks and '..' before the containment check
         if not path.is_relative_to(root):
@@ -144,5 +160,7 @@ class MediaFetcher:
             raise MediaError(f"local image {raw!r} does not exist")
         size = os.path.getsize(path)
         if size > self.config.max_image_bytes:
-            raise MediaError(f"local image {raw!r} is {size} bytes, over the {self.config.max_image_bytes} byte cap")
+            raise MediaError(
+                f"local image {raw!r} is {size} bytes, over the {self.config.max_image_bytes} byte cap"
+            )
         return path.read_bytes()

@@ -92,8 +92,17 @@ class PipelineResponse:
 
 # generate_config keys (rtp-llm's names) -> how they apply.
 _CONFIG_KEYS = {
-    "max_new_tokens", "min_new_tokens", "top_k", "top_p", "temperature", "repetition_penalty",
-    "random_seed", "seed", "ignore_eos", "stop_words_str", "stop_words_list",
+    "max_new_tokens",
+    "min_new_tokens",
+    "top_k",
+    "top_p",
+    "temperature",
+    "repetition_penalty",
+    "random_seed",
+    "seed",
+    "ignore_eos",
+    "stop_words_str",
+    "stop_words_list",
 }
 
 
@@ -117,7 +126,9 @@ def settings_from_generate_config(config: dict | None) -> GenerationSettings:
         seed=config.get("random_seed", config.get("seed")),
         repetition_penalty=float(config.get("repetition_penalty", 1.0)),
     )
-    return GenerationSettings(sampling, int(config.get("max_new_tokens", 256)), list(config.get("stop_words_str", [])))
+    return GenerationSettings(
+        sampling, int(config.get("max_new_tokens", 256)), list(config.get("stop_words_str", []))
+    )
 
 
 class Pipeline:
@@ -133,14 +144,18 @@ class Pipeline:
 
         async def build():
             return ServingCore(
-                model.prompt, InProcessVisionClient(model.vision), InProcessLLMClient(model.engine),
-                MediaFetcher(media), max_images_per_request=64,
+                model.prompt,
+                InProcessVisionClient(model.vision),
+                InProcessLLMClient(model.engine),
+                MediaFetcher(media),
+                max_images_per_request=64,
             )
 
         self.core = asyncio.run_coroutine_threadsafe(build(), self._loop).result()
 
-    def __call__(self, prompt: str | list[str], urls: list | None = None, generate_config: dict | None = None
-                 ) -> Iterator[PipelineResponse]:
+    def __call__(
+        self, prompt: str | list[str], urls: list | None = None, generate_config: dict | None = None
+    ) -> Iterator[PipelineResponse]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(prompt, str):
             url_lists = [list(urls or [])]

@@ -88,6 +88,13 @@ def expand_image_tokens(
             expanded.append(token)
             continue
         image = next(images)
-        spans.append(ImageSpan(offset=len(expanded), embedding=image.embedding, content_hash=image.content_hash, grid_thw=image.grid_thw))
+        spans.append(
+            ImageSpan(
+                offset=len(expanded),
+                embedding=image.embedding,
+                content_hash=image.content_hash,
+                grid_thw=image.grid_thw,
+            )
+        )
         expanded.extend([image_token_id] * image.num_tokens)
     return expanded, spans

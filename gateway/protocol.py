@@ -70,7 +70,9 @@ class SamplingFields(_Body):
         if self.n != 1:
             raise ValueError("n must be 1 (several choices per request are not supported)")
         if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported yet; use repetition_penalty")
+            raise ValueError(
+                "presence_penalty and frequency_penalty are not supported yet; use repetition_penalty"
+            )
         if self.logprobs:
             raise ValueError("logprobs are not supported yet")
         if isinstance(self.stop, list) and len(self.stop) > 16:

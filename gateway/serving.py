@@ -107,7 +107,9 @@ class ServingCore:
 
     # ---- generation --------------------------------------------------------------------------------
 
-    async def generate(self, prepared: PreparedPrompt, settings: GenerationSettings, request_id: str) -> AsyncIterator[TextDelta]:
+    async def generate(
+        self, prepared: PreparedPrompt, settings: GenerationSettings, request_id: str
+    ) -> AsyncIterator[TextDelta]:
         info = await self.llm_info()
         prompt_len = len(prepared.token_ids)
         room = info.max_model_len - prompt_len

@@ -38,18 +38,36 @@ class LLMConfig:
         env = os.environ.get
         p = argparse.ArgumentParser(prog="python -m llm_service", description="mmserve LLM service (gRPC)")
         p.add_argument("--checkpoint", default=env("CHECKPOINT_PATH"), help="model folder [CHECKPOINT_PATH]")
-        p.add_argument("--model-type", default=env("MODEL_TYPE"), help="family override, e.g. llava [MODEL_TYPE]")
+        p.add_argument(
+            "--model-type", default=env("MODEL_TYPE"), help="family override, e.g. llava [MODEL_TYPE]"
+        )
         p.add_argument("--host", default=env("LLM_HOST", "127.0.0.1"), help="bind address [LLM_HOST]")
         p.add_argument("--port", type=int, default=int(env("LLM_PORT", "50052")), help="gRPC port [LLM_PORT]")
-        p.add_argument("--dtype", default=env("LLM_DTYPE", "float32"), help="float32|bfloat16|float16 [LLM_DTYPE]")
+        p.add_argument(
+            "--dtype", default=env("LLM_DTYPE", "float32"), help="float32|bfloat16|float16 [LLM_DTYPE]"
+        )
         p.add_argument("--device", default=env("LLM_DEVICE", "cpu"), help="torch device [LLM_DEVICE]")
-        p.add_argument("--max-message-bytes", type=int, default=int(env("GRPC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
-                       help="gRPC message size limit [GRPC_MAX_MESSAGE_BYTES]")
-        p.add_argument("--max-waiting", type=int, default=int(env("LLM_MAX_WAITING", "256")),
-                       help="queue bound before RESOURCE_EXHAUSTED [LLM_MAX_WAITING]")
-        p.add_argument("--max-model-len", type=int, default=int(env("MAX_MODEL_LEN", "0")),
-                       help="tokens per sequence, 0 = model default [MAX_MODEL_LEN]")
-        p.add_argument("--threads", type=int, default=int(env("LLM_THREADS", "0")), help="torch threads [LLM_THREADS]")
+        p.add_argument(
+            "--max-message-bytes",
+            type=int,
+            default=int(env("GRPC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
+            help="gRPC message size limit [GRPC_MAX_MESSAGE_BYTES]",
+        )
+        p.add_argument(
+            "--max-waiting",
+            type=int,
+            default=int(env("LLM_MAX_WAITING", "256")),
+            help="queue bound before RESOURCE_EXHAUSTED [LLM_MAX_WAITING]",
+        )
+        p.add_argument(
+            "--max-model-len",
+            type=int,
+            default=int(env("MAX_MODEL_LEN", "0")),
+            help="tokens per sequence, 0 = model default [MAX_MODEL_LEN]",
+        )
+        p.add_argument(
+            "--threads", type=int, default=int(env("LLM_THREADS", "0")), help="torch threads [LLM_THREADS]"
+        )
         args = p.parse_args(argv)
         if not args.checkpoint:
             p.error("--checkpoint (or CHECKPOINT_PATH) is required")

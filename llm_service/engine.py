@@ -41,7 +41,10 @@ class Sequence:
         return self.request.request_id
 
     def emit(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+            self.aborted = True
 
 
 class Engine:
@@ -87,7 +90,13 @@ class Engine:
 
     def info(self) -> LLMInfo:
         model = self.model
-        return LLMInfo(model.family, self.max_model_len, model.image_token_id, model.hidden_size, tuple(model.eos_token_ids))
+        return LLMInfo(
+            model.family,
+            self.max_model_len,
+            model.image_token_id,
+            model.hidden_size,
+            tuple(model.eos_token_ids),
+        )
 
     def num_running(self) -> int:
         return len(self._running)
@@ -109,7 +118,9 @@ class Engine:
         if bad:
             raise InvalidInputError(f"token id {bad[0]} is outside the vocabulary [0, {model.vocab_size})")
         if len(ids) >= self.max_model_len:
-            raise InvalidInputError(f"prompt has {len(ids)} tokens; the model accepts at most {self.max_model_len - 1}")
+            raise InvalidInputError(
+                f"prompt has {len(ids)} tokens; the model accepts at most {self.max_model_len - 1}"
+            )
         if params.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
         if params.min_new_tokens < 0 or params.temperature < 0 or not 0 <= params.top_p <= 1:
@@ -121,20 +132,32 @@ class Engine:
         for i, span in enumerate(request.images):
             rows = tuple(span.embedding.shape)
             if span.offset < end:
-                raise InvalidInputError(f"image span {i} at offset {span.offset} overlaps or precedes the previous span")
+                raise InvalidInputError(
+                    f"image span {i} at offset {span.offset} overlaps or precedes the previous span"
+                )
             if len(rows) != 2 or rows[1] != model.hidden_size:
-                raise InvalidInputError(f"image span {i}: embedding shape {list(rows)} is not [N, {model.hidden_size}]")
+                raise InvalidInputError(
+                    f"image span {i}: embedding shape {list(rows)} is not [N, {model.hidden_size}]"
+                )
             if span.length != rows[0]:
-                raise InvalidInputError(f"image span {i}: length {span.length} differs from its {rows[0]} embedding rows")
+                raise InvalidInputError(
+                    f"image span {i}: length {span.length} differs from its {rows[0]} embedding rows"
+                )
             if span.offset + span.length > len(ids):
-                raise InvalidInputError(f"image span {i} [{span.offset}, {span.offset + span.length}) exceeds the {len(ids)} prompt tokens")
+                raise InvalidInputError(
+                    f"image span {i} [{span.offset}, {span.offset + span.length}) exceeds the {len(ids)} prompt tokens"
+                )
             if any(t != model.image_token_id for t in ids[span.offset : span.offset + span.length]):
-                raise InvalidInputError(f"image span {i} covers tokens other than the image placeholder id {model.image_token_id}")
+                raise InvalidInputError(
+                    f"image span {i} covers tokens other than the image placeholder id {model.image_token_id}"
+                )
             end = span.offset + span.length
             covered += span.length
         placeholders = sum(1 for t in ids if t == model.image_token_id)
         if placeholders != covered:
-            raise InvalidInputError(f"prompt has {placeholders} image placeholder tokens but the image spans cover {covered}")
+            raise InvalidInputError(
+                f"prompt has {placeholders} image placeholder tokens but the image spans cover {covered}"
+            )
 
     # ---- worker thread --------------------------------------------------------------------------
 

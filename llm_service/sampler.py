@@ -31,7 +31,9 @@ def sample_next(
     if params.repetition_penalty != 1.0 and previous:
         seen = torch.tensor(sorted(set(previous)), device=logits.device)
         scores = logits[seen]
-        logits[seen] = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
+        logits[seen] = torch.where(
+            scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty
+        )
     if num_generated < params.min_new_tokens and not params.ignore_eos:
         logits[[t for t in eos_token_ids + params.stop_token_ids if t < logits.numel()]] = float("-inf")
     if is_greedy(params):

@@ -27,7 +27,9 @@ def detect_family(checkpoint: str | Path, model_type: str | None = None) -> str:
     """The model family of a checkpoint: MODEL_TYPE when given, else decided from config.json."""
     if model_type:
         if model_type not in SUPPORTED_FAMILIES:
-            raise CheckpointError(f"MODEL_TYPE={model_type!r} is not supported; supported: {SUPPORTED_FAMILIES}")
+            raise CheckpointError(
+                f"MODEL_TYPE={model_type!r} is not supported; supported: {SUPPORTED_FAMILIES}"
+            )
         return model_type
     config = read_config(checkpoint)
     architectures = config.get("architectures") or []

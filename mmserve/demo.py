@@ -7,6 +7,7 @@ processor, a chat template and random weights. No network access is needed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,15 @@ _WORDS = (
     "running small large bright dark left right top bottom describe this that there here it shows shown "
     "question answer assistant user hello world model vision language token embedding"
 ).split()
-_EXTRA = ["你好世界", "这是什么", "图片里有一只猫", "😀 🐱 🚗", "naïve café déjà vu", "12345 67890", "Hello, World!"]
+_EXTRA = [
+    "你好世界",
+    "这是什么",
+    "图片里有一只猫",
+    "😀 🐱 🚗",
+    "naïve café déjà vu",
+    "12345 67890",
+    "Hello, World!",
+]
 
 
 def _corpus() -> list[str]:
@@ -53,11 +62,15 @@ def build_tokenizer(vocab_size: int = 400):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -86,11 +99,16 @@ class LlavaShape:
 
 
 # The `make run` demo: LLaVA-1.5's token geometry (336px, patch 14 -> 576 image tokens), tiny widths.
-DEMO_SHAPE = LlavaShape(image_size=336, vision_hidden=64, vision_intermediate=128, text_hidden=128, text_intermediate=256)
+DEMO_SHAPE = LlavaShape(
+    image_size=336, vision_hidden=64, vision_intermediate=128, text_hidden=128, text_intermediate=256
+)
 
 
-def build_llava_checkpoint(path: str | Path, shape: LlavaShape = LlavaShape(), seed: int = 0, dtype: str = "float32") -> Path:
+def build_llava_checkpoint(
+    path: str | Path, shape: LlavaShape | None = None, seed: int = 0, dtype: str = "float32"
+) -> Path:
     """Write a random-weight `LlavaForConditionalGeneration` checkpoint with tokenizer and processor."""
+    shape = shape or LlavaShape()
     import torch
     from transformers import (
         CLIPImageProcessorPil,
@@ -144,7 +162,9 @@ def build_llava_checkpoint(path: str | Path, shape: LlavaShape = LlavaShape(), s
 
     side = shape.image_size
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        ),
         tokenizer=tokenizer,
         patch_size=shape.patch_size,
         vision_feature_select_strategy="default",
@@ -152,7 +172,7 @@ def build_llava_checkpoint(path: str | Path, shape: LlavaShape = LlavaShape(), s
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     processor.save_pretrained(path)
-    (path / "mmserve_demo.json").write_text(__import__("json").dumps({"seed": seed, **asdict(shape)}))
+    (path / "mmserve_demo.json").write_text(json.dumps({"seed": seed, **asdict(shape)}))
     return path
 
 

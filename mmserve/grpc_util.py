@@ -86,7 +86,11 @@ async def start_server(add_servicer, service_full_name: str, host: str, port: in
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (service_full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            service_full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -112,7 +116,9 @@ async def serve(
     On a signal the health status turns NOT_SERVING, in-flight calls get `grace_seconds` to finish,
     then `on_stop()` (if given) runs.
     """
-    server, health_servicer, bound = await start_server(add_servicer, service_full_name, host, port, max_message_bytes)
+    server, health_servicer, bound = await start_server(
+        add_servicer, service_full_name, host, port, max_message_bytes
+    )
     log.info("%s serving on %s:%d", service_full_name, host, bound)
     print(f"{service_full_name} ready on {host}:{bound}", flush=True)
 

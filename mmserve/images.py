@@ -31,11 +31,15 @@ def probe_image(data: bytes, max_pixels: int, what: str = "image") -> tuple[int,
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidInputError(f"{what} has too many pixels") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-        raise InvalidInputError(f"{what} cannot be decoded as an image ({type(exc).__name__}: {exc})") from None
+        raise InvalidInputError(
+            f"{what} cannot be decoded as an image ({type(exc).__name__}: {exc})"
+        ) from None
     if width <= 0 or height <= 0:
         raise InvalidInputError(f"{what} has an empty size {width}x{height}")
     if width * height > max_pixels:
-        raise InvalidInputError(f"{what} is {width}x{height} = {width * height} pixels, over the cap of {max_pixels}")
+        raise InvalidInputError(
+            f"{what} is {width}x{height} = {width * height} pixels, over the cap of {max_pixels}"
+        )
     return width, height
 
 
@@ -47,4 +51,6 @@ def decode_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Ima
             image.load()
             return image.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt data surfaces here
-        raise InvalidInputError(f"{what} cannot be decoded as an image ({type(exc).__name__}: {exc})") from None
+        raise InvalidInputError(
+            f"{what} cannot be decoded as an image ({type(exc).__name__}: {exc})"
+        ) from None

@@ -39,9 +39,14 @@ def wait_healthy(address: str, process: subprocess.Popen, timeout_s: float) -> N
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise SystemExit(f"{' '.join(process.args[:3])} exited with code {process.returncode} during startup")
+                raise SystemExit(
+                    f"{' '.join(process.args[:3])} exited with code {process.returncode} during startup"
+                )
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -56,7 +61,9 @@ def main() -> None:
     port = env.get("PORT", "8000")
     vision_port = env.get("VISION_PORT", "50051")
     llm_port = env.get("LLM_PORT", "50052")
-    common = ["--checkpoint", checkpoint] + (["--model-type", env["MODEL_TYPE"]] if env.get("MODEL_TYPE") else [])
+    common = ["--checkpoint", checkpoint] + (
+        ["--model-type", env["MODEL_TYPE"]] if env.get("MODEL_TYPE") else []
+    )
     python = sys.executable
     procs: list[subprocess.Popen] = []
 
@@ -77,7 +84,15 @@ def main() -> None:
         wait_healthy(f"127.0.0.1:{vision_port}", procs[0], 300)
         wait_healthy(f"127.0.0.1:{llm_port}", procs[1], 300)
         gateway_args = [
-            *common, "--vision", f"127.0.0.1:{vision_port}", "--llm", f"127.0.0.1:{llm_port}", "--host", host, "--port", port,
+            *common,
+            "--vision",
+            f"127.0.0.1:{vision_port}",
+            "--llm",
+            f"127.0.0.1:{llm_port}",
+            "--host",
+            host,
+            "--port",
+            port,
         ]
         if env.get("TOKENIZER_PATH"):
             gateway_args += ["--tokenizer", env["TOKENIZER_PATH"]]
@@ -85,7 +100,8 @@ def main() -> None:
         banner = [
             "",
             "mmserve is starting:",
-            f"  model     {checkpoint}" + ("  (random-weight DEMO checkpoint: output is gibberish)" if is_demo else ""),
+            f"  model     {checkpoint}"
+            + ("  (random-weight DEMO checkpoint: output is gibberish)" if is_demo else ""),
             f"  gateway   http://{host}:{port}   (OpenAI API: /v1/chat/completions, /v1/completions, /v1/models)",
             f"  vision    127.0.0.1:{vision_port} (gRPC)    llm 127.0.0.1:{llm_port} (gRPC)",
             "  Ctrl-C stops all three.",
@@ -95,7 +111,10 @@ def main() -> None:
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         failed = [p for p in procs if p.poll() is not None]
-        print(f"{' '.join(failed[0].args[:3])} exited with code {failed[0].returncode}; stopping the stack", flush=True)
+        print(
+            f"{' '.join(failed[0].args[:3])} exited with code {failed[0].returncode}; stopping the stack",
+            flush=True,
+        )
         sys.exit(1)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)

@@ -25,7 +25,9 @@ def dtype_from_name(name: str) -> torch.dtype:
     try:
         return _DTYPES[name.removeprefix("torch.")]
     except KeyError:
-        raise InvalidInputError(f"unsupported tensor dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+        raise InvalidInputError(
+            f"unsupported tensor dtype {name!r}; expected one of {sorted(_DTYPES)}"
+        ) from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -8,8 +8,17 @@ from mmserve.demo import LlavaShape, build_llava_checkpoint
 from tests.helpers import make_image
 
 # Embeddings of this shape are 576 x 2048 float32 = 4.7 MB per image: over gRPC's 4 MB default.
-WIDE_SHAPE = LlavaShape(image_size=336, vision_hidden=32, vision_intermediate=64, vision_layers=1,
-                        text_hidden=2048, text_intermediate=64, text_layers=1, text_heads=4, text_kv_heads=4)
+WIDE_SHAPE = LlavaShape(
+    image_size=336,
+    vision_hidden=32,
+    vision_intermediate=64,
+    vision_layers=1,
+    text_hidden=2048,
+    text_intermediate=64,
+    text_layers=1,
+    text_heads=4,
+    text_kv_heads=4,
+)
 
 
 @pytest.fixture(scope="session")

@@ -76,16 +76,29 @@ class Stack:
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.log_dir / f"{name}.log", "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
 
     def start(self, timeout_s: float = 180) -> Stack:
         ck = str(self.checkpoint)
         self._spawn("vision", ["vision_service", "--checkpoint", ck, "--port", str(self.vision_port)])
         self._spawn("llm", ["llm_service", "--checkpoint", ck, "--port", str(self.llm_port)])
-        self._spawn("gateway", [
-            "gateway", "--checkpoint", ck, "--port", str(self.port),
-            "--vision", f"127.0.0.1:{self.vision_port}", "--llm", f"127.0.0.1:{self.llm_port}", *self.gateway_args,
-        ])
+        self._spawn(
+            "gateway",
+            [
+                "gateway",
+                "--checkpoint",
+                ck,
+                "--port",
+                str(self.port),
+                "--vision",
+                f"127.0.0.1:{self.vision_port}",
+                "--llm",
+                f"127.0.0.1:{self.llm_port}",
+                *self.gateway_args,
+            ],
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():

@@ -16,7 +16,9 @@ class LlavaReference:
 
     def chat_prompt(self, text: str, num_images: int) -> str:
         content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
 
     @torch.inference_mode()
     def greedy(self, prompt: str, images: list[bytes], max_new_tokens: int) -> tuple[list[int], list[int]]:
@@ -25,4 +27,4 @@ class LlavaReference:
         inputs = self.processor(text=prompt, images=pil or None, return_tensors="pt")
         out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
         prompt_ids = inputs["input_ids"][0].tolist()
-        return prompt_ids, out[0, len(prompt_ids):].tolist()
+        return prompt_ids, out[0, len(prompt_ids) :].tolist()

@@ -37,18 +37,39 @@ class VisionConfig:
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> VisionConfig:
         env = os.environ.get
-        p = argparse.ArgumentParser(prog="python -m vision_service", description="mmserve vision service (gRPC)")
+        p = argparse.ArgumentParser(
+            prog="python -m vision_service", description="mmserve vision service (gRPC)"
+        )
         p.add_argument("--checkpoint", default=env("CHECKPOINT_PATH"), help="model folder [CHECKPOINT_PATH]")
-        p.add_argument("--model-type", default=env("MODEL_TYPE"), help="family override, e.g. llava [MODEL_TYPE]")
+        p.add_argument(
+            "--model-type", default=env("MODEL_TYPE"), help="family override, e.g. llava [MODEL_TYPE]"
+        )
         p.add_argument("--host", default=env("VISION_HOST", "127.0.0.1"), help="bind address [VISION_HOST]")
-        p.add_argument("--port", type=int, default=int(env("VISION_PORT", "50051")), help="gRPC port [VISION_PORT]")
-        p.add_argument("--dtype", default=env("VISION_DTYPE", "float32"), help="float32|bfloat16|float16 [VISION_DTYPE]")
+        p.add_argument(
+            "--port", type=int, default=int(env("VISION_PORT", "50051")), help="gRPC port [VISION_PORT]"
+        )
+        p.add_argument(
+            "--dtype", default=env("VISION_DTYPE", "float32"), help="float32|bfloat16|float16 [VISION_DTYPE]"
+        )
         p.add_argument("--device", default=env("VISION_DEVICE", "cpu"), help="torch device [VISION_DEVICE]")
-        p.add_argument("--max-message-bytes", type=int, default=int(env("GRPC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
-                       help="gRPC message size limit [GRPC_MAX_MESSAGE_BYTES]")
-        p.add_argument("--max-image-pixels", type=int, default=int(env("MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)),
-                       help="reject larger images before decoding [MAX_IMAGE_PIXELS]")
-        p.add_argument("--threads", type=int, default=int(env("VISION_THREADS", "0")), help="torch threads [VISION_THREADS]")
+        p.add_argument(
+            "--max-message-bytes",
+            type=int,
+            default=int(env("GRPC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
+            help="gRPC message size limit [GRPC_MAX_MESSAGE_BYTES]",
+        )
+        p.add_argument(
+            "--max-image-pixels",
+            type=int,
+            default=int(env("MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)),
+            help="reject larger images before decoding [MAX_IMAGE_PIXELS]",
+        )
+        p.add_argument(
+            "--threads",
+            type=int,
+            default=int(env("VISION_THREADS", "0")),
+            help="torch threads [VISION_THREADS]",
+        )
         args = p.parse_args(argv)
         if not args.checkpoint:
             p.error("--checkpoint (or CHECKPOINT_PATH) is required")

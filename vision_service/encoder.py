@@ -36,9 +36,12 @@ class VisionEncoder:
         if not images:
             raise InvalidInputError("no images given")
         if len(images) > self.config.max_images_per_request:
-            raise InvalidInputError(f"{len(images)} images in one request, over the limit of {self.config.max_images_per_request}")
+            raise InvalidInputError(
+                f"{len(images)} images in one request, over the limit of {self.config.max_images_per_request}"
+            )
         decoded = [
-            decode_image(image.data, self.config.max_image_pixels, what=f"image {i}") for i, image in enumerate(images)
+            decode_image(image.data, self.config.max_image_pixels, what=f"image {i}")
+            for i, image in enumerate(images)
         ]
         inputs = self.model.preprocess(self.processor, decoded)
         embeddings = self.model(**inputs)

@@ -22,5 +22,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     @map_errors
     async def GetModelInfo(self, request, context):
         return vision_pb2.VisionModelInfo(
-            family=self.encoder.family, hidden_size=self.encoder.hidden_size, dtype=dtype_name(self.encoder.dtype)
+            family=self.encoder.family,
+            hidden_size=self.encoder.hidden_size,
+            dtype=dtype_name(self.encoder.dtype),
         )

@@ -16,11 +16,26 @@ from tests.helpers import ROOT, data_url, free_port, make_image
 
 def test_demo_stack_serves_and_stops_on_ctrl_c(tmp_path):
     port, vision_port, llm_port = free_port(), free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("CHECKPOINT_PATH", "MODEL", "MODEL_TYPE", "TOKENIZER_PATH")}
-    env.update(MMSERVE_HOME=str(tmp_path / "home"), PORT=str(port), VISION_PORT=str(vision_port), LLM_PORT=str(llm_port))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CHECKPOINT_PATH", "MODEL", "MODEL_TYPE", "TOKENIZER_PATH")
+    }
+    env.update(
+        MMSERVE_HOME=str(tmp_path / "home"),
+        PORT=str(port),
+        VISION_PORT=str(vision_port),
+        LLM_PORT=str(llm_port),
+    )
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mmserve.start_server"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmserve.start_server"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -32,14 +47,23 @@ def test_demo_stack_serves_and_stops_on_ctrl_c(tmp_path):
             except httpx.HTTPError:
                 time.sleep(0.5)
         else:
-            raise AssertionError("demo stack did not become healthy:\n" + (tmp_path / "server.log").read_text())
+            raise AssertionError(
+                "demo stack did not become healthy:\n" + (tmp_path / "server.log").read_text()
+            )
         assert "DEMO checkpoint" in (tmp_path / "server.log").read_text()
         client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
         image = data_url(make_image(64, 48, seed=7))
         response = client.chat.completions.create(
             model=client.models.list().data[0].id,
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                                   {"type": "text", "text": "What is this?"}]}],
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image}},
+                        {"type": "text", "text": "What is this?"},
+                    ],
+                }
+            ],
             max_tokens=8,
         )
         # The demo keeps LLaVA-1.5's geometry: 576 placeholder tokens per image.

@@ -17,19 +17,25 @@ def pipeline(tiny_checkpoint):
 
 
 def run(pipeline, prompt, urls, **config):
-    responses = list(pipeline(prompt, urls=urls, generate_config={"top_k": 1, "max_new_tokens": 20, **config}))
+    responses = list(
+        pipeline(prompt, urls=urls, generate_config={"top_k": 1, "max_new_tokens": 20, **config})
+    )
     assert responses and all(r.finished == [True] for r in responses[-1:])
     return responses
 
 
-@pytest.mark.parametrize("names", [["a.png"], ["b.jpg", "c.png"], []], ids=["one-image", "two-images", "no-image"])
+@pytest.mark.parametrize(
+    "names", [["a.png"], ["b.jpg", "c.png"], []], ids=["one-image", "two-images", "no-image"]
+)
 def test_pipeline_greedy_equals_reference(pipeline, tiny_checkpoint, image_dir, names):
     reference = LlavaReference(tiny_checkpoint)
     prompt = "USER: " + "<image>\n" * len(names) + "What is this? ASSISTANT:"
     responses = run(pipeline, prompt, [str(image_dir / n) for n in names])
     _, ref_new = reference.greedy(prompt, [(image_dir / n).read_bytes() for n in names], 20)
     assert responses[-1].token_ids[0] == ref_new
-    assert responses[-1].batch_response[0] == reference.processor.tokenizer.decode(ref_new, skip_special_tokens=True)
+    assert responses[-1].batch_response[0] == reference.processor.tokenizer.decode(
+        ref_new, skip_special_tokens=True
+    )
     # Streaming: each response extends the previous one.
     texts = [r.batch_response[0] for r in responses]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
@@ -39,8 +45,13 @@ def test_seed_prompt_form_and_batch(pipeline, image_dir):
     url = f"file://{image_dir / 'a.png'}"
     single = run(pipeline, "Picture 1:<img/>\nWhat is this?", [url])[-1].response
     assert single
-    batch = list(pipeline(["Picture 1:<img/>\nWhat is this?", "Hello"], urls=[[url], []],
-                          generate_config={"top_k": 1, "max_new_tokens": 20}))
+    batch = list(
+        pipeline(
+            ["Picture 1:<img/>\nWhat is this?", "Hello"],
+            urls=[[url], []],
+            generate_config={"top_k": 1, "max_new_tokens": 20},
+        )
+    )
     assert batch[-1].finished == [True, True]
     assert batch[-1].batch_response[0] == single
 

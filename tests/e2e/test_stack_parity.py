@@ -38,7 +38,9 @@ def reference(tiny_checkpoint):
 
 
 def chat(client, text, urls, **kwargs):
-    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [
+        {"type": "text", "text": text}
+    ]
     return client.chat.completions.create(
         model="tiny-llava",
         messages=[{"role": "user", "content": content}],
@@ -62,7 +64,11 @@ def test_greedy_tokens_equal_reference(served, client, reference, image_dir, tex
     _, http_base = served
     # One image over http, the next as a data: url, the next as a local file: every source is exercised.
     sources = [
-        f"{http_base}/{name}" if i % 3 == 0 else data_url((image_dir / name).read_bytes()) if i % 3 == 1 else f"file://{image_dir / name}"
+        f"{http_base}/{name}"
+        if i % 3 == 0
+        else data_url((image_dir / name).read_bytes())
+        if i % 3 == 1
+        else f"file://{image_dir / name}"
         for i, name in enumerate(images)
     ]
     response = chat(client, text, sources)
@@ -130,7 +136,13 @@ def test_raw_prompt_with_image_tags(served, reference, image_dir):
     prompt = "USER: <image>\nWhat is this? ASSISTANT:"
     r = httpx.post(
         stack.base_url + "/v1/completions",
-        json={"prompt": prompt, "urls": [f"{http_base}/a.png"], "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True},
+        json={
+            "prompt": prompt,
+            "urls": [f"{http_base}/a.png"],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "return_token_ids": True,
+        },
         timeout=60,
     )
     assert r.status_code == 200, r.text
@@ -159,10 +171,14 @@ def test_bad_input_gets_4xx_and_the_stack_keeps_serving(client, served, image_di
     good = f"{http_base}/a.png"
 
     # Tag/image count mismatch (raw prompt): the message names both numbers.
-    r = httpx.post(stack.base_url + "/v1/completions", json={"prompt": "<image> and <image>", "urls": [good]}, timeout=30)
+    r = httpx.post(
+        stack.base_url + "/v1/completions", json={"prompt": "<image> and <image>", "urls": [good]}, timeout=30
+    )
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
-    assert "2 image tags" in r.json()["error"]["message"] and "1 image was given" in r.json()["error"]["message"]
+    assert (
+        "2 image tags" in r.json()["error"]["message"] and "1 image was given" in r.json()["error"]["message"]
+    )
 
     # A user typing the tag in chat text is counted, so the mismatch is reported, not crashed on.
     with pytest.raises(openai.BadRequestError) as info:
@@ -190,11 +206,15 @@ def test_bad_input_gets_4xx_and_the_stack_keeps_serving(client, served, image_di
     _assert_error(info, 400, "outside the allowed folder")
 
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], temperature=-1)
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], temperature=-1
+        )
     _assert_error(info, 400, "temperature")
 
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6
+        )
     _assert_error(info, 400, "maximum context length")
 
     # Streaming requests fail the same way, before the stream starts.

@@ -33,10 +33,16 @@ def with_server(engine, body, server_limit=64 << 20):
 
     async def go():
         server, _, port = await start_server(
-            lambda s: llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(engine), s), SERVICE, "127.0.0.1", 0, server_limit
+            lambda s: llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(engine), s),
+            SERVICE,
+            "127.0.0.1",
+            0,
+            server_limit,
         )
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options(64 << 20)) as channel:
+            async with grpc.aio.insecure_channel(
+                f"127.0.0.1:{port}", options=channel_options(64 << 20)
+            ) as channel:
                 return await body(llm_pb2_grpc.LLMServiceStub(channel), channel, f"127.0.0.1:{port}")
         finally:
             await server.stop(0)
@@ -67,7 +73,10 @@ def test_span_length_mismatch_is_invalid_argument(engine):
     image_id = engine.info().image_token_id
     hidden = engine.info().hidden_size
     cases = {
-        "differs from its 3 embedding rows": ([1, image_id, image_id, 5], [ImageSpan(1, torch.zeros(3, hidden), "h", length=2)]),
+        "differs from its 3 embedding rows": (
+            [1, image_id, image_id, 5],
+            [ImageSpan(1, torch.zeros(3, hidden), "h", length=2)],
+        ),
         "cover 0": ([1, image_id, 5], []),
         "other than the image placeholder": ([1, 7, 7, 5], [ImageSpan(1, torch.zeros(2, hidden), "h")]),
         "exceeds the 3 prompt tokens": ([1, image_id, image_id], [ImageSpan(2, torch.zeros(2, hidden), "h")]),
@@ -134,7 +143,9 @@ def test_a_full_queue_is_resource_exhausted(engine):
 
 def test_health_reflection_and_model_info(engine):
     async def body(stub, channel, address):
-        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE))
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=SERVICE)
+        )
         info = await stub.GetModelInfo(llm_pb2.LLMModelInfoRequest())
         refl = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")])
@@ -154,7 +165,12 @@ def test_large_request_needs_the_raised_message_limit(wide_checkpoint):
     image_id, hidden = engine.info().image_token_id, engine.info().hidden_size
     rows = (5 << 20) // (hidden * 4) + 1
     assert rows + 2 < engine.max_model_len
-    req, _ = request(engine, [1] + [image_id] * rows + [5], [ImageSpan(1, torch.randn(rows, hidden), "h")], max_new_tokens=1)
+    req, _ = request(
+        engine,
+        [1] + [image_id] * rows + [5],
+        [ImageSpan(1, torch.randn(rows, hidden), "h")],
+        max_new_tokens=1,
+    )
     assert req.ByteSize() > 5 << 20
 
     async def body(stub, channel, address):

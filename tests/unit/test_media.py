@@ -52,8 +52,18 @@ def fetch(config, url):
 
 @pytest.mark.parametrize(
     "address,public",
-    [("127.0.0.1", False), ("10.1.2.3", False), ("192.168.0.1", False), ("169.254.169.254", False), ("::1", False),
-     ("fe80::1", False), ("::ffff:127.0.0.1", False), ("0.0.0.0", False), ("8.8.8.8", True), ("2606:4700::1111", True)],
+    [
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("192.168.0.1", False),
+        ("169.254.169.254", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("0.0.0.0", False),
+        ("8.8.8.8", True),
+        ("2606:4700::1111", True),
+    ],
 )
 def test_address_classification(address, public):
     assert _is_public(address) is public

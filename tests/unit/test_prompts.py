@@ -28,7 +28,11 @@ def test_llava_prompt_matches_the_hf_processor(tiny_checkpoint):
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
     text = prompt.render_chat(messages)
-    assert text == processor.apply_chat_template(messages, add_generation_prompt=True) == "USER: <image>\nWhat is this? ASSISTANT:"
+    assert (
+        text
+        == processor.apply_chat_template(messages, add_generation_prompt=True)
+        == "USER: <image>\nWhat is this? ASSISTANT:"
+    )
     ids = prompt.tokenize(text)
     assert ids[0] == prompt.tokenizer.bos_token_id and ids.count(prompt.image_token_id) == 1
     assert prompt.normalize_raw("Picture 1:<img/>\nhi") == "Picture 1:<image>\nhi"
