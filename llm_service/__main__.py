@@ -3,6 +3,8 @@
 import asyncio
 import logging
 
+from prometheus_client import start_http_server
+
 from llm_service.config import LLMConfig
 from llm_service.engine import Engine
 from llm_service.models import load_language_model
@@ -15,6 +17,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s llm %(levelname)s %(message)s")
     config = LLMConfig.from_args(argv)
     engine = Engine(load_language_model(config), config.max_waiting, config.max_model_len)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.host, registry=engine.metrics.registry)
     servicer = LLMServicer(engine)
     asyncio.run(
         serve(

@@ -21,6 +21,7 @@ class LLMConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send/receive limit
     max_waiting: int = 256  # requests queued beyond this get RESOURCE_EXHAUSTED
     max_model_len: int = 0  # prompt + output cap per sequence; 0 = the model's max_position_embeddings
+    metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     threads: int = 0  # torch intra-op threads for the engine; 0 = torch's default (all cores)
 
     def __post_init__(self):
@@ -67,6 +68,12 @@ class LLMConfig:
         )
         p.add_argument(
             "--threads", type=int, default=int(env("LLM_THREADS", "0")), help="torch threads [LLM_THREADS]"
+        )
+        p.add_argument(
+            "--metrics-port",
+            type=int,
+            default=int(env("LLM_METRICS_PORT", "0")),
+            help="Prometheus /metrics port, 0 = off [LLM_METRICS_PORT]",
         )
         args = p.parse_args(argv)
         if not args.checkpoint:

@@ -13,12 +13,14 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
+from llm_service.metrics import EngineMetrics
 from llm_service.sampler import make_generator, sample_next
 from mmserve.errors import InvalidInputError, OverloadedError
 from mmserve.wire import FinishReason, GenerateOutput, GenerateRequest, LLMInfo, Usage
@@ -35,6 +37,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     cache: DynamicCache | None = None
     aborted: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    last_token_at: float = 0.0
 
     @property
     def request_id(self) -> str:
@@ -57,6 +61,7 @@ class Engine:
         self._lock = threading.Lock()
         self._waiting = 0
         self._stopped = False
+        self.metrics = EngineMetrics()
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -70,6 +75,7 @@ class Engine:
             if self._waiting >= self.max_waiting:
                 raise OverloadedError(f"waiting queue is full ({self.max_waiting} requests)")
             self._waiting += 1
+            self.metrics.waiting.set(self._waiting)
         seq = Sequence(request, asyncio.get_running_loop(), asyncio.Queue(), make_generator(request.sampling))
         self._inbox.put(seq)
         finished = False
@@ -166,7 +172,11 @@ class Engine:
             return
         with self._lock:
             self._waiting -= 1
+            self.metrics.waiting.set(self._waiting)
         self._running.append(seq)
+        self.metrics.running.set(len(self._running))
+        self.metrics.queue_time.observe(time.monotonic() - seq.arrival)
+        self.metrics.prompt_tokens.inc(len(seq.request.token_ids))
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -188,7 +198,7 @@ class Engine:
                 except Exception as exc:  # noqa: BLE001 - one bad sequence must not stop the engine
                     log.exception("request %s failed", seq.request_id)
                     seq.emit(exc)
-                    self._finish(seq, None)
+                    self._finish(seq, None, outcome="error")
 
     def _step(self, seq: Sequence) -> None:
         model = self.model
@@ -208,6 +218,7 @@ class Engine:
             seq.generator,
         )
         seq.output_ids.append(token)
+        self._observe_token(seq)
         reason = self._finish_reason(seq, token)
         if reason is None:
             seq.emit(GenerateOutput(token_ids=[token]))
@@ -235,8 +246,20 @@ class Engine:
             return FinishReason.LENGTH
         return None
 
-    def _finish(self, seq: Sequence, reason: FinishReason | None) -> None:
+    def _observe_token(self, seq: Sequence) -> None:
+        now = time.monotonic()
+        if len(seq.output_ids) == 1:
+            self.metrics.ttft.observe(now - seq.arrival)
+        else:
+            self.metrics.itl.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        self.metrics.generated_tokens.inc()
+
+    def _finish(self, seq: Sequence, reason: FinishReason | None, outcome: str = "abort") -> None:
         seq.cache = None  # frees the KV memory
         self._running.remove(seq)
+        self.metrics.running.set(len(self._running))
+        self.metrics.finished.labels(reason.value if reason else outcome).inc()
+        self.metrics.e2e.observe(time.monotonic() - seq.arrival)
         if reason is None:
             log.info("request %s aborted after %d tokens", seq.request_id, len(seq.output_ids))

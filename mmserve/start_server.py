@@ -61,6 +61,8 @@ def main() -> None:
     port = env.get("PORT", "8000")
     vision_port = env.get("VISION_PORT", "50051")
     llm_port = env.get("LLM_PORT", "50052")
+    # Prometheus endpoints of the two gRPC services (the gateway serves /metrics on its own port).
+    child_env = {"VISION_METRICS_PORT": "9101", "LLM_METRICS_PORT": "9102", **env}
     common = ["--checkpoint", checkpoint] + (
         ["--model-type", env["MODEL_TYPE"]] if env.get("MODEL_TYPE") else []
     )
@@ -79,8 +81,12 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: (shutdown(), sys.exit(0)))
     try:
-        procs.append(subprocess.Popen([python, "-m", "vision_service", *common, "--port", vision_port]))
-        procs.append(subprocess.Popen([python, "-m", "llm_service", *common, "--port", llm_port]))
+        procs.append(
+            subprocess.Popen([python, "-m", "vision_service", *common, "--port", vision_port], env=child_env)
+        )
+        procs.append(
+            subprocess.Popen([python, "-m", "llm_service", *common, "--port", llm_port], env=child_env)
+        )
         wait_healthy(f"127.0.0.1:{vision_port}", procs[0], 300)
         wait_healthy(f"127.0.0.1:{llm_port}", procs[1], 300)
         gateway_args = [
@@ -103,7 +109,8 @@ def main() -> None:
             f"  model     {checkpoint}"
             + ("  (random-weight DEMO checkpoint: output is gibberish)" if is_demo else ""),
             f"  gateway   http://{host}:{port}   (OpenAI API: /v1/chat/completions, /v1/completions, /v1/models)",
-            f"  vision    127.0.0.1:{vision_port} (gRPC)    llm 127.0.0.1:{llm_port} (gRPC)",
+            f"  vision    127.0.0.1:{vision_port} (gRPC), metrics :{child_env['VISION_METRICS_PORT']}/metrics",
+            f"  llm       127.0.0.1:{llm_port} (gRPC), metrics :{child_env['LLM_METRICS_PORT']}/metrics",
             "  Ctrl-C stops all three.",
             "",
         ]

@@ -33,10 +33,16 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all held open at once while picking, so they differ)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @contextmanager
@@ -65,7 +71,7 @@ class Stack:
     def __init__(self, checkpoint: Path, log_dir: Path, gateway_args: list[str] = ()):
         self.checkpoint = checkpoint
         self.log_dir = log_dir
-        self.vision_port, self.llm_port, self.port = free_port(), free_port(), free_port()
+        self.vision_port, self.llm_port, self.port, self.llm_metrics_port = free_ports(4)
         self.gateway_args = list(gateway_args)
         self.procs: dict[str, subprocess.Popen] = {}
 
@@ -83,7 +89,18 @@ class Stack:
     def start(self, timeout_s: float = 180) -> Stack:
         ck = str(self.checkpoint)
         self._spawn("vision", ["vision_service", "--checkpoint", ck, "--port", str(self.vision_port)])
-        self._spawn("llm", ["llm_service", "--checkpoint", ck, "--port", str(self.llm_port)])
+        self._spawn(
+            "llm",
+            [
+                "llm_service",
+                "--checkpoint",
+                ck,
+                "--port",
+                str(self.llm_port),
+                "--metrics-port",
+                str(self.llm_metrics_port),
+            ],
+        )
         self._spawn(
             "gateway",
             [
@@ -111,6 +128,14 @@ class Stack:
                 pass
             time.sleep(0.5)
         raise RuntimeError(f"stack not healthy after {timeout_s}s:\n{self.logs()}")
+
+    def llm_metric(self, name: str) -> float:
+        """Current value of an unlabelled metric of the LLM service."""
+        text = httpx.get(f"http://127.0.0.1:{self.llm_metrics_port}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))

@@ -3,6 +3,8 @@
 import asyncio
 import logging
 
+from prometheus_client import start_http_server
+
 from mmserve.grpc_util import serve
 from mmserve.proto import vision_pb2, vision_pb2_grpc
 from vision_service.config import VisionConfig
@@ -14,6 +16,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s vision %(levelname)s %(message)s")
     config = VisionConfig.from_args(argv)
     encoder = VisionEncoder(config)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.host, registry=encoder.metrics.registry)
     servicer = VisionServicer(encoder)
     asyncio.run(
         serve(

@@ -22,6 +22,7 @@ class VisionConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send/receive limit
     max_images_per_request: int = 32
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # checked from the header, before decoding
+    metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
 
     def __post_init__(self):
@@ -69,6 +70,12 @@ class VisionConfig:
             type=int,
             default=int(env("VISION_THREADS", "0")),
             help="torch threads [VISION_THREADS]",
+        )
+        p.add_argument(
+            "--metrics-port",
+            type=int,
+            default=int(env("VISION_METRICS_PORT", "0")),
+            help="Prometheus /metrics port, 0 = off [VISION_METRICS_PORT]",
         )
         args = p.parse_args(argv)
         if not args.checkpoint:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -13,6 +14,7 @@ from mmserve.errors import InvalidInputError
 from mmserve.images import content_hash, decode_image
 from mmserve.wire import ImageFeatures, ImageInput
 from vision_service.config import VisionConfig
+from vision_service.metrics import VisionMetrics
 from vision_service.models import VISION_ADAPTERS
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ class VisionEncoder:
         adapter = VISION_ADAPTERS[self.family]
         self.model, self.processor = adapter.from_checkpoint(config.checkpoint, self.dtype, config.device)
         self.hidden_size = self.model.config.text_config.hidden_size
+        self.metrics = VisionMetrics()
         # One worker: forwards run one at a time, off the event loop.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-encode")
         log.info("vision model %s loaded from %s (%s)", self.family, config.checkpoint, config.dtype)
@@ -35,16 +38,25 @@ class VisionEncoder:
     def embed(self, images: list[ImageInput]) -> list[ImageFeatures]:
         if not images:
             raise InvalidInputError("no images given")
-        if len(images) > self.config.max_images_per_request:
-            raise InvalidInputError(
-                f"{len(images)} images in one request, over the limit of {self.config.max_images_per_request}"
-            )
-        decoded = [
-            decode_image(image.data, self.config.max_image_pixels, what=f"image {i}")
-            for i, image in enumerate(images)
-        ]
-        inputs = self.model.preprocess(self.processor, decoded)
+        limit = self.config.max_images_per_request
+        if len(images) > limit:
+            raise InvalidInputError(f"{len(images)} images in one request, over the limit of {limit}")
+        started = time.monotonic()
+        try:
+            decoded = [
+                decode_image(image.data, self.config.max_image_pixels, what=f"image {i}")
+                for i, image in enumerate(images)
+            ]
+            inputs = self.model.preprocess(self.processor, decoded)
+        except InvalidInputError:
+            self.metrics.images.labels("invalid").inc(len(images))
+            raise
+        encode_started = time.monotonic()
+        self.metrics.preprocess.observe(encode_started - started)
         embeddings = self.model(**inputs)
+        self.metrics.encode.observe(time.monotonic() - encode_started)
+        self.metrics.batch_size.observe(len(images))
+        self.metrics.images.labels("ok").inc(len(images))
         return [
             ImageFeatures(
                 embedding=emb.to("cpu").contiguous(),

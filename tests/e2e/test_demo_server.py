@@ -11,11 +11,11 @@ import time
 import httpx
 import openai
 
-from tests.helpers import ROOT, data_url, free_port, make_image
+from tests.helpers import ROOT, data_url, free_ports, make_image
 
 
 def test_demo_stack_serves_and_stops_on_ctrl_c(tmp_path):
-    port, vision_port, llm_port = free_port(), free_port(), free_port()
+    port, vision_port, llm_port, metrics, vision_metrics = free_ports(5)
     env = {
         k: v
         for k, v in os.environ.items()
@@ -26,6 +26,8 @@ def test_demo_stack_serves_and_stops_on_ctrl_c(tmp_path):
         PORT=str(port),
         VISION_PORT=str(vision_port),
         LLM_PORT=str(llm_port),
+        LLM_METRICS_PORT=str(metrics),
+        VISION_METRICS_PORT=str(vision_metrics),
     )
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
@@ -69,6 +71,7 @@ def test_demo_stack_serves_and_stops_on_ctrl_c(tmp_path):
         # The demo keeps LLaVA-1.5's geometry: 576 placeholder tokens per image.
         assert response.usage.prompt_tokens > 576
         assert response.usage.completion_tokens >= 1
+        assert "mmserve_llm_generated_tokens_total" in httpx.get(f"http://127.0.0.1:{metrics}/metrics").text
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
         try:

@@ -225,3 +225,64 @@ def test_bad_input_gets_4xx_and_the_stack_keeps_serving(client, served, image_di
     assert chat(client, "What is this?", [good]).choices[0].finish_reason in ("stop", "length")
     for proc in stack.procs.values():
         assert proc.poll() is None
+
+
+def test_concurrent_requests_each_equal_their_sequential_answer(client, served, image_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, http_base = served
+    jobs = [
+        (f"Question number {i}?", [f"{http_base}/{name}"] if name else [])
+        for i, name in enumerate(["a.png", "b.jpg", None, "c.png", None, "a.png"])
+    ]
+    sequential = [chat(client, text, urls).choices[0].model_extra["token_ids"] for text, urls in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        concurrent = list(pool.map(lambda job: chat(client, *job).choices[0].model_extra["token_ids"], jobs))
+    assert concurrent == sequential
+
+
+def test_seeded_sampling_is_reproducible(client):
+    def sample(seed):
+        return (
+            client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "Tell me a story"}],
+                temperature=1.0,
+                top_p=0.95,
+                seed=seed,
+                max_tokens=16,
+                extra_body={"return_token_ids": True, "top_k": 50},
+            )
+            .choices[0]
+            .model_extra["token_ids"]
+        )
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert any(sample(s) != first for s in (1, 2, 3))
+
+
+def test_a_client_that_goes_away_stops_its_generation(served):
+    import time
+
+    stack, _ = served
+    body = {
+        "messages": [{"role": "user", "content": "Go on forever"}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", stack.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert stack.llm_metric("mmserve_llm_running_requests") == 1
+    # The connection is closed: the gateway cancels the gRPC stream and the engine drops the sequence.
+    deadline = time.monotonic() + 10
+    while stack.llm_metric("mmserve_llm_running_requests") != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stack.llm_metric("mmserve_llm_running_requests") == 0
+    generated = stack.llm_metric("mmserve_llm_generated_tokens_total")
+    time.sleep(0.5)
+    assert stack.llm_metric("mmserve_llm_generated_tokens_total") == generated
