@@ -37,9 +37,10 @@ demo: install ## build the random-weight demo checkpoint (done by `make run` whe
 test: install protos ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: install ## ruff lint + format check
+lint: install protos ## ruff lint + format check + mypy
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 format: install ## apply ruff formatting and safe fixes
 	$(PY) -m ruff check --fix .

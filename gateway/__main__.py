@@ -16,12 +16,12 @@ from mmserve.checkpoint import detect_family
 
 def build_app(config: GatewayConfig):
     family = detect_family(config.checkpoint, config.model_type)
-    prompt = PROMPT_ADAPTERS[family](config.checkpoint, config.tokenizer_path)
+    prompt = PROMPT_ADAPTERS[family](config.checkpoint, config.tokenizer_path or config.checkpoint)
     vision = GrpcVisionClient(config.vision_addr, config.max_message_bytes, config.backend_timeout_s)
     llm = GrpcLLMClient(config.llm_addr, config.max_message_bytes, config.backend_timeout_s)
     core = ServingCore(prompt, vision, llm, MediaFetcher(config.media), config.max_images_per_request)
     backends = {"vision": vision._channel, "llm": llm._channel}
-    return create_app(core, config.model_name, config.api_key, backends)
+    return create_app(core, config.model_name or "mmserve", config.api_key, backends)
 
 
 def main(argv=None) -> None:

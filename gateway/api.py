@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
@@ -159,13 +160,16 @@ def create_app(
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-            parts, ids, last = [], [], None
+            parts: list[str] = []
+            ids: list[int] = []
+            last: TextDelta | None = None
             async for delta in deltas:
                 if not ids:
                     metrics.ttft.observe(time.monotonic() - started)
                 parts.append(delta.text)
                 ids.extend(delta.token_ids)
                 last = delta
+            assert last is not None, "a generation always ends with a finishing delta"
             metrics.requests.labels(route, "ok").inc()
             metrics.e2e.labels(route).observe(time.monotonic() - started)
             return JSONResponse(
@@ -216,6 +220,15 @@ class _Render:
     def __init__(self, request_id: str, model: str):
         self.request_id, self.model, self.created = request_id, model, int(time.time())
 
+    def full_choice(self, text: str) -> dict:
+        raise NotImplementedError
+
+    def stream_head(self) -> dict | None:
+        raise NotImplementedError
+
+    def chunk_choice(self, text: str) -> dict:
+        raise NotImplementedError
+
     def envelope(self, obj: str, choices: list, **extra) -> dict:
         return {
             "id": self.request_id,
@@ -227,8 +240,9 @@ class _Render:
         }
 
     def full(self, text: str, ids: list[int], last: TextDelta, prompt_ids: list[int], with_ids: bool) -> dict:
-        choice = {"index": 0, **self.full_choice(text), "finish_reason": last.finish_reason}
-        extra = {"usage": usage_json(last.usage)}
+        assert last.usage is not None, "the last delta carries usage"
+        choice: dict[str, Any] = {"index": 0, **self.full_choice(text), "finish_reason": last.finish_reason}
+        extra: dict[str, Any] = {"usage": usage_json(last.usage)}
         if with_ids:
             choice["token_ids"] = ids
             extra["prompt_token_ids"] = prompt_ids
@@ -237,7 +251,7 @@ class _Render:
     async def stream(
         self,
         first: TextDelta,
-        rest: AsyncIterator[TextDelta],
+        rest: AsyncGenerator[TextDelta, None],
         prompt_ids,
         include_usage: bool,
         with_ids: bool,
@@ -246,9 +260,14 @@ class _Render:
             head = self.stream_head()
             if head is not None:
                 yield _sse(self.envelope(self.object_chunk, [{"index": 0, **head, "finish_reason": None}]))
-            delta, usage = first, None
+            delta: TextDelta | None = first
+            usage = None
             while delta is not None:
-                choice = {"index": 0, **self.chunk_choice(delta.text), "finish_reason": delta.finish_reason}
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    **self.chunk_choice(delta.text),
+                    "finish_reason": delta.finish_reason,
+                }
                 if with_ids:
                     choice["token_ids"] = delta.token_ids
                 yield _sse(self.envelope(self.object_chunk, [choice]))

@@ -103,7 +103,7 @@ class MediaFetcher:
         except OSError as exc:
             raise MediaError(f"image host {host!r} cannot be resolved ({exc.strerror or exc})") from None
         for info in infos:
-            address = info[4][0]
+            address = str(info[4][0])
             if not _is_public(address):
                 raise MediaError(
                     f"image url {_short(url)} resolves to non-public address {address}; "

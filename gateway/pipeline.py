@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.clients import InProcessLLMClient, InProcessVisionClient
 from gateway.config import MediaConfig
@@ -27,6 +28,11 @@ from gateway.serving import GenerationSettings, ServingCore, new_request_id
 from mmserve.checkpoint import detect_family
 from mmserve.wire import SamplingParams, Usage
 
+if TYPE_CHECKING:
+    from gateway.prompts import LlavaPrompt
+    from llm_service.engine import Engine
+    from vision_service.encoder import VisionEncoder
+
 
 @dataclass
 class MultimodalModel:
@@ -34,9 +40,9 @@ class MultimodalModel:
 
     checkpoint: str
     family: str
-    prompt: object
-    vision: object  # vision_service.encoder.VisionEncoder
-    engine: object  # llm_service.engine.Engine
+    prompt: LlavaPrompt
+    vision: VisionEncoder
+    engine: Engine
 
     @property
     def tokenizer(self):
@@ -168,7 +174,8 @@ class Pipeline:
 
     def _stream(self, prompts, url_lists, settings) -> Iterator[PipelineResponse]:
         events: queue.Queue = queue.Queue()
-        texts, ids = [""] * len(prompts), [[] for _ in prompts]
+        texts = [""] * len(prompts)
+        ids: list[list[int]] = [[] for _ in prompts]
         done, usage = [False] * len(prompts), [None] * len(prompts)
 
         async def one(index: int):

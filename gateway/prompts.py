@@ -51,8 +51,10 @@ class LlavaPrompt:
         """Messages in transformers' multimodal format ({"type": "image"} parts) -> prompt text."""
         if not self.chat_template:
             raise InvalidInputError("this model has no chat template; use /v1/completions with a raw prompt")
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        return str(
+            self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+            )
         )
 
     def normalize_raw(self, prompt: str) -> str:

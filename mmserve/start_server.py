@@ -33,15 +33,17 @@ def resolve_checkpoint(name: str | None) -> tuple[str, bool]:
     return snapshot_download(name), False
 
 
+def _name(process: subprocess.Popen) -> str:
+    return " ".join(str(a) for a in list(process.args)[:3])  # type: ignore[arg-type]
+
+
 def wait_healthy(address: str, process: subprocess.Popen, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise SystemExit(
-                    f"{' '.join(process.args[:3])} exited with code {process.returncode} during startup"
-                )
+                raise SystemExit(f"{address} exited with code {process.returncode} during startup")
             try:
                 if (
                     stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
@@ -119,7 +121,7 @@ def main() -> None:
             time.sleep(0.5)
         failed = [p for p in procs if p.poll() is not None]
         print(
-            f"{' '.join(failed[0].args[:3])} exited with code {failed[0].returncode}; stopping the stack",
+            f"{_name(failed[0])} exited with code {failed[0].returncode}; stopping the stack",
             flush=True,
         )
         sys.exit(1)
