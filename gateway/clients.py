@@ -6,11 +6,19 @@ so the serving code above them is one code path.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import grpc
 
-from mmserve.errors import DeadlineError, InvalidInputError, MMServeError, OverloadedError, UnavailableError
+from mmserve.errors import (
+    DeadlineError,
+    InvalidInputError,
+    MMServeError,
+    NotFoundError,
+    OverloadedError,
+    UnavailableError,
+)
 from mmserve.grpc_util import channel_options
 from mmserve.proto import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc
 from mmserve.wire import (
@@ -32,6 +40,7 @@ _ERRORS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
 }
 
 
@@ -51,12 +60,18 @@ def _channel(address: str, max_message_bytes: int) -> grpc.aio.Channel:
 
 
 class GrpcVisionClient:
-    def __init__(self, address: str, max_message_bytes: int, timeout_s: float):
+    """Sends only the hash of images the vision service was recently given (it caches embeddings by
+    content); when the service no longer holds one it answers NOT_FOUND and the bytes are resent."""
+
+    def __init__(self, address: str, max_message_bytes: int, timeout_s: float, remember: int = 4096):
         self._channel = _channel(address, max_message_bytes)
         self._stub = vision_pb2_grpc.VisionServiceStub(self._channel)
         self._timeout = timeout_s
+        self._sent: OrderedDict[str, None] = OrderedDict()  # hashes the service has seen, LRU
+        self._remember = remember
+        self.resends = 0
 
-    async def embed(self, images: list[ImageInput], request_id: str) -> list[ImageFeatures]:
+    async def _call(self, images: list[ImageInput], request_id: str) -> list[ImageFeatures]:
         request = vision_pb2.EmbedRequest(
             request_id=request_id, images=[image_input_to_pb(i) for i in images]
         )
@@ -65,6 +80,20 @@ class GrpcVisionClient:
         except grpc.aio.AioRpcError as exc:
             raise _domain_error(exc, "vision") from None
         return [image_features_from_pb(e) for e in response.embeddings]
+
+    async def embed(self, images: list[ImageInput], request_id: str) -> list[ImageFeatures]:
+        slim = [ImageInput(b"", i.content_hash) if i.content_hash in self._sent else i for i in images]
+        try:
+            features = await self._call(slim, request_id)
+        except NotFoundError:
+            self.resends += 1
+            features = await self._call(images, request_id)
+        for image in images:
+            self._sent[image.content_hash] = None
+            self._sent.move_to_end(image.content_hash)
+        while len(self._sent) > self._remember:
+            self._sent.popitem(last=False)
+        return features
 
     async def model_info(self) -> vision_pb2.VisionModelInfo:
         try:

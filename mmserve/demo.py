@@ -94,9 +94,25 @@ class LlavaShape:
     text_layers: int = 2
     text_heads: int = 4
     text_kv_heads: int = 2
-    vocab_size: int = 400
+    vocab_size: int = 400  # tokenizer vocabulary (trained on a small built-in corpus)
+    model_vocab_size: int | None = None  # embedding rows, when larger than the tokenizer's (e.g. 32064)
     max_position_embeddings: int = 4096
 
+
+# The benchmarks' anchor: LLaVA-1.5's shapes scaled down (CLIP ViT 336/14 -> 576 image tokens).
+ANCHOR_SHAPE = LlavaShape(
+    image_size=336,
+    vision_hidden=256,
+    vision_intermediate=1024,
+    vision_layers=4,
+    vision_heads=4,
+    text_hidden=512,
+    text_intermediate=1376,
+    text_layers=4,
+    text_heads=8,
+    text_kv_heads=8,
+    model_vocab_size=32064,
+)
 
 # The `make run` demo: LLaVA-1.5's token geometry (336px, patch 14 -> 576 image tokens), tiny widths.
 DEMO_SHAPE = LlavaShape(
@@ -134,7 +150,7 @@ def build_llava_checkpoint(
             projection_dim=shape.vision_hidden,
         ),
         text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=max(len(tokenizer), shape.model_vocab_size or 0),
             hidden_size=shape.text_hidden,
             intermediate_size=shape.text_intermediate,
             num_hidden_layers=shape.text_layers,

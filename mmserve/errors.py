@@ -23,3 +23,7 @@ class UnavailableError(MMServeError):
 
 class DeadlineError(MMServeError):
     """A backend did not answer in time (gRPC DEADLINE_EXCEEDED, HTTP 504)."""
+
+
+class NotFoundError(MMServeError):
+    """A referenced object is not held (gRPC NOT_FOUND), e.g. a hash-only image not in the cache."""

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mmserve.errors import InvalidInputError, OverloadedError
+from mmserve.errors import DeadlineError, InvalidInputError, NotFoundError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 _STATUS_OF = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
 

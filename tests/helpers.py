@@ -71,7 +71,9 @@ class Stack:
     def __init__(self, checkpoint: Path, log_dir: Path, gateway_args: list[str] = ()):
         self.checkpoint = checkpoint
         self.log_dir = log_dir
-        self.vision_port, self.llm_port, self.port, self.llm_metrics_port = free_ports(4)
+        self.vision_port, self.llm_port, self.port, self.llm_metrics_port, self.vision_metrics_port = (
+            free_ports(5)
+        )
         self.gateway_args = list(gateway_args)
         self.procs: dict[str, subprocess.Popen] = {}
 
@@ -88,7 +90,18 @@ class Stack:
 
     def start(self, timeout_s: float = 180) -> Stack:
         ck = str(self.checkpoint)
-        self._spawn("vision", ["vision_service", "--checkpoint", ck, "--port", str(self.vision_port)])
+        self._spawn(
+            "vision",
+            [
+                "vision_service",
+                "--checkpoint",
+                ck,
+                "--port",
+                str(self.vision_port),
+                "--metrics-port",
+                str(self.vision_metrics_port),
+            ],
+        )
         self._spawn(
             "llm",
             [
@@ -130,12 +143,11 @@ class Stack:
         raise RuntimeError(f"stack not healthy after {timeout_s}s:\n{self.logs()}")
 
     def llm_metric(self, name: str) -> float:
-        """Current value of an unlabelled metric of the LLM service."""
-        text = httpx.get(f"http://127.0.0.1:{self.llm_metrics_port}/metrics", timeout=5).text
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
+        """Current value of a metric of the LLM service (`name` may include labels)."""
+        return _metric(self.llm_metrics_port, name)
+
+    def vision_metric(self, name: str) -> float:
+        return _metric(self.vision_metrics_port, name)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))
@@ -149,3 +161,11 @@ class Stack:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _metric(port: int, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0  # a labelled counter that was never incremented is not exported yet

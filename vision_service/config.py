@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from mmserve.grpc_util import DEFAULT_MAX_MESSAGE_BYTES
@@ -22,6 +22,11 @@ class VisionConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send/receive limit
     max_images_per_request: int = 32
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # checked from the header, before decoding
+    max_batch_size: int = 16  # images per encoder forward, across requests
+    max_wait_ms: float = 2.0  # how long a forward waits for more images once one is queued
+    cache_bytes: int = 1 << 30  # embedding cache budget (LRU); 0 turns the cache off
+    preprocess_workers: int = 2  # decode + resize + normalise workers
+    preprocess_mode: str = "thread"  # "thread" or "process" (see benchmarks/RESULTS.md for which wins)
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
 
@@ -34,50 +39,53 @@ class VisionConfig:
             raise ValueError(f"port out of range: {self.port}")
         if self.max_images_per_request < 1 or self.max_image_pixels < 1:
             raise ValueError("max_images_per_request and max_image_pixels must be positive")
+        if (
+            self.max_batch_size < 1
+            or self.max_wait_ms < 0
+            or self.cache_bytes < 0
+            or self.preprocess_workers < 1
+        ):
+            raise ValueError(
+                "max_batch_size and preprocess_workers must be >= 1, max_wait_ms and cache_bytes >= 0"
+            )
+        if self.preprocess_mode not in ("thread", "process"):
+            raise ValueError(f"preprocess_mode must be 'thread' or 'process', got {self.preprocess_mode!r}")
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> VisionConfig:
         env = os.environ.get
+        defaults = {f.name: f.default for f in fields(cls)}
         p = argparse.ArgumentParser(
             prog="python -m vision_service", description="mmserve vision service (gRPC)"
         )
-        p.add_argument("--checkpoint", default=env("CHECKPOINT_PATH"), help="model folder [CHECKPOINT_PATH]")
-        p.add_argument(
-            "--model-type", default=env("MODEL_TYPE"), help="family override, e.g. llava [MODEL_TYPE]"
-        )
-        p.add_argument("--host", default=env("VISION_HOST", "127.0.0.1"), help="bind address [VISION_HOST]")
-        p.add_argument(
-            "--port", type=int, default=int(env("VISION_PORT", "50051")), help="gRPC port [VISION_PORT]"
-        )
-        p.add_argument(
-            "--dtype", default=env("VISION_DTYPE", "float32"), help="float32|bfloat16|float16 [VISION_DTYPE]"
-        )
-        p.add_argument("--device", default=env("VISION_DEVICE", "cpu"), help="torch device [VISION_DEVICE]")
-        p.add_argument(
-            "--max-message-bytes",
-            type=int,
-            default=int(env("GRPC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
-            help="gRPC message size limit [GRPC_MAX_MESSAGE_BYTES]",
-        )
-        p.add_argument(
-            "--max-image-pixels",
-            type=int,
-            default=int(env("MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)),
-            help="reject larger images before decoding [MAX_IMAGE_PIXELS]",
-        )
-        p.add_argument(
-            "--threads",
-            type=int,
-            default=int(env("VISION_THREADS", "0")),
-            help="torch threads [VISION_THREADS]",
-        )
-        p.add_argument(
-            "--metrics-port",
-            type=int,
-            default=int(env("VISION_METRICS_PORT", "0")),
-            help="Prometheus /metrics port, 0 = off [VISION_METRICS_PORT]",
-        )
+
+        def flag(name: str, env_name: str, kind=str, help: str = ""):
+            default = env(env_name)
+            p.add_argument(
+                "--" + name.replace("_", "-"),
+                dest=name,
+                type=kind,
+                default=kind(default) if default not in (None, "") else defaults.get(name),
+                help=f"{help} [{env_name}]",
+            )
+
+        flag("checkpoint", "CHECKPOINT_PATH", help="model folder")
+        flag("model_type", "MODEL_TYPE", help="family override, e.g. llava")
+        flag("host", "VISION_HOST", help="bind address")
+        flag("port", "VISION_PORT", int, "gRPC port")
+        flag("dtype", "VISION_DTYPE", help="float32|bfloat16|float16")
+        flag("device", "VISION_DEVICE", help="torch device")
+        flag("max_message_bytes", "GRPC_MAX_MESSAGE_BYTES", int, "gRPC message size limit")
+        flag("max_images_per_request", "VISION_MAX_IMAGES_PER_REQUEST", int, "images per Embed call")
+        flag("max_image_pixels", "MAX_IMAGE_PIXELS", int, "reject larger images before decoding")
+        flag("max_batch_size", "VISION_MAX_BATCH_SIZE", int, "images per encoder forward")
+        flag("max_wait_ms", "VISION_MAX_WAIT_MS", float, "wait for more images before a forward")
+        flag("cache_bytes", "VISION_CACHE_BYTES", int, "embedding cache budget in bytes, 0 = off")
+        flag("preprocess_workers", "VISION_PREPROCESS_WORKERS", int, "decode/preprocess workers")
+        flag("preprocess_mode", "VISION_PREPROCESS_MODE", help="thread|process")
+        flag("metrics_port", "VISION_METRICS_PORT", int, "Prometheus /metrics port, 0 = off")
+        flag("threads", "VISION_THREADS", int, "torch threads, 0 = all cores")
         args = p.parse_args(argv)
         if not args.checkpoint:
             p.error("--checkpoint (or CHECKPOINT_PATH) is required")
-        return cls(**{k: v for k, v in vars(args).items()})
+        return cls(**vars(args))

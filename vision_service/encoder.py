@@ -1,23 +1,39 @@
-"""Images -> embeddings: decode, preprocess and encode with the family's vision adapter."""
+"""Images -> embeddings: embedding cache, coalescing of identical misses, preprocessing pool, batcher."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
 from mmserve.checkpoint import detect_family, parse_dtype
-from mmserve.errors import InvalidInputError
-from mmserve.images import content_hash, decode_image
+from mmserve.errors import DeadlineError, InvalidInputError, NotFoundError
+from mmserve.images import content_hash
 from mmserve.wire import ImageFeatures, ImageInput
+from vision_service.batcher import EncodeBatcher, EncodeJob
+from vision_service.cache import EmbeddingCache
 from vision_service.config import VisionConfig
 from vision_service.metrics import VisionMetrics
 from vision_service.models import VISION_ADAPTERS
+from vision_service.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
+
+
+def model_fingerprint(checkpoint: str, family: str, dtype: str) -> str:
+    """Identifies what an embedding depends on besides the image: weights' config, preprocessing, dtype."""
+    digest = hashlib.sha256(f"{family}|{dtype}".encode())
+    for name in ("config.json", "preprocessor_config.json", "processor_config.json"):
+        path = Path(checkpoint) / name
+        if path.is_file():
+            digest.update(json.dumps(json.loads(path.read_text()), sort_keys=True).encode())
+    return digest.hexdigest()[:16]
 
 
 class VisionEncoder:
@@ -27,47 +43,136 @@ class VisionEncoder:
             torch.set_num_threads(config.threads)
         self.family = detect_family(config.checkpoint, config.model_type)
         self.dtype = parse_dtype(config.dtype)
-        adapter = VISION_ADAPTERS[self.family]
-        self.model, self.processor = adapter.from_checkpoint(config.checkpoint, self.dtype, config.device)
+        self.adapter = VISION_ADAPTERS[self.family]
+        self.model = self.adapter.from_checkpoint(config.checkpoint, self.dtype, config.device)
         self.hidden_size = self.model.config.text_config.hidden_size
+        self.model_key = model_fingerprint(config.checkpoint, self.family, config.dtype)
         self.metrics = VisionMetrics()
-        # One worker: forwards run one at a time, off the event loop.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-encode")
+        self.cache = EmbeddingCache(config.cache_bytes, self.metrics)
+        self.preprocess = Preprocessor(
+            self.adapter,
+            config.checkpoint,
+            config.preprocess_mode,
+            config.preprocess_workers,
+            config.max_image_pixels,
+        )
+        self._batcher: EncodeBatcher | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inflight: dict[str, EncodeJob] = {}
         log.info("vision model %s loaded from %s (%s)", self.family, config.checkpoint, config.dtype)
 
-    def embed(self, images: list[ImageInput]) -> list[ImageFeatures]:
-        if not images:
-            raise InvalidInputError("no images given")
-        limit = self.config.max_images_per_request
-        if len(images) > limit:
-            raise InvalidInputError(f"{len(images)} images in one request, over the limit of {limit}")
+    # ---- encoder thread ---------------------------------------------------------------------------
+
+    def run_batch(self, items: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Model inputs of several images -> one (N_i, hidden) CPU tensor per image (one forward)."""
+        return [emb.to("cpu").contiguous() for emb in self.model(**self.adapter.collate(items))]
+
+    # ---- event loop -----------------------------------------------------------------------------------
+
+    def _ensure_batcher(self) -> EncodeBatcher:
+        loop = asyncio.get_running_loop()
+        if self._batcher is None or self._loop is not loop:  # first call, or a new event loop (tests)
+            if self._batcher is not None:
+                self._batcher.close()
+            self._batcher = EncodeBatcher(
+                self.run_batch, self.config.max_batch_size, self.config.max_wait_ms / 1000, self.metrics
+            )
+            self._loop, self._inflight = loop, {}
+        return self._batcher
+
+    async def _prepare(self, job: EncodeJob, data: bytes, batcher: EncodeBatcher) -> None:
         started = time.monotonic()
         try:
-            decoded = [
-                decode_image(image.data, self.config.max_image_pixels, what=f"image {i}")
-                for i, image in enumerate(images)
-            ]
-            inputs = self.model.preprocess(self.processor, decoded)
-        except InvalidInputError:
-            self.metrics.images.labels("invalid").inc(len(images))
-            raise
-        encode_started = time.monotonic()
-        self.metrics.preprocess.observe(encode_started - started)
-        embeddings = self.model(**inputs)
-        self.metrics.encode.observe(time.monotonic() - encode_started)
-        self.metrics.batch_size.observe(len(images))
-        self.metrics.images.labels("ok").inc(len(images))
-        return [
-            ImageFeatures(
-                embedding=emb.to("cpu").contiguous(),
-                content_hash=image.content_hash or content_hash(image.data),
-                grid_thw=self.model.grid_thw(inputs, i),
-            )
-            for i, (image, emb) in enumerate(zip(images, embeddings, strict=True))
-        ]
+            job.inputs = await self.preprocess(data)
+        except Exception as exc:  # noqa: BLE001 - delivered to every waiter of this image
+            self.metrics.images.labels("invalid").inc()
+            if not job.future.done():
+                job.future.set_exception(exc)
+            return
+        self.metrics.preprocess.observe(time.monotonic() - started)
+        batcher.submit(job)
 
-    async def embed_async(self, images: list[ImageInput]) -> list[ImageFeatures]:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.embed, images)
+    def _finished(self, job: EncodeJob, future: asyncio.Future) -> None:
+        if self._inflight.get(job.key) is job:
+            del self._inflight[job.key]
+        if not future.cancelled() and future.exception() is None:
+            self.cache.put(job.key, ImageFeatures(future.result(), job.key.split(":", 1)[1], self._grid(job)))
+
+    async def embed_async(
+        self, images: list[ImageInput], deadline: float | None = None
+    ) -> list[ImageFeatures]:
+        """Embeddings of `images` in order. `deadline` is a time.monotonic() instant.
+
+        An image given by hash only (empty data) is answered from the cache, or raises NotFoundError
+        so that the caller resends its bytes.
+        """
+        if not images:
+            raise InvalidInputError("no images given")
+        if len(images) > self.config.max_images_per_request:
+            raise InvalidInputError(
+                f"{len(images)} images in one request, over the limit of {self.config.max_images_per_request}"
+            )
+        hashes = []
+        for i, image in enumerate(images):
+            if not image.data and not image.content_hash:
+                raise InvalidInputError(f"image {i} has neither bytes nor a content hash")
+            digest = content_hash(image.data) if image.data else image.content_hash
+            if image.data and image.content_hash and image.content_hash != digest:
+                raise InvalidInputError(f"image {i}: content_hash does not match the SHA-256 of its bytes")
+            hashes.append(digest)
+
+        batcher = self._ensure_batcher()
+        loop = asyncio.get_running_loop()
+        keys = [f"{self.model_key}:{digest}" for digest in hashes]
+        missing = [
+            i
+            for i, (image, key) in enumerate(zip(images, keys, strict=True))
+            if not image.data and key not in self._inflight and key not in self.cache
+        ]
+        if missing:  # checked before any work starts: the caller will resend the request with bytes
+            raise NotFoundError(f"images {missing} are not in the embedding cache; send their bytes")
+
+        results: list[ImageFeatures | None] = [None] * len(images)
+        waiting: list[tuple[int, EncodeJob]] = []
+        for i, (image, key) in enumerate(zip(images, keys, strict=True)):
+            cached = self.cache.get(key)
+            if cached is not None:
+                self.metrics.images.labels("cached").inc()
+                results[i] = cached
+                continue
+            job = self._inflight.get(key)
+            if job is not None:  # the same image is already being encoded: wait for that one
+                self.metrics.images.labels("coalesced").inc()
+                job.waiters += 1
+                job.extend_deadline(deadline)
+            else:
+                job = EncodeJob(key, loop.create_future(), deadline=deadline)
+                self._inflight[key] = job
+                job.future.add_done_callback(functools.partial(self._finished, job))
+                loop.create_task(self._prepare(job, image.data, batcher))
+            waiting.append((i, job))
+
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            async with asyncio.timeout(timeout):
+                for i, job in waiting:
+                    try:
+                        embedding = await asyncio.shield(job.future)
+                    except InvalidInputError as exc:
+                        raise InvalidInputError(f"image {i}: {exc}") from None
+                    results[i] = ImageFeatures(embedding, hashes[i], self._grid(job))
+        except TimeoutError:
+            raise DeadlineError("the request deadline passed before its images were encoded") from None
+        finally:
+            for _, job in waiting:
+                job.waiters -= 1
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _grid(self, job: EncodeJob) -> tuple[int, ...]:
+        return self.adapter.grid_thw(job.inputs) if job.inputs is not None else ()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._batcher is not None:
+            self._batcher.close()
+        self.preprocess.close()

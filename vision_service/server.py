@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from mmserve.grpc_util import map_errors
 from mmserve.proto import vision_pb2, vision_pb2_grpc
 from mmserve.tensor_codec import dtype_name
@@ -16,7 +18,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     @map_errors
     async def Embed(self, request, context):
         images = [image_input_from_pb(image) for image in request.images]
-        features = await self.encoder.embed_async(images)
+        remaining = context.time_remaining()  # None without a client deadline
+        deadline = None if remaining is None else time.monotonic() + remaining
+        features = await self.encoder.embed_async(images, deadline)
         return vision_pb2.EmbedResponse(embeddings=[image_features_to_pb(f) for f in features])
 
     @map_errors

@@ -286,3 +286,22 @@ def test_a_client_that_goes_away_stops_its_generation(served):
     generated = stack.llm_metric("mmserve_llm_generated_tokens_total")
     time.sleep(0.5)
     assert stack.llm_metric("mmserve_llm_generated_tokens_total") == generated
+
+
+def test_embedding_cache_is_keyed_by_content_not_url(client, served, image_dir):
+    from tests.helpers import make_image
+
+    stack, http_base = served
+    encoded = 'mmserve_vision_images_total{outcome="encoded"}'
+    image = make_image(70, 70, seed=99)
+    before = stack.vision_metric(encoded)
+    by_data = chat(client, "Cache me", [data_url(image)]).choices[0].model_extra["token_ids"]
+    (image_dir / "mutable.png").write_bytes(image)
+    by_url = chat(client, "Cache me", [f"{http_base}/mutable.png"]).choices[0].model_extra["token_ids"]
+    assert by_url == by_data
+    assert stack.vision_metric(encoded) == before + 1  # the same bytes behind two urls: one encode
+
+    (image_dir / "mutable.png").write_bytes(make_image(70, 70, seed=100))  # same url, new content
+    changed = chat(client, "Cache me", [f"{http_base}/mutable.png"]).choices[0].model_extra["token_ids"]
+    assert stack.vision_metric(encoded) == before + 2
+    assert changed != by_url

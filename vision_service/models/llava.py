@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
@@ -18,11 +19,15 @@ class LlavaVision(torch.nn.Module):
         self.config = config
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(config)
-        self.feature_layer = config.vision_feature_layer
+        num_layers = config.vision_config.num_hidden_layers
+        layers = config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
+        self.feature_states = [i if i >= 0 else num_layers + 1 + i for i in layers]
         self.select_strategy = config.vision_feature_select_strategy
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str, dtype: torch.dtype, device: str) -> tuple[LlavaVision, object]:
+    def from_checkpoint(cls, checkpoint: str, dtype: torch.dtype, device: str) -> LlavaVision:
         config = AutoConfig.from_pretrained(checkpoint)
         model = cls(config)
         tower_prefix = first_prefix_present(checkpoint, ["model.vision_tower.", "vision_tower."])
@@ -37,25 +42,42 @@ class LlavaVision(torch.nn.Module):
             load_weights(checkpoint, {projector_prefix: ""}),
             f"{checkpoint}: projector ({projector_prefix}*)",
         )
-        processor = AutoImageProcessor.from_pretrained(checkpoint)
-        return model.to(device=device, dtype=dtype).eval(), processor
+        model._drop_unused_layers()
+        return model.to(device=device, dtype=dtype).eval()
 
-    def preprocess(self, processor, images: list[Image.Image]) -> dict:
-        return {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]}
+    def _drop_unused_layers(self) -> None:
+        """Layers after the deepest selected hidden state never influence the features (LLaVA uses -2)."""
+        encoder = getattr(self.vision_tower, "vision_model", self.vision_tower).encoder
+        del encoder.layers[max(max(self.feature_states), 1) :]  # keep one: an empty encoder returns no states
+
+    @staticmethod
+    def load_processor(checkpoint: str):
+        return AutoImageProcessor.from_pretrained(checkpoint)
+
+    @staticmethod
+    def preprocess_one(processor, image: Image.Image) -> dict[str, np.ndarray]:
+        """One decoded image -> its model inputs, without the batch dimension."""
+        pixels = processor(images=[image], return_tensors="np")["pixel_values"][0]  # (3, H, W)
+        return {"pixel_values": pixels}
+
+    @staticmethod
+    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Inputs of several images (of any requests) -> one batch; CLIP inputs all share one size."""
+        return {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) pixels -> B tensors of (N, text_hidden)."""
         param = next(self.parameters())
         out = self.vision_tower(pixel_values.to(param.device, param.dtype), output_hidden_states=True)
-        layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
-        selected = [out.hidden_states[i] for i in layers]  # each (B, 1 + patches, vision_hidden)
+        selected = [out.hidden_states[i] for i in self.feature_states]  # each (B, 1 + patches, vision_hidden)
         if self.select_strategy == "default":
             selected = [h[:, 1:] for h in selected]  # drop CLS
         features = self.multi_modal_projector(torch.cat(selected, dim=-1))  # (B, N, text_hidden)
         return list(features)
 
-    def grid_thw(self, inputs: dict, index: int) -> tuple[int, ...]:
+    @staticmethod
+    def grid_thw(item: dict[str, torch.Tensor]) -> tuple[int, ...]:
         return ()
 
 

@@ -1,0 +1,225 @@
+"""Cross-request batching, the embedding cache, coalescing, hash-only requests and deadlines,
+through a real VisionService gRPC server and the gateway's real gRPC client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+import torch
+
+from gateway.clients import GrpcVisionClient
+from mmserve.grpc_util import channel_options, start_server
+from mmserve.images import content_hash
+from mmserve.proto import vision_pb2, vision_pb2_grpc
+from mmserve.tensor_codec import tensor_from_pb
+from mmserve.wire import ImageFeatures, ImageInput
+from tests.helpers import make_image
+from vision_service.cache import EmbeddingCache
+from vision_service.config import VisionConfig
+from vision_service.encoder import VisionEncoder
+from vision_service.server import VisionServicer
+
+SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
+IMAGES = [
+    make_image(w, h, seed=s)
+    for s, (w, h) in enumerate([(80, 60), (50, 90), (120, 120), (33, 200), (64, 64), (300, 40)])
+]
+
+
+def count(encoder, outcome):
+    return (
+        encoder.metrics.registry.get_sample_value("mmserve_vision_images_total", {"outcome": outcome}) or 0.0
+    )
+
+
+def serve(encoder, body):
+    """Run `body(stub, address)` against a real server for `encoder`."""
+
+    async def go():
+        server, _, port = await start_server(
+            lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(encoder), s),
+            SERVICE,
+            "127.0.0.1",
+            0,
+            64 << 20,
+        )
+        try:
+            async with grpc.aio.insecure_channel(
+                f"127.0.0.1:{port}", options=channel_options(64 << 20)
+            ) as channel:
+                return await body(vision_pb2_grpc.VisionServiceStub(channel), f"127.0.0.1:{port}")
+        finally:
+            await server.stop(0)
+
+    return asyncio.run(go())
+
+
+def embed_request(*images: bytes, hash_only=False, hashes=None):
+    return vision_pb2.EmbedRequest(
+        images=[
+            vision_pb2.ImageInput(
+                data=b"" if hash_only else data, content_hash=(hashes or {}).get(i, content_hash(data))
+            )
+            for i, data in enumerate(images)
+        ]
+    )
+
+
+@pytest.fixture
+def make_encoder(tiny_checkpoint):
+    made = []
+
+    def make(**overrides):
+        encoder = VisionEncoder(VisionConfig(checkpoint=str(tiny_checkpoint), **overrides))
+        made.append(encoder)
+        return encoder
+
+    yield make
+    for encoder in made:
+        encoder.close()
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_batched_forward_equals_single_image_forward(make_encoder, mode):
+    encoder = make_encoder(max_wait_ms=200, max_batch_size=8, cache_bytes=0, preprocess_mode=mode)
+
+    async def body(stub, address):
+        replies = await asyncio.gather(*(stub.Embed(embed_request(img)) for img in IMAGES))
+        return [tensor_from_pb(r.embeddings[0].embedding) for r in replies]
+
+    batched = serve(encoder, body)
+    sizes = encoder.metrics.registry.get_sample_value("mmserve_vision_batch_size_sum")
+    forwards = encoder.metrics.registry.get_sample_value("mmserve_vision_batch_size_count")
+    assert sizes == len(IMAGES) and forwards < len(IMAGES), "the requests should have shared forwards"
+    single = make_encoder(max_batch_size=1, cache_bytes=0)
+
+    async def one_by_one(stub, address):
+        return [
+            tensor_from_pb((await stub.Embed(embed_request(img))).embeddings[0].embedding) for img in IMAGES
+        ]
+
+    for got, want in zip(batched, serve(single, one_by_one), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_identical_bytes_encode_once_and_new_bytes_encode_again(make_encoder):
+    encoder = make_encoder()
+
+    async def body(stub, address):
+        first = await stub.Embed(embed_request(IMAGES[0]))
+        again = await stub.Embed(embed_request(IMAGES[0]))  # e.g. the same picture behind another url
+        changed = await stub.Embed(embed_request(IMAGES[1]))  # e.g. the same url, new content
+        return first, again, changed
+
+    first, again, changed = serve(encoder, body)
+    assert count(encoder, "encoded") == 2 and count(encoder, "cached") == 1
+    assert first.embeddings[0].embedding.data == again.embeddings[0].embedding.data
+    assert first.embeddings[0].embedding.data != changed.embeddings[0].embedding.data
+
+
+def test_concurrent_identical_misses_are_coalesced(make_encoder):
+    encoder = make_encoder(max_wait_ms=50)
+
+    async def body(stub, address):
+        return await asyncio.gather(*(stub.Embed(embed_request(IMAGES[2])) for _ in range(6)))
+
+    replies = serve(encoder, body)
+    assert count(encoder, "encoded") == 1
+    assert count(encoder, "coalesced") + count(encoder, "cached") == 5
+    assert len({r.embeddings[0].embedding.data for r in replies}) == 1
+
+
+def test_hash_only_requests_hit_or_get_not_found(make_encoder):
+    encoder = make_encoder()
+
+    async def body(stub, address):
+        with pytest.raises(grpc.aio.AioRpcError) as miss:
+            await stub.Embed(embed_request(IMAGES[3], hash_only=True))
+        await stub.Embed(embed_request(IMAGES[3]))
+        hit = await stub.Embed(embed_request(IMAGES[3], hash_only=True))
+        with pytest.raises(grpc.aio.AioRpcError) as forged:
+            await stub.Embed(embed_request(IMAGES[4], hashes={0: content_hash(IMAGES[3])}))
+        return miss.value, hit, forged.value
+
+    miss, hit, forged = serve(encoder, body)
+    assert miss.code() == grpc.StatusCode.NOT_FOUND and "[0]" in miss.details()
+    assert hit.embeddings[0].content_hash == content_hash(IMAGES[3])
+    # A client cannot plant an embedding under another image's hash.
+    assert forged.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not match" in forged.details()
+
+
+def test_gateway_client_sends_hashes_and_resends_bytes_on_not_found(make_encoder):
+    encoder = make_encoder(cache_bytes=0)  # holds nothing: every hash-only call misses
+
+    async def body(stub, address):
+        client = GrpcVisionClient(address, 64 << 20, 30)
+        images = [ImageInput(IMAGES[5], content_hash(IMAGES[5]))]
+        first = await client.embed(images, "a")
+        second = await client.embed(images, "b")  # tries the hash only, gets NOT_FOUND, resends
+        await client.close()
+        return first, second, client.resends
+
+    first, second, resends = serve(encoder, body)
+    assert resends == 1
+    assert torch.equal(first[0].embedding, second[0].embedding)
+
+
+def test_expired_requests_are_dropped_from_the_queue(make_encoder):
+    encoder = make_encoder(max_batch_size=1, cache_bytes=0)
+    original = encoder.run_batch
+
+    def slow(items):
+        time.sleep(0.3)
+        return original(items)
+
+    encoder.run_batch = slow  # make the queue build up so a short deadline passes while queued
+
+    async def body(stub, address):
+        busy = [asyncio.ensure_future(stub.Embed(embed_request(img))) for img in IMAGES[:3]]
+        await asyncio.sleep(0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await stub.Embed(embed_request(IMAGES[5]), timeout=0.2)
+        await asyncio.gather(*busy)
+        await asyncio.sleep(0.1)
+        return late.value
+
+    late = serve(encoder, body)
+    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert count(encoder, "encoded") == 3  # the expired image never reached the encoder
+    assert count(encoder, "expired") + count(encoder, "abandoned") == 1
+
+
+def test_a_bad_image_fails_only_its_own_request(make_encoder):
+    encoder = make_encoder(max_wait_ms=100)
+
+    async def body(stub, address):
+        return await asyncio.gather(
+            stub.Embed(embed_request(IMAGES[0])),
+            stub.Embed(embed_request(IMAGES[1], b"not an image")),
+            stub.Embed(embed_request(IMAGES[2])),
+            return_exceptions=True,
+        )
+
+    good, bad, also_good = serve(encoder, body)
+    assert isinstance(bad, grpc.aio.AioRpcError) and bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image 1" in bad.details()
+    assert len(good.embeddings) == len(also_good.embeddings) == 1
+
+
+def test_cache_eviction_respects_the_byte_budget():
+    def features(rows):
+        return ImageFeatures(torch.zeros(rows, 8), "h")  # rows * 32 bytes
+
+    cache = EmbeddingCache(budget_bytes=100 * 32)
+    for i in range(5):
+        cache.put(f"k{i}", features(30))
+        assert cache.bytes <= cache.budget
+    assert len(cache) == 3 and "k0" not in cache and "k1" not in cache
+    cache.get("k2")  # k2 becomes the most recent; k3 is now the oldest
+    cache.put("k5", features(30))
+    assert "k2" in cache and "k3" not in cache
+    cache.put("huge", features(101))  # larger than the whole budget: not cached, nothing evicted
+    assert "huge" not in cache and len(cache) == 3
