@@ -21,7 +21,9 @@ def build_app(config: GatewayConfig):
     llm = GrpcLLMClient(config.llm_addr, config.max_message_bytes, config.backend_timeout_s)
     core = ServingCore(prompt, vision, llm, MediaFetcher(config.media), config.max_images_per_request)
     backends = {"vision": vision._channel, "llm": llm._channel}
-    return create_app(core, config.model_name or "mmserve", config.api_key, backends)
+    return create_app(
+        core, config.model_name or "mmserve", config.api_key, backends, config.max_request_bytes
+    )
 
 
 def main(argv=None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import logging
 import time
@@ -18,28 +20,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from gateway.serving import GenerationSettings, ServingCore, TextDelta, new_request_id
-from mmserve.errors import DeadlineError, InvalidInputError, MMServeError, OverloadedError, UnavailableError
+from mmserve.errors import MMServeError, NotFoundError
 from mmserve.wire import SamplingParams, Usage
 
 log = logging.getLogger(__name__)
 
-_HTTP_STATUS = (
-    (InvalidInputError, 400, "invalid_request_error"),
-    (OverloadedError, 429, "rate_limit_error"),
-    (UnavailableError, 503, "service_unavailable"),
-    (DeadlineError, 504, "timeout"),
-)
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
-def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+def error_body(
+    message: str, kind: str, status: int, param: str | None = None, code: str | None = None
+) -> dict:
+    """OpenAI's error shape; `code` is a string or null, as the official API sends it."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def status_of(exc: Exception) -> tuple[int, str]:
-    for cls, status, kind in _HTTP_STATUS:
-        if isinstance(exc, cls):
-            return status, kind
-    return 500, "internal_error"
+def error_json(exc: MMServeError) -> dict:
+    return error_body(str(exc), exc.error_type, exc.http_status, code=getattr(exc, "code", None))
 
 
 class Metrics:
@@ -62,10 +59,10 @@ def sampling_params(body: SamplingFields) -> SamplingParams:
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=0 if body.top_k in (None, -1) else body.top_k,
-        min_new_tokens=body.min_tokens,
-        ignore_eos=body.ignore_eos,
-        seed=body.seed,
-        repetition_penalty=body.repetition_penalty,
+        min_new_tokens=body.min_tokens or 0,
+        ignore_eos=bool(body.ignore_eos),
+        seed=None if body.seed is None else body.seed % (1 << 64),  # the wire carries uint64
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
     )
 
 
@@ -78,19 +75,90 @@ def usage_json(usage: Usage) -> dict:
     }
 
 
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the HTTP client goes away (the request body has already been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _cancel_on_disconnect(request: Request, work):
+    """Run `work` (a coroutine), cancelling it if the client disconnects first: an abandoned
+    request must not keep the engine busy."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise asyncio.CancelledError("client disconnected")
+    return task.result()
+
+
+class _BodyLimit:
+    """ASGI middleware: requests whose body exceeds `limit` bytes get 413 before they are parsed."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            return await self.app(scope, counted, send)
+        except _TooLarge:
+            return await self._reject(send)
+
+    async def _reject(self, send):
+        body = json.dumps(
+            error_body(f"request body is over the {self.limit} byte limit", "invalid_request_error", 413)
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
 def create_app(
-    core: ServingCore, model_name: str, api_key: str | None = None, backends: dict | None = None
+    core: ServingCore,
+    model_name: str,
+    api_key: str | None = None,
+    backends: dict | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """`backends` maps a name to a gRPC channel whose health /health reports (None in-process)."""
     app = FastAPI(title="mmserve gateway")
+    app.add_middleware(_BodyLimit, limit=max_request_bytes)
     metrics = Metrics()
+    expected_auth = f"Bearer {api_key}".encode() if api_key else None
 
     @app.exception_handler(MMServeError)
     async def _domain_error(request: Request, exc: MMServeError):
-        status, kind = status_of(exc)
-        if status >= 500:
-            log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
-        return JSONResponse(error_body(str(exc), kind, status), status_code=status)
+        if exc.http_status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.http_status, exc)
+        return JSONResponse(error_json(exc), status_code=exc.http_status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -111,8 +179,9 @@ def create_app(
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+        if expected_auth and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected_auth):
                 return JSONResponse(
                     error_body("invalid or missing API key", "authentication_error", 401), status_code=401
                 )
@@ -145,47 +214,63 @@ def create_app(
             "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mmserve"}],
         }
 
-    async def run(route: str, body, text: str, urls: list[str], request_id: str, render) -> Response:
+    def check_model(body: SamplingFields) -> None:
+        if body.model and body.model != model_name:
+            error = NotFoundError(
+                f"the model `{body.model}` does not exist; this server serves `{model_name}`"
+            )
+            error.code = "model_not_found"  # type: ignore[attr-defined]
+            raise error
+
+    async def complete(route: str, body, deltas, prepared, render, started: float) -> Response:
+        parts: list[str] = []
+        ids: list[int] = []
+        last: TextDelta | None = None
+        async for delta in deltas:
+            if not ids:
+                metrics.ttft.observe(time.monotonic() - started)
+            parts.append(delta.text)
+            ids.extend(delta.token_ids)
+            last = delta
+        assert last is not None, "a generation always ends with a finishing delta"
+        return JSONResponse(render.full("".join(parts), ids, last, prepared.token_ids, body.return_token_ids))
+
+    async def run(request: Request, route: str, body, text: str, urls: list[str], request_id: str, render):
         started = time.monotonic()
         settings = GenerationSettings(sampling_params(body), body.token_limit, body.stop_list)
         try:
-            prepared = await core.prepare(text, urls, request_id)
+            prepared = await _cancel_on_disconnect(request, core.prepare(text, urls, request_id))
             deltas = core.generate(prepared, settings, request_id)
             if body.stream:
-                first = await anext(deltas)  # errors before the first token still get a status code
+                # errors before the first token still get a status code
+                first = await _cancel_on_disconnect(request, anext(deltas))
                 metrics.ttft.observe(time.monotonic() - started)
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                return StreamingResponse(
+                response: Response = StreamingResponse(
                     render.stream(first, deltas, prepared.token_ids, include_usage, body.return_token_ids),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-            parts: list[str] = []
-            ids: list[int] = []
-            last: TextDelta | None = None
-            async for delta in deltas:
-                if not ids:
-                    metrics.ttft.observe(time.monotonic() - started)
-                parts.append(delta.text)
-                ids.extend(delta.token_ids)
-                last = delta
-            assert last is not None, "a generation always ends with a finishing delta"
-            metrics.requests.labels(route, "ok").inc()
-            metrics.e2e.labels(route).observe(time.monotonic() - started)
-            return JSONResponse(
-                render.full("".join(parts), ids, last, prepared.token_ids, body.return_token_ids)
-            )
+            else:
+                response = await _cancel_on_disconnect(
+                    request, complete(route, body, deltas, prepared, render, started)
+                )
         except MMServeError as exc:
-            metrics.requests.labels(route, str(status_of(exc)[0])).inc()
+            metrics.requests.labels(route, str(exc.http_status)).inc()
             raise
+        metrics.requests.labels(route, "ok").inc()
+        metrics.e2e.labels(route).observe(time.monotonic() - started)
+        return response
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body)
         request_id = new_request_id("chatcmpl")
+        # Content is always passed as typed parts: real chat templates (llava-hf's) only read those.
         messages = [
             {
                 "role": m.role,
-                "content": m.content
+                "content": [{"type": "text", "text": m.content or ""}]
                 if not isinstance(m.content, list)
                 else [
                     {"type": "text", "text": p.text} if p.type == "text" else {"type": "image", "url": p.url}
@@ -194,15 +279,16 @@ def create_app(
             }
             for m in body.messages
         ]
-        text, urls = core.chat_prompt(messages)
-        return await run("chat", body, text, urls, request_id, _ChatRender(request_id, model_name))
+        text, urls = await asyncio.to_thread(core.chat_prompt, messages)
+        return await run(request, "chat", body, text, urls, request_id, _ChatRender(request_id, model_name))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body)
         request_id = new_request_id("cmpl")
         text = core.prompt.normalize_raw(body.prompt)
         return await run(
-            "completions", body, text, body.urls, request_id, _TextRender(request_id, model_name)
+            request, "completions", body, text, body.urls, request_id, _TextRender(request_id, model_name)
         )
 
     return app
@@ -277,8 +363,7 @@ class _Render:
                 yield _sse(self.envelope(self.object_chunk, [], usage=usage_json(usage)))
             yield "data: [DONE]\n\n"
         except MMServeError as exc:
-            status, kind = status_of(exc)
-            yield _sse(error_body(str(exc), kind, status))
+            yield _sse(error_json(exc))
             yield "data: [DONE]\n\n"
         finally:
             await rest.aclose()  # done, or the client went away: stop the generation

@@ -11,14 +11,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from mmserve.errors import (
-    DeadlineError,
-    InvalidInputError,
-    MMServeError,
-    NotFoundError,
-    OverloadedError,
-    UnavailableError,
-)
+from mmserve.errors import MMServeError, NotFoundError, UnavailableError, error_for_grpc_code
 from mmserve.grpc_util import channel_options
 from mmserve.proto import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc
 from mmserve.wire import (
@@ -34,18 +27,9 @@ from mmserve.wire import (
     llm_info_from_pb,
 )
 
-_ERRORS = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
-    grpc.StatusCode.OUT_OF_RANGE: InvalidInputError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
-    grpc.StatusCode.UNAVAILABLE: UnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-}
-
 
 def _domain_error(exc: grpc.aio.AioRpcError, service: str) -> MMServeError:
-    kind = _ERRORS.get(exc.code(), MMServeError)
+    kind = error_for_grpc_code(exc.code().name)
     if kind is UnavailableError:
         return UnavailableError(f"{service} service is unavailable ({exc.details()})")
     if kind is MMServeError:
@@ -112,7 +96,8 @@ class GrpcLLMClient:
         self._timeout = timeout_s
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        call = self._stub.Generate(generate_request_to_pb(request), timeout=self._timeout)
+        # No deadline: a generation may run long; the client going away cancels it instead.
+        call = self._stub.Generate(generate_request_to_pb(request))
         try:
             async for message in call:
                 yield generate_output_from_pb(message)

@@ -47,7 +47,8 @@ class GatewayConfig:
     api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
     max_images_per_request: int = 16
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    backend_timeout_s: float = 600.0  # gRPC deadline of each backend call
+    backend_timeout_s: float = 120.0  # deadline of each vision call (generation streams have none)
+    max_request_bytes: int = 64 * 1024 * 1024  # HTTP request bodies over this get 413
     media: MediaConfig = field(default_factory=MediaConfig)
 
     def __post_init__(self):
@@ -138,6 +139,18 @@ class GatewayConfig:
             default=env("ALLOWED_LOCAL_MEDIA_PATH"),
             help="serve file:// images from under this folder only [ALLOWED_LOCAL_MEDIA_PATH]",
         )
+        p.add_argument(
+            "--backend-timeout",
+            type=float,
+            default=float(env("BACKEND_TIMEOUT", "120")),
+            help="seconds allowed for each vision service call [BACKEND_TIMEOUT]",
+        )
+        p.add_argument(
+            "--max-request-bytes",
+            type=int,
+            default=int(env("MAX_REQUEST_BYTES", 64 * 1024 * 1024)),
+            help="HTTP request body limit [MAX_REQUEST_BYTES]",
+        )
         args = p.parse_args(argv)
         if not args.checkpoint:
             p.error("--checkpoint (or CHECKPOINT_PATH) is required")
@@ -161,5 +174,7 @@ class GatewayConfig:
             api_key=args.api_key,
             max_images_per_request=args.max_images_per_request,
             max_message_bytes=args.max_message_bytes,
+            backend_timeout_s=args.backend_timeout,
+            max_request_bytes=args.max_request_bytes,
             media=media,
         )

@@ -6,10 +6,9 @@ import asyncio
 import base64
 import binascii
 import ipaddress
-import os
 import socket
 from pathlib import Path
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import httpx
 
@@ -27,8 +26,11 @@ def _short(url: str) -> str:
 
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour or ip.teredo or ip.is_site_local:  # tunnels can reach IPv4 private space
+            return False
     return ip.is_global and not (
         ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
     )
@@ -50,6 +52,12 @@ class MediaFetcher:
     async def fetch(self, url: str) -> bytes:
         if not isinstance(url, str) or not url:
             raise MediaError("image url is empty")
+        try:
+            return await self._fetch(url)
+        except (ValueError, UnicodeError) as exc:  # urlsplit, ports, IDNA, NUL bytes in paths
+            raise MediaError(f"image url {_short(url)} is malformed ({exc})") from None
+
+    async def _fetch(self, url: str) -> bytes:
         scheme = urlsplit(url).scheme.lower()
         if scheme == "data":
             return self._from_data_url(url)
@@ -86,7 +94,9 @@ class MediaFetcher:
 
     # ---- http(s) -----------------------------------------------------------------------------
 
-    async def _check_destination(self, url: str) -> None:
+    async def _checked_address(self, url: str) -> str | None:
+        """Check the destination against the policy; the address to connect to, or None to let the
+        HTTP client resolve the name itself (private destinations allowed)."""
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
         if not host:
@@ -95,26 +105,41 @@ class MediaFetcher:
         if allowed and not any(host == d or host.endswith("." + d) for d in allowed):
             raise MediaError(f"image host {host!r} is not in the allowed domains")
         if self.config.allow_private_urls:
-            return
+            return None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, parts.port or 443, type=socket.SOCK_STREAM
-            )
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise MediaError(f"image host {host!r} cannot be resolved ({exc.strerror or exc})") from None
-        for info in infos:
-            address = str(info[4][0])
+        addresses = [str(info[4][0]) for info in infos]
+        for address in addresses:
             if not _is_public(address):
                 raise MediaError(
                     f"image url {_short(url)} resolves to non-public address {address}; "
                     "private, loopback and link-local destinations are refused (--allow-private-urls)"
                 )
+        return addresses[0]
 
     async def _from_http(self, url: str) -> bytes:
         for _ in range(self.config.max_redirects + 1):
-            await self._check_destination(url)
+            address = await self._checked_address(url)
+            target, headers, extensions = url, {}, {}
+            if address is not None:
+                # Connect to the address that was checked: resolving the name again would let a
+                # DNS-rebinding host swap in a private address after the check.
+                parts = urlsplit(url)
+                host = parts.hostname or ""
+                ip = f"[{address}]" if ":" in address else address
+                target = urlunsplit(parts._replace(netloc=ip + (f":{parts.port}" if parts.port else "")))
+                headers["Host"] = (f"[{host}]" if ":" in host else host) + (
+                    f":{parts.port}" if parts.port else ""
+                )
+                if parts.scheme == "https":
+                    extensions["sni_hostname"] = host  # TLS SNI and certificate checks use the name
             try:
-                async with self._client.stream("GET", url) as response:
+                async with self._client.stream(
+                    "GET", target, headers=headers, extensions=extensions
+                ) as response:
                     if response.is_redirect:
                         location = response.headers.get("location")
                         if not location:
@@ -124,17 +149,16 @@ class MediaFetcher:
                     if response.status_code != 200:
                         raise MediaError(f"image url {_short(url)} answered HTTP {response.status_code}")
                     declared = response.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > self.config.max_image_bytes:
+                    cap = self.config.max_image_bytes
+                    if declared and declared.isdigit() and int(declared) > cap:
                         raise MediaError(
-                            f"image at {_short(url)} is {declared} bytes, over the {self.config.max_image_bytes} byte cap"
+                            f"image at {_short(url)} is {declared} bytes, over the {cap} byte cap"
                         )
                     body = bytearray()
                     async for chunk in response.aiter_bytes():
                         body += chunk
-                        if len(body) > self.config.max_image_bytes:
-                            raise MediaError(
-                                f"image at {_short(url)} is over the {self.config.max_image_bytes} byte cap"
-                            )
+                        if len(body) > cap:
+                            raise MediaError(f"image at {_short(url)} is over the {cap} byte cap")
                     return bytes(body)
             except httpx.TimeoutException:
                 raise MediaError(f"image url {_short(url)} timed out") from None
@@ -158,9 +182,8 @@ class MediaFetcher:
             raise MediaError(f"local image {raw!r} is outside the allowed folder")
         if not path.is_file():
             raise MediaError(f"local image {raw!r} does not exist")
-        size = os.path.getsize(path)
-        if size > self.config.max_image_bytes:
-            raise MediaError(
-                f"local image {raw!r} is {size} bytes, over the {self.config.max_image_bytes} byte cap"
-            )
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(self.config.max_image_bytes + 1)  # never more than the cap, whatever the size says
+        if len(data) > self.config.max_image_bytes:
+            raise MediaError(f"local image {raw!r} is over the {self.config.max_image_bytes} byte cap")
+        return data

@@ -78,7 +78,12 @@ class ModelFactory:
         prompt = PROMPT_ADAPTERS[family](path, tokenizer_path or path)
         vision = VisionEncoder(VisionConfig(checkpoint=path, model_type=family, dtype=dtype, device=device))
         llm_config = LLMConfig(checkpoint=path, model_type=family, dtype=dtype, device=device)
-        engine = Engine(load_language_model(llm_config), llm_config.max_waiting, llm_config.max_model_len)
+        engine = Engine(
+            load_language_model(llm_config),
+            llm_config.max_waiting,
+            llm_config.max_model_len,
+            llm_config.max_running,
+        )
         return MultimodalModel(path, family, prompt, vision, engine)
 
 

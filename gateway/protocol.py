@@ -51,23 +51,23 @@ class SamplingFields(_Body):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
     max_tokens: int | None = Field(default=None, ge=1)
-    min_tokens: int = Field(default=0, ge=0)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    min_tokens: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
-    ignore_eos: bool = False
-    repetition_penalty: float = Field(default=1.0, gt=0)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    n: int = 1
-    stream: bool = False
+    ignore_eos: bool | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    n: int | None = None
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
     # vLLM's extension: echo prompt and completion token ids in the response.
-    return_token_ids: bool = False
+    return_token_ids: bool | None = None
 
     @model_validator(mode="after")
     def _supported(self):
-        if self.n != 1:
+        if self.n not in (None, 1):
             raise ValueError("n must be 1 (several choices per request are not supported)")
         if self.presence_penalty or self.frequency_penalty:
             raise ValueError(

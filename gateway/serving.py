@@ -81,7 +81,7 @@ class ServingCore:
         return self.prompt.render_chat(converted), urls
 
     async def prepare(self, text: str, urls: list[str], request_id: str) -> PreparedPrompt:
-        token_ids = self.prompt.tokenize(text)
+        token_ids = await asyncio.to_thread(self.prompt.tokenize, text)
         tags = sum(1 for t in token_ids if t == self.prompt.image_token_id)
         if tags != len(urls):
             raise InvalidInputError(
@@ -92,7 +92,12 @@ class ServingCore:
             raise InvalidInputError(f"{len(urls)} images in one request, over the limit of {self.max_images}")
         if not urls:
             return PreparedPrompt(token_ids, [])
-        images = await asyncio.gather(*(self._load_image(i, url) for i, url in enumerate(urls)))
+        try:
+            async with asyncio.TaskGroup() as group:  # one failure cancels the other fetches
+                tasks = [group.create_task(self._load_image(i, url)) for i, url in enumerate(urls)]
+        except* InvalidInputError as failures:
+            raise failures.exceptions[0] from None
+        images = [task.result() for task in tasks]
         features = await self.vision.embed(images, request_id)
         token_ids, spans = expand_image_tokens(token_ids, self.prompt.image_token_id, features)
         return PreparedPrompt(token_ids, spans)
@@ -100,9 +105,12 @@ class ServingCore:
     async def _load_image(self, index: int, url: str) -> ImageInput:
         try:
             data = await self.fetcher.fetch(url)
-            probe_image(data, self.fetcher.config.max_image_pixels, what="image")
+            return await asyncio.to_thread(self._checked_input, data)
         except InvalidInputError as exc:
             raise MediaError(f"image {index}: {exc}") from None
+
+    def _checked_input(self, data: bytes) -> ImageInput:
+        probe_image(data, self.fetcher.config.max_image_pixels, what="image")
         return ImageInput(data=data, content_hash=content_hash(data))
 
     # ---- generation --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from mmserve.proto import llm_pb2, llm_pb2_grpc
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s llm %(levelname)s %(message)s")
     config = LLMConfig.from_args(argv)
-    engine = Engine(load_language_model(config), config.max_waiting, config.max_model_len)
+    engine = Engine(load_language_model(config), config.max_waiting, config.max_model_len, config.max_running)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host, registry=engine.metrics.registry)
     servicer = LLMServicer(engine)
@@ -28,6 +28,7 @@ def main(argv=None) -> None:
             config.port,
             config.max_message_bytes,
             on_stop=engine.stop,
+            liveness=engine.is_alive,
         )
     )
 

@@ -20,6 +20,7 @@ class LLMConfig:
     device: str = "cpu"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send/receive limit
     max_waiting: int = 256  # requests queued beyond this get RESOURCE_EXHAUSTED
+    max_running: int = 8  # sequences generating at once (each holds its own KV cache)
     max_model_len: int = 0  # prompt + output cap per sequence; 0 = the model's max_position_embeddings
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     threads: int = 0  # torch intra-op threads for the engine; 0 = torch's default (all cores)
@@ -31,7 +32,7 @@ class LLMConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
-        if self.max_waiting < 1 or self.max_model_len < 0:
+        if self.max_waiting < 1 or self.max_running < 1 or self.max_model_len < 0:
             raise ValueError("max_waiting must be >= 1 and max_model_len >= 0")
 
     @classmethod
@@ -59,6 +60,12 @@ class LLMConfig:
             type=int,
             default=int(env("LLM_MAX_WAITING", "256")),
             help="queue bound before RESOURCE_EXHAUSTED [LLM_MAX_WAITING]",
+        )
+        p.add_argument(
+            "--max-running",
+            type=int,
+            default=int(env("LLM_MAX_RUNNING", "8")),
+            help="sequences generating at once [LLM_MAX_RUNNING]",
         )
         p.add_argument(
             "--max-model-len",

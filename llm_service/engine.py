@@ -10,6 +10,7 @@ cache, and a bounded queue answers OverloadedError when full.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -22,7 +23,7 @@ from transformers import DynamicCache
 
 from llm_service.metrics import EngineMetrics
 from llm_service.sampler import make_generator, sample_next
-from mmserve.errors import InvalidInputError, OverloadedError
+from mmserve.errors import InvalidInputError, OverloadedError, UnavailableError
 from mmserve.wire import FinishReason, GenerateOutput, GenerateRequest, LLMInfo, Usage
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,14 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model, max_waiting: int = 256, max_model_len: int = 0):
+    def __init__(self, model, max_waiting: int = 256, max_model_len: int = 0, max_running: int = 8):
         self.model = model
         self.max_waiting = max_waiting
+        self.max_running = max_running
         self.max_model_len = min(max_model_len or model.max_model_len, model.max_model_len)
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
         self._running: list[Sequence] = []
+        self._pending: collections.deque[Sequence] = collections.deque()  # admitted in arrival order
         self._lock = threading.Lock()
         self._waiting = 0
         self._stopped = False
@@ -69,15 +72,15 @@ class Engine:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         self.validate(request)
-        with self._lock:
-            if self._stopped:
-                raise OverloadedError("engine is shutting down")
+        seq = Sequence(request, asyncio.get_running_loop(), asyncio.Queue(), make_generator(request.sampling))
+        with self._lock:  # the put happens under the lock so that stop() cannot strand it
+            if self._stopped or not self._thread.is_alive():
+                raise UnavailableError("the engine is not running")
             if self._waiting >= self.max_waiting:
                 raise OverloadedError(f"waiting queue is full ({self.max_waiting} requests)")
             self._waiting += 1
             self.metrics.waiting.set(self._waiting)
-        seq = Sequence(request, asyncio.get_running_loop(), asyncio.Queue(), make_generator(request.sampling))
-        self._inbox.put(seq)
+            self._inbox.put(seq)
         finished = False
         try:
             while True:
@@ -106,6 +109,9 @@ class Engine:
 
     def num_running(self) -> int:
         return len(self._running)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
 
     def stop(self) -> None:
         with self._lock:
@@ -137,6 +143,8 @@ class Engine:
         end = 0
         for i, span in enumerate(request.images):
             rows = tuple(span.embedding.shape)
+            if span.length < 1:
+                raise InvalidInputError(f"image span {i} has length {span.length}; it must be >= 1")
             if span.offset < end:
                 raise InvalidInputError(
                     f"image span {i} at offset {span.offset} overlaps or precedes the previous span"
@@ -167,38 +175,57 @@ class Engine:
 
     # ---- worker thread --------------------------------------------------------------------------
 
-    def _admit(self, seq: Sequence | None) -> None:
-        if seq is None:
-            return
-        with self._lock:
-            self._waiting -= 1
-            self.metrics.waiting.set(self._waiting)
-        self._running.append(seq)
-        self.metrics.running.set(len(self._running))
-        self.metrics.queue_time.observe(time.monotonic() - seq.arrival)
-        self.metrics.prompt_tokens.inc(len(seq.request.token_ids))
+    def _receive(self, block: bool) -> None:
+        """Move new sequences from the inbox to the pending queue (blocking when idle)."""
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is not None:
+                    self._pending.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> None:
+        while self._pending and len(self._running) < self.max_running:
+            seq = self._pending.popleft()
+            with self._lock:
+                self._waiting -= 1
+                self.metrics.waiting.set(self._waiting)
+            self._running.append(seq)
+            self.metrics.running.set(len(self._running))
+            self.metrics.queue_time.observe(time.monotonic() - seq.arrival)
+            self.metrics.prompt_tokens.inc(len(seq.request.token_ids))
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
-            if not self._running:
-                self._admit(self._inbox.get())
-            while not self._inbox.empty():
-                self._admit(self._inbox.get_nowait())
-            if self._stopped:
-                for seq in self._running:
-                    seq.emit(OverloadedError("engine stopped"))
-                return
-            for seq in list(self._running):
-                if seq.aborted:
-                    self._finish(seq, None)
-                    continue
-                try:
-                    self._step(seq)
-                except Exception as exc:  # noqa: BLE001 - one bad sequence must not stop the engine
-                    log.exception("request %s failed", seq.request_id)
-                    seq.emit(exc)
-                    self._finish(seq, None, outcome="error")
+        try:
+            while not self._stopped:
+                self._receive(block=not self._running and not self._pending)
+                for seq in [s for s in self._pending if s.aborted]:  # cancelled while waiting
+                    self._pending.remove(seq)
+                    with self._lock:
+                        self._waiting -= 1
+                self._admit()
+                for seq in list(self._running):
+                    if seq.aborted:
+                        self._finish(seq, None)
+                        continue
+                    try:
+                        self._step(seq)
+                    except Exception as exc:  # noqa: BLE001 - one bad sequence must not stop the engine
+                        log.exception("request %s failed", seq.request_id)
+                        seq.emit(exc)
+                        self._finish(seq, None, outcome="error")
+        except BaseException:
+            log.exception("the engine loop died; failing every request")
+            raise
+        finally:
+            with self._lock:  # no new request can enter past this point
+                self._stopped = True
+            self._receive(block=False)
+            for seq in self._running + list(self._pending):
+                seq.emit(UnavailableError("the engine stopped"))
 
     def _step(self, seq: Sequence) -> None:
         model = self.model

@@ -15,8 +15,12 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return generator
 
 
+# Below this temperature, sampling is argmax in all but name, and logits / T overflows.
+_MIN_TEMPERATURE = 1e-5
+
+
 def is_greedy(params: SamplingParams) -> bool:
-    return params.temperature == 0 or params.top_k == 1
+    return params.temperature < _MIN_TEMPERATURE or params.top_k == 1
 
 
 def sample_next(
@@ -49,4 +53,6 @@ def sample_next(
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return int(torch.argmax(logits))  # degenerate distribution (e.g. all mass masked): be greedy
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mmserve.errors import DeadlineError, InvalidInputError, NotFoundError, OverloadedError
+from mmserve.errors import MMServeError
 
 log = logging.getLogger(__name__)
 
@@ -28,26 +28,13 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-_STATUS_OF = (
-    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
-    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
-)
-
-
-def _status_for(exc: Exception) -> grpc.StatusCode:
-    for kind, code in _STATUS_OF:
-        if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str):
-    code = _status_for(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        log.exception("%s failed", method)
-    await context.abort(code, str(exc) or type(exc).__name__)
+    if isinstance(exc, MMServeError) and type(exc) is not MMServeError:
+        await context.abort(grpc.StatusCode[exc.grpc_code], str(exc) or type(exc).__name__)
+    log.exception("%s failed", method)  # a bug, not bad input: details stay in the log
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error in {method} ({type(exc).__name__}); see the service log"
+    )
 
 
 def map_errors(method):
@@ -112,6 +99,7 @@ async def serve(
     max_message_bytes: int,
     grace_seconds: float = 5.0,
     on_stop=None,
+    liveness=None,
 ) -> None:
     """Run the server until SIGINT/SIGTERM.
 
@@ -128,9 +116,20 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if liveness is not None:
+        loop.create_task(_watch(liveness, health_servicer, service_full_name))
     await stop.wait()
     log.info("shutting down (grace %.1fs)", grace_seconds)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace_seconds)
     if on_stop is not None:
         on_stop()
+
+
+async def _watch(liveness, health_servicer, service_full_name: str) -> None:
+    """Report NOT_SERVING once `liveness()` turns false (e.g. the engine thread died)."""
+    while liveness():
+        await asyncio.sleep(1.0)
+    log.error("%s is no longer live; reporting NOT_SERVING", service_full_name)
+    for name in ("", service_full_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

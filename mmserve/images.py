@@ -11,6 +11,9 @@ from PIL import Image
 from mmserve.errors import InvalidInputError
 
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# Processors resize by the short side (CLIP: to 336 px), so a 4000x1 strip would become a
+# 1.3-million-pixel-wide image before cropping: refuse such shapes from the header.
+MAX_ASPECT_RATIO = 50
 
 
 def content_hash(data: bytes) -> str:
@@ -36,6 +39,8 @@ def probe_image(data: bytes, max_pixels: int, what: str = "image") -> tuple[int,
         ) from None
     if width <= 0 or height <= 0:
         raise InvalidInputError(f"{what} has an empty size {width}x{height}")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InvalidInputError(f"{what} is {width}x{height}; its aspect ratio is over {MAX_ASPECT_RATIO}:1")
     if width * height > max_pixels:
         raise InvalidInputError(
             f"{what} is {width}x{height} = {width * height} pixels, over the cap of {max_pixels}"

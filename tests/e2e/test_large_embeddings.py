@@ -19,7 +19,7 @@ def test_over_4mb_embeddings_cross_the_stack(wide_checkpoint, image_dir, tmp_pat
         client = openai.OpenAI(base_url=stack.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
         content = [{"type": "image_url", "image_url": {"url": data_url(b)}} for b in images]
         response = client.chat.completions.create(
-            model="wide",
+            model="wide-llava",
             messages=[{"role": "user", "content": content + [{"type": "text", "text": "Two big ones."}]}],
             temperature=0,
             max_tokens=8,

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import Stack, data_url, image_server
+from tests.helpers import Stack, data_url, image_server, make_image
 from tests.reference import LlavaReference
 
 MAX_TOKENS = 24
@@ -41,11 +41,10 @@ def chat(client, text, urls, **kwargs):
     content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [
         {"type": "text", "text": text}
     ]
+    kwargs = {"temperature": 0, "max_tokens": MAX_TOKENS, **kwargs}
     return client.chat.completions.create(
         model="tiny-llava",
         messages=[{"role": "user", "content": content}],
-        temperature=0,
-        max_tokens=MAX_TOKENS,
         extra_body={"return_token_ids": True},
         **kwargs,
     )
@@ -207,15 +206,37 @@ def test_bad_input_gets_4xx_and_the_stack_keeps_serving(client, served, image_di
 
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], temperature=-1
+            model="tiny-llava", messages=[{"role": "user", "content": "hi"}], temperature=-1
         )
     _assert_error(info, 400, "temperature")
 
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6
+            model="tiny-llava", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6
         )
     _assert_error(info, 400, "maximum context length")
+
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.body["code"] == "model_not_found" and "tiny-llava" in info.value.body["message"]
+
+    # Malformed urls are bad input too, never a 500.
+    for bad_url in [
+        "http://[::1/x.png",
+        "http://example.com:99999/x.png",
+        "file:///tmp/a%00b.png",
+        "http://" + "a" * 300 + ".com/x",
+    ]:
+        with pytest.raises(openai.BadRequestError):
+            chat(client, "What is this?", [bad_url])
+
+    # An extreme aspect ratio is refused before it can blow up the resize.
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, "What is this?", [data_url(make_image(4000, 1, seed=5))])
+    _assert_error(info, 400, "aspect ratio")
+
+    # A near-zero temperature is greedy, not a crash.
+    assert chat(client, "What is this?", [], temperature=1e-30).choices[0].finish_reason in ("stop", "length")
 
     # Streaming requests fail the same way, before the stream starts.
     with pytest.raises(openai.BadRequestError):
@@ -245,7 +266,7 @@ def test_seeded_sampling_is_reproducible(client):
     def sample(seed):
         return (
             client.chat.completions.create(
-                model="m",
+                model="tiny-llava",
                 messages=[{"role": "user", "content": "Tell me a story"}],
                 temperature=1.0,
                 top_p=0.95,
@@ -305,3 +326,29 @@ def test_embedding_cache_is_keyed_by_content_not_url(client, served, image_dir):
     changed = chat(client, "Cache me", [f"{http_base}/mutable.png"]).choices[0].model_extra["token_ids"]
     assert stack.vision_metric(encoded) == before + 2
     assert changed != by_url
+
+
+def test_plain_string_content_equals_a_text_part(client):
+    text = "Describe a red car on the left."
+    typed = chat(client, text, []).model_extra["prompt_token_ids"]
+    plain = client.chat.completions.create(
+        model="tiny-llava",
+        messages=[{"role": "user", "content": text}],
+        max_tokens=2,
+        extra_body={"return_token_ids": True},
+    )
+    assert plain.model_extra["prompt_token_ids"] == typed
+
+
+def test_an_abandoned_non_streaming_request_stops_its_generation(served):
+    import time
+
+    stack, _ = served
+    body = {"messages": [{"role": "user", "content": "Go on"}], "max_tokens": 3000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stack.base_url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=1.5))
+    deadline = time.monotonic() + 10
+    while stack.llm_metric("mmserve_llm_running_requests") != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stack.llm_metric("mmserve_llm_running_requests") == 0
+    assert stack.llm_metric('mmserve_llm_requests_total{reason="abort"}') >= 1

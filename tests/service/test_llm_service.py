@@ -126,19 +126,30 @@ def test_cancelling_the_stream_aborts_the_sequence_and_the_engine_keeps_serving(
     assert tail[-1].usage.completion_tokens == 3
 
 
-def test_a_full_queue_is_resource_exhausted(engine):
+def test_a_full_queue_is_resource_exhausted(tiny_checkpoint):
+    # One sequence runs, two may wait: of 6 concurrent requests, 3 are refused at once.
+    engine = Engine(
+        load_language_model(LLMConfig(checkpoint=str(tiny_checkpoint))), max_waiting=2, max_running=1
+    )
+
     async def body(stub, channel, address):
-        req, _ = request(engine, max_new_tokens=200, ignore_eos=True)
-        calls = [stub.Generate(req) for _ in range(12)]
-        results = await asyncio.gather(*(c.read() for c in calls), return_exceptions=True)
-        for c in calls:
-            c.cancel()
+        req, _ = request(engine, max_new_tokens=50, ignore_eos=True)
+        calls = [stub.Generate(req) for _ in range(6)]
+        results = await asyncio.gather(*(collect(c) for c in calls), return_exceptions=True)
         return results
 
-    results = with_server(engine, body)
-    exhausted = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-    assert exhausted and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in exhausted)
-    assert any(not isinstance(r, Exception) for r in results)
+    async def collect(call):
+        return [m async for m in call]
+
+    try:
+        results = with_server(engine, body)
+    finally:
+        engine.stop()
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    served = [r for r in results if not isinstance(r, Exception)]
+    assert len(refused) == 3 and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert "waiting queue is full (2 requests)" in refused[0].details()
+    assert len(served) == 3 and all(r[-1].usage.completion_tokens == 50 for r in served)
 
 
 def test_health_reflection_and_model_info(engine):

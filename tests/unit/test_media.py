@@ -32,6 +32,7 @@ def http_server(routes):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.handle_error = lambda *args: None  # clients that time out close early; not a failure
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -60,6 +61,9 @@ def fetch(config, url):
         ("::1", False),
         ("fe80::1", False),
         ("::ffff:127.0.0.1", False),
+        ("2002:7f00:1::1", False),  # 6to4 wrapping 127.0.0.1
+        ("2001:0:4136:e378::1", False),  # teredo
+        ("fec0::1", False),  # site-local
         ("0.0.0.0", False),
         ("8.8.8.8", True),
         ("2606:4700::1111", True),
@@ -132,3 +136,51 @@ def test_local_files_only_inside_the_allowed_folder(tmp_path):
             fetch(config, escape)
     with pytest.raises(MediaError, match="not supported"):
         fetch(config, "ftp://example.com/a.png")
+
+
+def test_malformed_urls_are_media_errors():
+    for url in [
+        "http://[::1/x.png",
+        "http://example.com:99999/x.png",
+        "http://" + "a" * 300 + ".com/x",
+        "file:///tmp/a\x00b",
+    ]:
+        with pytest.raises(MediaError):
+            fetch(MediaConfig(allowed_local_media_path="/tmp"), url)
+
+
+def test_the_checked_address_is_the_one_connected_to(monkeypatch):
+    """No second DNS lookup after the check (DNS rebinding): the request goes to the checked IP,
+    with the original Host header."""
+    seen = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen["host"] = self.headers["Host"]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PNG)))
+            self.end_headers()
+            self.wfile.write(PNG)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    lookups = []
+
+    async def fake_getaddrinfo(self, host, *args, **kwargs):
+        lookups.append(host)
+        return [(2, 1, 6, "", ("127.0.0.1", port))]
+
+    import gateway.media
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(gateway.media, "_is_public", lambda address: True)  # pretend loopback is public
+    try:
+        assert fetch(MediaConfig(), f"http://images.example:{port}/a.png") == PNG
+    finally:
+        server.shutdown()
+    assert lookups == ["images.example"]  # resolved once, by the policy check
+    assert seen["host"] == f"images.example:{port}"
