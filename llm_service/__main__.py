@@ -3,13 +3,11 @@
 import asyncio
 import logging
 
-from prometheus_client import start_http_server
-
 from llm_service.config import LLMConfig
 from llm_service.engine import Engine
 from llm_service.models import load_language_model
 from llm_service.server import LLMServicer
-from mmserve.grpc_util import serve
+from mmserve.grpc_util import serve, serve_metrics
 from mmserve.proto import llm_pb2, llm_pb2_grpc
 
 
@@ -18,7 +16,7 @@ def main(argv=None) -> None:
     config = LLMConfig.from_args(argv)
     engine = Engine(load_language_model(config), config.max_waiting, config.max_model_len, config.max_running)
     if config.metrics_port:
-        start_http_server(config.metrics_port, addr=config.host, registry=engine.metrics.registry)
+        serve_metrics(config.metrics_port, config.host, engine.metrics.registry)
     servicer = LLMServicer(engine)
     asyncio.run(
         serve(

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmserve.checkpoint import check_model_dtype
 from mmserve.grpc_util import DEFAULT_MAX_MESSAGE_BYTES
 
 
@@ -28,12 +29,11 @@ class LLMConfig:
     def __post_init__(self):
         if not Path(self.checkpoint).is_dir():
             raise ValueError(f"checkpoint folder {self.checkpoint!r} does not exist")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check_model_dtype(self.dtype)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
         if self.max_waiting < 1 or self.max_running < 1 or self.max_model_len < 0:
-            raise ValueError("max_waiting must be >= 1 and max_model_len >= 0")
+            raise ValueError("max_waiting and max_running must be >= 1, max_model_len >= 0")
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> LLMConfig:

@@ -105,8 +105,15 @@ def first_prefix_present(checkpoint: str | Path, candidates: list[str]) -> str:
     raise CheckpointError(f"{checkpoint}: no weight key starts with any of {candidates}")
 
 
+# dtypes a model may be served in.
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_model_dtype(name: str) -> None:
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(MODEL_DTYPES)}; got {name!r}")
+
+
 def parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
-    return table[name]
+    check_model_dtype(name)
+    return getattr(torch, name)

@@ -133,3 +133,15 @@ async def _watch(liveness, health_servicer, service_full_name: str) -> None:
     log.error("%s is no longer live; reporting NOT_SERVING", service_full_name)
     for name in ("", service_full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def serve_metrics(port: int, host: str, registry) -> None:
+    """Prometheus /metrics on its own port; a busy port is logged, not fatal to the service."""
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        log.warning(
+            "metrics endpoint not started on %s:%d (%s); the service runs without it", host, port, exc
+        )

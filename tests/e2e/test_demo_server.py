@@ -80,5 +80,6 @@ def test_demo_stack_serves_and_stops_on_ctrl_c(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     assert code in (0, -signal.SIGINT, 130), (tmp_path / "server.log").read_text()
-    out = subprocess.run(["pgrep", "-f", f"--port {llm_port}"], capture_output=True, text=True)
-    assert out.stdout.strip() == "", "a service outlived the launcher"
+    for service_port in (port, vision_port, llm_port):  # gateway, vision and llm all exited
+        out = subprocess.run(["pgrep", "-f", f"--port {service_port}"], capture_output=True, text=True)
+        assert out.stdout.strip() == "", f"a service on port {service_port} outlived the launcher"
