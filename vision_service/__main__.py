@@ -3,9 +3,7 @@
 import asyncio
 import logging
 
-from prometheus_client import start_http_server
-
-from mmserve.grpc_util import serve
+from mmserve.grpc_util import serve, serve_metrics
 from mmserve.proto import vision_pb2, vision_pb2_grpc
 from vision_service.config import VisionConfig
 from vision_service.encoder import VisionEncoder
@@ -17,7 +15,7 @@ def main(argv=None) -> None:
     config = VisionConfig.from_args(argv)
     encoder = VisionEncoder(config)
     if config.metrics_port:
-        start_http_server(config.metrics_port, addr=config.host, registry=encoder.metrics.registry)
+        serve_metrics(config.metrics_port, config.host, encoder.metrics.registry)
     servicer = VisionServicer(encoder)
     asyncio.run(
         serve(

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from mmserve.checkpoint import check_model_dtype
 from mmserve.grpc_util import DEFAULT_MAX_MESSAGE_BYTES
 from mmserve.images import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -33,8 +34,7 @@ class VisionConfig:
     def __post_init__(self):
         if not Path(self.checkpoint).is_dir():
             raise ValueError(f"checkpoint folder {self.checkpoint!r} does not exist")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check_model_dtype(self.dtype)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
         if self.max_images_per_request < 1 or self.max_image_pixels < 1:
