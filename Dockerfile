@@ -1,15 +1,24 @@
 # mmserve: one image for all three processes (vision service, LLM service, gateway).
 # docker-compose.yml runs it three times with different commands; on its own it runs the gateway.
+# No model is baked in: the checkpoint comes from a volume (see README "Run with Docker Compose").
 #
 #   docker build -t mmserve .
 #   # smaller CPU-only image (PyPI's Linux x86_64 torch wheel is the CUDA build):
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t mmserve .
+#   # GPU image with flash-attn (the `gpu` extra); docker-compose.gpu.yml sets this:
+#   docker build --build-arg INSTALL_GPU_EXTRA=true -t mmserve:gpu .
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# tini as PID 1: forwards SIGTERM to the service (which drains and exits) and reaps zombies; a Python
+# PID 1 would ignore SIGTERM until its own handler is installed (i.e. while a model is still loading).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/*
 
 # In a container the services must listen on all interfaces (the code defaults to 127.0.0.1).
 # MMSERVE_HOME: `python -m mmserve.demo` with no argument builds /models/demo-llava.
@@ -24,18 +33,29 @@ RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin mmserve \
 
 WORKDIR /app
 
-# torch first and pinned exactly (as in pyproject.toml and the Makefile); its own layer so source
-# changes don't re-download it. Leave TORCH_INDEX_URL empty to install from the default index.
+# The README's install, in the same order: torch first and pinned exactly, then the project (its
+# runtime dependencies from pyproject.toml; the `test` extra is left out of the image). torch gets its
+# own layer so that source changes don't reinstall it. TORCH_INDEX_URL empty = the default index.
 ARG TORCH_INDEX_URL=
 RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url $TORCH_INDEX_URL}
 
 # The other runtime dependencies, read from pyproject.toml, cached until that file changes.
-# The `gpu` extra (flash-attn) is deliberately not installed.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
+
+# The `gpu` extra (flash-attn) only in the GPU image. flash-attn's setup downloads a prebuilt wheel that
+# matches torch/CUDA/Python from its GitHub releases, and compiles with nvcc otherwise (not in slim).
+ARG INSTALL_GPU_EXTRA=false
+RUN if [ "$INSTALL_GPU_EXTRA" = true ]; then \
+        python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['gpu']))" \
+            > /tmp/gpu.txt \
+        && pip install packaging psutil ninja einops wheel setuptools \
+        && pip install --no-build-isolation -r /tmp/gpu.txt \
+        && rm /tmp/gpu.txt; \
+    fi
 
 # The source tree. Editable install on purpose: mmserve.proto locates protos/ relative to the package
 # folder (../protos) and writes the generated stubs next to itself, which only works from /app.
@@ -48,5 +68,7 @@ USER mmserve
 
 EXPOSE 8000 50051 50052
 
+# -e 143: uvicorn re-raises SIGTERM after its graceful shutdown; count that as the clean exit it is.
+ENTRYPOINT ["/usr/bin/tini", "-e", "143", "--"]
 # Overridden per service in docker-compose.yml: python -m vision_service | python -m llm_service
 CMD ["python", "-m", "gateway"]
