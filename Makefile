@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mmserve-installed
 PROTO_STUBS := mmserve/proto/tensor_pb2.py mmserve/proto/vision_pb2.py mmserve/proto/llm_pb2.py
 
 .DEFAULT_GOAL := help
-.PHONY: help install protos run demo test test-fast lint format compose-config clean
+.PHONY: help install protos run demo test test-fast lint format compose-config compose-test clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -46,8 +46,14 @@ format: install ## apply ruff formatting and safe fixes
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-compose-config: ## validate docker-compose.yml (needs docker compose or podman-compose)
-	docker compose config --quiet
+# `docker compose` where a Docker engine exists, else the compose kit's wrapper (../shared/compose)
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo docker compose || echo compose)
+
+compose-config: ## validate docker-compose.yml (docker compose, or the compose kit's `compose`)
+	$(COMPOSE) config --quiet
+
+compose-test: install ## docker-compose.yml for real via the podman kit: build, up, chat with an image, kill llm (503 + restart), down (~1 min warm)
+	PY=$(PY) bash tests/compose/run.sh
 
 clean: ## remove generated stubs and caches (keeps .venv)
 	rm -f mmserve/proto/*_pb2*.py mmserve/proto/*_pb2*.pyi

@@ -5,7 +5,8 @@
 #   set up the kit -> build the image -> `compose up -d` -> wait for /health through the published port
 #   -> tests/compose/compose_check.py (chat with an image via `openai`; kill llm: 503, then recovery)
 #   -> `compose stop` (every service must exit 0 on SIGTERM, well inside stop_grace_period)
-#   -> `compose down -v`, and check that nothing of the project is left.
+#   -> `compose down -v` -> `compose up -d --scale llm=2`: requests reach both replicas -> `compose down -v`,
+#   and check that nothing of the project is left. COMPOSE_TEST_SCALE=0 skips the --scale step.
 #
 # Env: PY (python with openai+httpx+pillow, default .venv/bin/python), COMPOSE_KIT (kit folder),
 # COMPOSE_TEST_PROJECT (default mmserve-test), COMPOSE_TEST_PORT (default: a free port).
@@ -40,6 +41,27 @@ if [ "$(podman info --format '{{.Host.NetworkBackend}}')" != netavark ]; then
 fi
 
 COMPOSE=(compose -p "$PROJECT")
+wait_healthy() {
+  local code=""
+  for _ in $(seq 1 240); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/health" || true)
+    [ "$code" = 200 ] && return 0
+    sleep 1
+  done
+  log "gateway /health never became 200 (last: $code)"; return 1
+}
+# `down`, plus what podman-compose's down misses: replicas added with --scale (it removes <svc>_1 only)
+purge() {
+  "${COMPOSE[@]}" down -v -t 1 >/dev/null 2>&1 || true
+  local ids
+  ids=$(podman ps -aq --filter "label=io.podman.compose.project=$PROJECT")
+  if [ -n "$ids" ]; then
+    # shellcheck disable=SC2086
+    podman rm -f -t 1 $ids >/dev/null 2>&1 || true
+    "${COMPOSE[@]}" down -v -t 1 >/dev/null 2>&1 || true
+    podman volume rm -f "${PROJECT}_models" >/dev/null 2>&1 || true
+  fi
+}
 cleanup() {
   local rc=$?
   if [ "$rc" != 0 ]; then
@@ -48,11 +70,11 @@ cleanup() {
       echo "----- $s"; podman logs --tail 40 "${PROJECT}_${s}_1" 2>&1 || true
     done
   fi
-  "${COMPOSE[@]}" down -v -t 1 >/dev/null 2>&1 || true
+  purge
   exit "$rc"
 }
 trap cleanup EXIT
-"${COMPOSE[@]}" down -v -t 1 >/dev/null 2>&1 || true   # leftovers of an interrupted run
+purge   # leftovers of an interrupted run
 
 # 2. build (layer cache: only the source layers rebuild after a code change)
 log "build"
@@ -65,12 +87,7 @@ log "build took $(( $(date +%s) - t ))s"
 log "up -d (gateway on 127.0.0.1:$PORT)"
 t=$(date +%s)
 "${COMPOSE[@]}" up -d >/tmp/mmserve-compose-up.log 2>&1 || { tail -40 /tmp/mmserve-compose-up.log; exit 1; }
-for _ in $(seq 1 240); do
-  code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/health" || true)
-  [ "$code" = 200 ] && break
-  sleep 1
-done
-[ "$code" = 200 ] || { log "gateway /health never became 200 (last: $code)"; exit 1; }
+wait_healthy
 podman healthcheck run "${PROJECT}_gateway_1" >/dev/null   # the compose healthcheck itself passes
 log "healthy after $(( $(date +%s) - t ))s: $(curl -s "http://127.0.0.1:$PORT/health")"
 for s in vision llm; do
@@ -100,8 +117,28 @@ log "compose stop took ${took}s; exit codes:$codes"
 [ "$codes" = " gateway=0 llm=0 vision=0" ] || { log "a service did not exit cleanly on SIGTERM"; exit 1; }
 awk -v x="$took" 'BEGIN{exit !(x < 10)}' || { log "stop took ${took}s (>= 10 s: somebody waited out the kill timeout)"; exit 1; }
 
-# 6. down, and nothing left behind
 "${COMPOSE[@]}" down -v >/dev/null 2>&1
+
+# 6. --scale llm=2: the gateway's round_robin channel to dns:///llm:50052 spreads calls over both
+if [ "${COMPOSE_TEST_SCALE:-1}" = 1 ]; then
+  t=$(date +%s)
+  "${COMPOSE[@]}" up -d --scale llm=2 >/tmp/mmserve-compose-up.log 2>&1 || { tail -40 /tmp/mmserve-compose-up.log; exit 1; }
+  wait_healthy
+  for _ in $(seq 1 10); do
+    curl -sf -o /dev/null "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' \
+      -d '{"prompt": "hello", "max_tokens": 2}'
+  done
+  counts=""
+  for r in 1 2; do
+    n=$(podman exec "${PROJECT}_llm_$r" python -c "import urllib.request as u; print(sum(float(l.split()[-1]) for l in u.urlopen('http://127.0.0.1:9090/metrics').read().decode().splitlines() if l.startswith('mmserve_llm_requests_total')))")
+    counts="$counts llm_$r=${n%.0}"
+  done
+  log "--scale llm=2: 10 requests through the gateway reached$counts ($(( $(date +%s) - t ))s)"
+  case "$counts" in *=0\ *|*=0) log "a replica got no requests: no load balancing"; exit 1;; esac
+  purge
+fi
+
+# 7. nothing left behind
 left=$(podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}')
 [ -z "$left" ] || { log "containers left: $left"; exit 1; }
 ! podman volume exists "${PROJECT}_models" || { log "volume left"; exit 1; }
