@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mmserve-installed
 PROTO_STUBS := mmserve/proto/tensor_pb2.py mmserve/proto/vision_pb2.py mmserve/proto/llm_pb2.py
 
 .DEFAULT_GOAL := help
-.PHONY: help install protos run demo test test-fast lint format compose-config compose-test clean
+.PHONY: help install protos run demo test bench lint format compose-config compose-test clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -29,13 +29,16 @@ $(PROTO_STUBS): $(wildcard protos/*.proto) $(STAMP)
 protos: $(PROTO_STUBS) ## generate the gRPC/protobuf stubs from protos/
 
 run: install protos ## start vision + LLM + gateway on http://127.0.0.1:8000 (PORT=..., MODEL=... to serve a checkpoint)
-	CHECKPOINT_PATH="$(MODEL)" $(PY) -m mmserve.start_server
+	CHECKPOINT_PATH="$(or $(MODEL),$(CHECKPOINT_PATH))" $(PY) -m mmserve.start_server
 
 demo: install ## build the random-weight demo checkpoint (done by `make run` when needed)
 	$(PY) -m mmserve.demo
 
 test: install protos ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install protos ## benchmarks (results print and go to benchmarks/results/; see benchmarks/RESULTS.md)
+	$(PY) -m benchmarks.bench_vision
 
 lint: install protos ## ruff lint + format check + mypy
 	$(PY) -m ruff check .

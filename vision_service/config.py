@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from mmserve.checkpoint import check_model_dtype
@@ -26,8 +26,11 @@ class VisionConfig:
     max_batch_size: int = 16  # images per encoder forward, across requests
     max_wait_ms: float = 2.0  # how long a forward waits for more images once one is queued
     cache_bytes: int = 1 << 30  # embedding cache budget (LRU); 0 turns the cache off
-    preprocess_workers: int = 2  # decode + resize + normalise workers
+    # Decode + resize + normalise workers. The encoder forward is the bottleneck and uses every core,
+    # so preprocessing gets half of them (measured in benchmarks/RESULTS.md).
+    preprocess_workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2))
     preprocess_mode: str = "thread"  # "thread" or "process" (see benchmarks/RESULTS.md for which wins)
+    compile: bool = False  # torch.compile the vision tower (slower start-up, faster forwards on CPU)
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
 
@@ -54,7 +57,9 @@ class VisionConfig:
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> VisionConfig:
         env = os.environ.get
-        defaults = {f.name: f.default for f in fields(cls)}
+        defaults = {
+            f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(cls)
+        }
         p = argparse.ArgumentParser(
             prog="python -m vision_service", description="mmserve vision service (gRPC)"
         )
@@ -84,6 +89,12 @@ class VisionConfig:
         flag("preprocess_workers", "VISION_PREPROCESS_WORKERS", int, "decode/preprocess workers")
         flag("preprocess_mode", "VISION_PREPROCESS_MODE", help="thread|process")
         flag("metrics_port", "VISION_METRICS_PORT", int, "Prometheus /metrics port, 0 = off")
+        p.add_argument(
+            "--compile",
+            action="store_true",
+            default=env("VISION_COMPILE", "") == "1",
+            help="torch.compile the vision tower; compiles at start-up [VISION_COMPILE=1]",
+        )
         flag("threads", "VISION_THREADS", int, "torch threads, 0 = all cores")
         args = p.parse_args(argv)
         if not args.checkpoint:

@@ -223,3 +223,17 @@ def test_cache_eviction_respects_the_byte_budget():
     assert "k2" in cache and "k3" not in cache
     cache.put("huge", features(101))  # larger than the whole budget: not cached, nothing evicted
     assert "huge" not in cache and len(cache) == 3
+
+
+def test_compiled_tower_matches_eager(make_encoder):
+    eager = make_encoder(cache_bytes=0)
+    compiled = make_encoder(cache_bytes=0, compile=True)
+
+    async def body(stub, address):
+        return [
+            tensor_from_pb((await stub.Embed(embed_request(img))).embeddings[0].embedding)
+            for img in IMAGES[:3]
+        ]
+
+    for got, want in zip(serve(compiled, body), serve(eager, body), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
