@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from mmserve.cli import EnvFlags
 from mmserve.grpc_util import DEFAULT_MAX_MESSAGE_BYTES
 from mmserve.images import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -63,118 +63,46 @@ class GatewayConfig:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> GatewayConfig:
-        env = os.environ.get
         p = argparse.ArgumentParser(
             prog="python -m gateway", description="mmserve gateway (OpenAI-compatible HTTP)"
         )
-        p.add_argument("--checkpoint", default=env("CHECKPOINT_PATH"), help="model folder [CHECKPOINT_PATH]")
-        p.add_argument(
-            "--tokenizer",
-            dest="tokenizer_path",
-            default=env("TOKENIZER_PATH"),
-            help="tokenizer folder [TOKENIZER_PATH]",
+        flags = EnvFlags(p, cls)
+        flags.add("checkpoint", "CHECKPOINT_PATH", help="model folder")
+        flags.add("tokenizer_path", "TOKENIZER_PATH", help="tokenizer folder", flag="--tokenizer")
+        flags.add("model_type", "MODEL_TYPE", help="family override")
+        flags.add("model_name", "MODEL_NAME", help="name served in /v1/models")
+        flags.add("vision_addr", "VISION_ADDR", help="vision service address", flag="--vision")
+        flags.add("llm_addr", "LLM_ADDR", help="LLM service address", flag="--llm")
+        flags.add("host", "HOST", help="bind address")
+        flags.add("port", "PORT", int, "HTTP port")
+        flags.add("api_key", "API_KEY", help="require this bearer token")
+        flags.add("max_images_per_request", "MAX_IMAGES_PER_REQUEST", int, "images per request")
+        flags.add("max_message_bytes", "GRPC_MAX_MESSAGE_BYTES", int, "gRPC message size limit")
+        flags.add(
+            "backend_timeout_s", "BACKEND_TIMEOUT", float, "seconds per vision call", flag="--backend-timeout"
         )
-        p.add_argument("--model-type", default=env("MODEL_TYPE"), help="family override [MODEL_TYPE]")
-        p.add_argument(
-            "--model-name", default=env("MODEL_NAME"), help="name served in /v1/models [MODEL_NAME]"
+        flags.add("max_request_bytes", "MAX_REQUEST_BYTES", int, "HTTP request body limit")
+        media = EnvFlags(p, MediaConfig)
+        media.add(
+            "fetch_timeout_s", "MEDIA_FETCH_TIMEOUT", float, "seconds per image url", flag="--fetch-timeout"
         )
-        p.add_argument(
-            "--vision",
-            dest="vision_addr",
-            default=env("VISION_ADDR", "127.0.0.1:50051"),
-            help="vision service address [VISION_ADDR]",
+        media.add("max_image_bytes", "MAX_IMAGE_BYTES", int, "bytes per image")
+        media.add("max_image_pixels", "MAX_IMAGE_PIXELS", int, "pixels per image, read from the header")
+        media.switch(
+            "allow_private_urls", "ALLOW_PRIVATE_URLS", "allow loopback/private/link-local image urls"
         )
-        p.add_argument(
-            "--llm",
-            dest="llm_addr",
-            default=env("LLM_ADDR", "127.0.0.1:50052"),
-            help="LLM service address [LLM_ADDR]",
+        media.add(
+            "allowed_domains", "ALLOWED_MEDIA_DOMAINS", help="comma-separated host allow-list for image urls"
         )
-        p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="bind address [HOST]")
-        p.add_argument("--port", type=int, default=int(env("PORT", "8000")), help="HTTP port [PORT]")
-        p.add_argument("--api-key", default=env("API_KEY"), help="require this bearer token [API_KEY]")
-        p.add_argument(
-            "--max-images-per-request",
-            type=int,
-            default=int(env("MAX_IMAGES_PER_REQUEST", "16")),
-            help="[MAX_IMAGES_PER_REQUEST]",
+        media.add(
+            "allowed_local_media_path", "ALLOWED_LOCAL_MEDIA_PATH", help="local images only under this folder"
         )
-        p.add_argument(
-            "--max-message-bytes",
-            type=int,
-            default=int(env("GRPC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
-            help="gRPC message size limit [GRPC_MAX_MESSAGE_BYTES]",
-        )
-        p.add_argument(
-            "--fetch-timeout",
-            type=float,
-            default=float(env("MEDIA_FETCH_TIMEOUT", "10")),
-            help="seconds per image url [MEDIA_FETCH_TIMEOUT]",
-        )
-        p.add_argument(
-            "--max-image-bytes",
-            type=int,
-            default=int(env("MAX_IMAGE_BYTES", 20 * 1024 * 1024)),
-            help="[MAX_IMAGE_BYTES]",
-        )
-        p.add_argument(
-            "--max-image-pixels",
-            type=int,
-            default=int(env("MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)),
-            help="[MAX_IMAGE_PIXELS]",
-        )
-        p.add_argument(
-            "--allow-private-urls",
-            action="store_true",
-            default=env("ALLOW_PRIVATE_URLS", "") == "1",
-            help="allow loopback/private/link-local image urls [ALLOW_PRIVATE_URLS=1]",
-        )
-        p.add_argument(
-            "--allowed-domains",
-            default=env("ALLOWED_MEDIA_DOMAINS", ""),
-            help="comma-separated host allow-list for image urls [ALLOWED_MEDIA_DOMAINS]",
-        )
-        p.add_argument(
-            "--allowed-local-media-path",
-            default=env("ALLOWED_LOCAL_MEDIA_PATH"),
-            help="serve file:// images from under this folder only [ALLOWED_LOCAL_MEDIA_PATH]",
-        )
-        p.add_argument(
-            "--backend-timeout",
-            type=float,
-            default=float(env("BACKEND_TIMEOUT", "120")),
-            help="seconds allowed for each vision service call [BACKEND_TIMEOUT]",
-        )
-        p.add_argument(
-            "--max-request-bytes",
-            type=int,
-            default=int(env("MAX_REQUEST_BYTES", 64 * 1024 * 1024)),
-            help="HTTP request body limit [MAX_REQUEST_BYTES]",
-        )
-        args = p.parse_args(argv)
-        if not args.checkpoint:
+        args = vars(p.parse_args(argv))
+        if not args["checkpoint"]:
             p.error("--checkpoint (or CHECKPOINT_PATH) is required")
-        media = MediaConfig(
-            fetch_timeout_s=args.fetch_timeout,
-            max_image_bytes=args.max_image_bytes,
-            max_image_pixels=args.max_image_pixels,
-            allow_private_urls=args.allow_private_urls,
-            allowed_domains=[d.strip().lower() for d in args.allowed_domains.split(",") if d.strip()],
-            allowed_local_media_path=args.allowed_local_media_path,
-        )
-        return cls(
-            checkpoint=args.checkpoint,
-            tokenizer_path=args.tokenizer_path,
-            model_type=args.model_type,
-            model_name=args.model_name,
-            vision_addr=args.vision_addr,
-            llm_addr=args.llm_addr,
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            max_images_per_request=args.max_images_per_request,
-            max_message_bytes=args.max_message_bytes,
-            backend_timeout_s=args.backend_timeout,
-            max_request_bytes=args.max_request_bytes,
-            media=media,
-        )
+        domains = args.pop("allowed_domains") or []
+        if isinstance(domains, str):
+            domains = [d.strip().lower() for d in domains.split(",") if d.strip()]
+        media_names = {f.name for f in fields(MediaConfig)}
+        media_args = {k: args.pop(k) for k in list(args) if k in media_names}
+        return cls(**args, media=MediaConfig(**media_args, allowed_domains=domains))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmserve.checkpoint import check_model_dtype
+from mmserve.cli import EnvFlags
 from mmserve.grpc_util import DEFAULT_MAX_MESSAGE_BYTES
 
 
@@ -37,51 +37,20 @@ class LLMConfig:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> LLMConfig:
-        env = os.environ.get
         p = argparse.ArgumentParser(prog="python -m llm_service", description="mmserve LLM service (gRPC)")
-        p.add_argument("--checkpoint", default=env("CHECKPOINT_PATH"), help="model folder [CHECKPOINT_PATH]")
-        p.add_argument(
-            "--model-type", default=env("MODEL_TYPE"), help="family override, e.g. llava [MODEL_TYPE]"
-        )
-        p.add_argument("--host", default=env("LLM_HOST", "127.0.0.1"), help="bind address [LLM_HOST]")
-        p.add_argument("--port", type=int, default=int(env("LLM_PORT", "50052")), help="gRPC port [LLM_PORT]")
-        p.add_argument(
-            "--dtype", default=env("LLM_DTYPE", "float32"), help="float32|bfloat16|float16 [LLM_DTYPE]"
-        )
-        p.add_argument("--device", default=env("LLM_DEVICE", "cpu"), help="torch device [LLM_DEVICE]")
-        p.add_argument(
-            "--max-message-bytes",
-            type=int,
-            default=int(env("GRPC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
-            help="gRPC message size limit [GRPC_MAX_MESSAGE_BYTES]",
-        )
-        p.add_argument(
-            "--max-waiting",
-            type=int,
-            default=int(env("LLM_MAX_WAITING", "256")),
-            help="queue bound before RESOURCE_EXHAUSTED [LLM_MAX_WAITING]",
-        )
-        p.add_argument(
-            "--max-running",
-            type=int,
-            default=int(env("LLM_MAX_RUNNING", "8")),
-            help="sequences generating at once [LLM_MAX_RUNNING]",
-        )
-        p.add_argument(
-            "--max-model-len",
-            type=int,
-            default=int(env("MAX_MODEL_LEN", "0")),
-            help="tokens per sequence, 0 = model default [MAX_MODEL_LEN]",
-        )
-        p.add_argument(
-            "--threads", type=int, default=int(env("LLM_THREADS", "0")), help="torch threads [LLM_THREADS]"
-        )
-        p.add_argument(
-            "--metrics-port",
-            type=int,
-            default=int(env("LLM_METRICS_PORT", "0")),
-            help="Prometheus /metrics port, 0 = off [LLM_METRICS_PORT]",
-        )
+        flags = EnvFlags(p, cls)
+        flags.add("checkpoint", "CHECKPOINT_PATH", help="model folder")
+        flags.add("model_type", "MODEL_TYPE", help="family override, e.g. llava")
+        flags.add("host", "LLM_HOST", help="bind address")
+        flags.add("port", "LLM_PORT", int, "gRPC port")
+        flags.add("dtype", "LLM_DTYPE", help="float32|bfloat16|float16")
+        flags.add("device", "LLM_DEVICE", help="torch device")
+        flags.add("max_message_bytes", "GRPC_MAX_MESSAGE_BYTES", int, "gRPC message size limit")
+        flags.add("max_waiting", "LLM_MAX_WAITING", int, "queue bound before RESOURCE_EXHAUSTED")
+        flags.add("max_running", "LLM_MAX_RUNNING", int, "sequences generating at once")
+        flags.add("max_model_len", "MAX_MODEL_LEN", int, "tokens per sequence, 0 = model default")
+        flags.add("threads", "LLM_THREADS", int, "torch threads, 0 = all cores")
+        flags.add("metrics_port", "LLM_METRICS_PORT", int, "Prometheus /metrics port, 0 = off")
         args = p.parse_args(argv)
         if not args.checkpoint:
             p.error("--checkpoint (or CHECKPOINT_PATH) is required")

@@ -169,3 +169,34 @@ def _metric(port: int, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0  # a labelled counter that was never incremented is not exported yet
+
+
+def serve_vision(encoder, body):
+    """Run `await body(stub, address)` against a real VisionService gRPC server for `encoder`."""
+    import asyncio
+
+    import grpc
+
+    from mmserve.grpc_util import channel_options, start_server
+    from mmserve.proto import vision_pb2, vision_pb2_grpc
+    from vision_service.server import VisionServicer
+
+    service = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
+
+    async def go():
+        server, _, port = await start_server(
+            lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(encoder), s),
+            service,
+            "127.0.0.1",
+            0,
+            64 << 20,
+        )
+        try:
+            async with grpc.aio.insecure_channel(
+                f"127.0.0.1:{port}", options=channel_options(64 << 20)
+            ) as channel:
+                return await body(vision_pb2_grpc.VisionServiceStub(channel), f"127.0.0.1:{port}")
+        finally:
+            await server.stop(0)
+
+    return asyncio.run(go())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmserve.checkpoint import check_model_dtype
+from mmserve.cli import EnvFlags
 from mmserve.grpc_util import DEFAULT_MAX_MESSAGE_BYTES
 from mmserve.images import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -56,46 +57,26 @@ class VisionConfig:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> VisionConfig:
-        env = os.environ.get
-        defaults = {
-            f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(cls)
-        }
         p = argparse.ArgumentParser(
             prog="python -m vision_service", description="mmserve vision service (gRPC)"
         )
-
-        def flag(name: str, env_name: str, kind=str, help: str = ""):
-            default = env(env_name)
-            p.add_argument(
-                "--" + name.replace("_", "-"),
-                dest=name,
-                type=kind,
-                default=kind(default) if default not in (None, "") else defaults.get(name),
-                help=f"{help} [{env_name}]",
-            )
-
-        flag("checkpoint", "CHECKPOINT_PATH", help="model folder")
-        flag("model_type", "MODEL_TYPE", help="family override, e.g. llava")
-        flag("host", "VISION_HOST", help="bind address")
-        flag("port", "VISION_PORT", int, "gRPC port")
-        flag("dtype", "VISION_DTYPE", help="float32|bfloat16|float16")
-        flag("device", "VISION_DEVICE", help="torch device")
-        flag("max_message_bytes", "GRPC_MAX_MESSAGE_BYTES", int, "gRPC message size limit")
-        flag("max_images_per_request", "VISION_MAX_IMAGES_PER_REQUEST", int, "images per Embed call")
-        flag("max_image_pixels", "MAX_IMAGE_PIXELS", int, "reject larger images before decoding")
-        flag("max_batch_size", "VISION_MAX_BATCH_SIZE", int, "images per encoder forward")
-        flag("max_wait_ms", "VISION_MAX_WAIT_MS", float, "wait for more images before a forward")
-        flag("cache_bytes", "VISION_CACHE_BYTES", int, "embedding cache budget in bytes, 0 = off")
-        flag("preprocess_workers", "VISION_PREPROCESS_WORKERS", int, "decode/preprocess workers")
-        flag("preprocess_mode", "VISION_PREPROCESS_MODE", help="thread|process")
-        flag("metrics_port", "VISION_METRICS_PORT", int, "Prometheus /metrics port, 0 = off")
-        p.add_argument(
-            "--compile",
-            action="store_true",
-            default=env("VISION_COMPILE", "") == "1",
-            help="torch.compile the vision tower; compiles at start-up [VISION_COMPILE=1]",
-        )
-        flag("threads", "VISION_THREADS", int, "torch threads, 0 = all cores")
+        flags = EnvFlags(p, cls)
+        flags.add("checkpoint", "CHECKPOINT_PATH", help="model folder")
+        flags.add("model_type", "MODEL_TYPE", help="family override, e.g. llava")
+        flags.add("host", "VISION_HOST", help="bind address")
+        flags.add("port", "VISION_PORT", int, "gRPC port")
+        flags.add("dtype", "VISION_DTYPE", help="float32|bfloat16|float16")
+        flags.add("device", "VISION_DEVICE", help="torch device")
+        flags.add("max_message_bytes", "GRPC_MAX_MESSAGE_BYTES", int, "gRPC message size limit")
+        flags.add("max_images_per_request", "VISION_MAX_IMAGES_PER_REQUEST", int, "images per Embed call")
+        flags.add("max_image_pixels", "MAX_IMAGE_PIXELS", int, "reject larger images before decoding")
+        flags.add("max_batch_size", "VISION_MAX_BATCH_SIZE", int, "images per encoder forward")
+        flags.add("max_wait_ms", "VISION_MAX_WAIT_MS", float, "wait for more images before a forward")
+        flags.add("cache_bytes", "VISION_CACHE_BYTES", int, "embedding cache budget in bytes, 0 = off")
+        flags.add("preprocess_workers", "VISION_PREPROCESS_WORKERS", int, "decode/preprocess workers")
+        flags.add("preprocess_mode", "VISION_PREPROCESS_MODE", help="thread|process")
+        flags.add("metrics_port", "VISION_METRICS_PORT", int, "Prometheus /metrics port, 0 = off")
+        flags.switch("compile", "VISION_COMPILE", "torch.compile the vision tower; compiles at start-up")
         args = p.parse_args(argv)
         if not args.checkpoint:
             p.error("--checkpoint (or CHECKPOINT_PATH) is required")

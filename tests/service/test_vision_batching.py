@@ -11,16 +11,14 @@ import pytest
 import torch
 
 from gateway.clients import GrpcVisionClient
-from mmserve.grpc_util import channel_options, start_server
 from mmserve.images import content_hash
-from mmserve.proto import vision_pb2, vision_pb2_grpc
+from mmserve.proto import vision_pb2
 from mmserve.tensor_codec import tensor_from_pb
 from mmserve.wire import ImageFeatures, ImageInput
-from tests.helpers import make_image
+from tests.helpers import make_image, serve_vision
 from vision_service.cache import EmbeddingCache
 from vision_service.config import VisionConfig
 from vision_service.encoder import VisionEncoder
-from vision_service.server import VisionServicer
 
 SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 IMAGES = [
@@ -36,25 +34,7 @@ def count(encoder, outcome):
 
 
 def serve(encoder, body):
-    """Run `body(stub, address)` against a real server for `encoder`."""
-
-    async def go():
-        server, _, port = await start_server(
-            lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(encoder), s),
-            SERVICE,
-            "127.0.0.1",
-            0,
-            64 << 20,
-        )
-        try:
-            async with grpc.aio.insecure_channel(
-                f"127.0.0.1:{port}", options=channel_options(64 << 20)
-            ) as channel:
-                return await body(vision_pb2_grpc.VisionServiceStub(channel), f"127.0.0.1:{port}")
-        finally:
-            await server.stop(0)
-
-    return asyncio.run(go())
+    return serve_vision(encoder, body)
 
 
 def embed_request(*images: bytes, hash_only=False, hashes=None):

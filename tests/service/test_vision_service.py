@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import shutil
 
@@ -16,13 +15,12 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from llm_service.config import LLMConfig
 from llm_service.models import load_language_model
 from mmserve.errors import CheckpointError
-from mmserve.grpc_util import channel_options, start_server
 from mmserve.images import content_hash
-from mmserve.proto import vision_pb2, vision_pb2_grpc
+from mmserve.proto import vision_pb2
 from mmserve.tensor_codec import tensor_from_pb
+from tests.helpers import serve_vision
 from vision_service.config import VisionConfig
 from vision_service.encoder import VisionEncoder
-from vision_service.server import VisionServicer
 
 SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 
@@ -34,31 +32,14 @@ def encoder(tiny_checkpoint):
     encoder.close()
 
 
-def embed(encoder, images: list[bytes], hashes=None):
-    async def go():
-        server, _, port = await start_server(
-            lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(encoder), s),
-            SERVICE,
-            "127.0.0.1",
-            0,
-            64 << 20,
+def embed(encoder, images: list[bytes]):
+    async def body(stub, address):
+        request = vision_pb2.EmbedRequest(
+            request_id="t", images=[vision_pb2.ImageInput(data=d) for d in images]
         )
-        try:
-            async with grpc.aio.insecure_channel(
-                f"127.0.0.1:{port}", options=channel_options(64 << 20)
-            ) as channel:
-                request = vision_pb2.EmbedRequest(
-                    request_id="t",
-                    images=[
-                        vision_pb2.ImageInput(data=d, content_hash=(hashes or [""] * len(images))[i])
-                        for i, d in enumerate(images)
-                    ],
-                )
-                return await vision_pb2_grpc.VisionServiceStub(channel).Embed(request)
-        finally:
-            await server.stop(0)
+        return await stub.Embed(request)
 
-    return asyncio.run(go())
+    return serve_vision(encoder, body)
 
 
 def test_embeddings_equal_transformers_get_image_features(encoder, tiny_checkpoint, image_dir):
