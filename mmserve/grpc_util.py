@@ -21,6 +21,14 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
+# Connections are recycled every few minutes (in-flight calls may finish for a day), so clients that
+# reach replicas through one DNS name re-resolve it and spread over replicas added since they connected.
+SERVER_OPTIONS = [
+    ("grpc.max_connection_age_ms", 5 * 60 * 1000),
+    ("grpc.max_connection_age_grace_ms", 24 * 60 * 60 * 1000),
+]
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -70,7 +78,7 @@ async def start_server(add_servicer, service_full_name: str, host: str, port: in
 
     Returns (server, health servicer, bound port).
     """
-    server = grpc.aio.server(options=channel_options(max_message_bytes))
+    server = grpc.aio.server(options=channel_options(max_message_bytes) + SERVER_OPTIONS)
     add_servicer(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
