@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,11 +38,19 @@ def _name(process: subprocess.Popen) -> str:
     return " ".join(str(a) for a in list(process.args)[:3])  # type: ignore[arg-type]
 
 
-def wait_healthy(address: str, process: subprocess.Popen, timeout_s: float) -> None:
+class _Stopped(Exception):
+    pass
+
+
+def wait_healthy(
+    address: str, process: subprocess.Popen, timeout_s: float, stopping: threading.Event
+) -> None:
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
+            if stopping.is_set():
+                raise _Stopped
             if process.poll() is not None:
                 raise SystemExit(f"{address} exited with code {process.returncode} during startup")
             try:
@@ -81,7 +90,11 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
 
-    signal.signal(signal.SIGTERM, lambda *_: (shutdown(), sys.exit(0)))
+    # Ctrl-C reaches the whole process group, so the services may exit before this process sees the
+    # signal: a stop request is a flag, and a service exiting is only an error if no stop follows.
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
     try:
         procs.append(
             subprocess.Popen([python, "-m", "vision_service", *common, "--port", vision_port], env=child_env)
@@ -89,8 +102,8 @@ def main() -> None:
         procs.append(
             subprocess.Popen([python, "-m", "llm_service", *common, "--port", llm_port], env=child_env)
         )
-        wait_healthy(f"127.0.0.1:{vision_port}", procs[0], 300)
-        wait_healthy(f"127.0.0.1:{llm_port}", procs[1], 300)
+        wait_healthy(f"127.0.0.1:{vision_port}", procs[0], 300, stopping)
+        wait_healthy(f"127.0.0.1:{llm_port}", procs[1], 300, stopping)
         gateway_args = [
             *common,
             "--vision",
@@ -117,16 +130,17 @@ def main() -> None:
             "",
         ]
         print("\n".join(banner), flush=True)
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        failed = [p for p in procs if p.poll() is not None]
-        print(
-            f"{_name(failed[0])} exited with code {failed[0].returncode}; stopping the stack",
-            flush=True,
-        )
-        sys.exit(1)
-    except KeyboardInterrupt:
+        while not stopping.is_set() and all(p.poll() is None for p in procs):
+            stopping.wait(0.5)
+        if not stopping.wait(1.0):  # a service died on its own
+            failed = [p for p in procs if p.poll() is not None]
+            print(
+                f"{_name(failed[0])} exited with code {failed[0].returncode}; stopping the stack", flush=True
+            )
+            sys.exit(1)
         print("\nstopping ...", flush=True)
+    except _Stopped:
+        print("\nstopped during start-up", flush=True)
     finally:
         shutdown()
 
