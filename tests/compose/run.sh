@@ -16,7 +16,14 @@ T0=$(date +%s)
 log() { printf '[compose-test %4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
 
 PY=${PY:-.venv/bin/python}
-KIT_DIR=${COMPOSE_KIT:-$(cd .. && pwd)/shared/compose}
+# The kit: $COMPOSE_KIT, else next to the project (../shared/compose), else where this workplace keeps it.
+KIT_DIR=${COMPOSE_KIT:-}
+if [ -z "$KIT_DIR" ]; then
+  for candidate in "$(cd .. && pwd)/shared/compose" /work/shared/compose /opt/compose-kit; do
+    if [ -x "$candidate/setup-podman.sh" ]; then KIT_DIR=$candidate; break; fi
+  done
+fi
+[ -n "$KIT_DIR" ] || { echo "compose kit not found: set COMPOSE_KIT to the folder holding setup-podman.sh" >&2; exit 1; }
 PROJECT=${COMPOSE_TEST_PROJECT:-mmserve-test}
 PORT=${COMPOSE_TEST_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 export PORT
