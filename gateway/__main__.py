@@ -9,14 +9,13 @@ from gateway.api import create_app
 from gateway.clients import GrpcLLMClient, GrpcVisionClient
 from gateway.config import GatewayConfig
 from gateway.media import MediaFetcher
-from gateway.prompts import PROMPT_ADAPTERS
 from gateway.serving import ServingCore
-from mmserve.checkpoint import detect_family
+from mmserve.families import adapter, detect_family
 
 
 def build_app(config: GatewayConfig):
     family = detect_family(config.checkpoint, config.model_type)
-    prompt = PROMPT_ADAPTERS[family](config.checkpoint, config.tokenizer_path or config.checkpoint)
+    prompt = adapter(family, "prompt")(config.checkpoint, config.tokenizer_path or config.checkpoint)
     vision = GrpcVisionClient(config.vision_addr, config.max_message_bytes, config.backend_timeout_s)
     llm = GrpcLLMClient(config.llm_addr, config.max_message_bytes, config.backend_timeout_s)
     core = ServingCore(prompt, vision, llm, MediaFetcher(config.media), config.max_images_per_request)

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING
 from gateway.clients import InProcessLLMClient, InProcessVisionClient
 from gateway.config import MediaConfig
 from gateway.media import MediaFetcher
-from gateway.prompts import PROMPT_ADAPTERS
 from gateway.serving import GenerationSettings, ServingCore, new_request_id
-from mmserve.checkpoint import detect_family
+from mmserve.families import adapter, detect_family
 from mmserve.wire import SamplingParams, Usage
 
 if TYPE_CHECKING:
@@ -75,9 +74,11 @@ class ModelFactory:
 
             path = snapshot_download(name_or_path)
         family = detect_family(path, model_type)
-        prompt = PROMPT_ADAPTERS[family](path, tokenizer_path or path)
-        vision = VisionEncoder(VisionConfig(checkpoint=path, model_type=family, dtype=dtype, device=device))
-        llm_config = LLMConfig(checkpoint=path, model_type=family, dtype=dtype, device=device)
+        prompt = adapter(family, "prompt")(path, tokenizer_path or path)
+        vision = VisionEncoder(
+            VisionConfig(checkpoint=path, model_type=model_type, dtype=dtype, device=device)
+        )
+        llm_config = LLMConfig(checkpoint=path, model_type=model_type, dtype=dtype, device=device)
         engine = Engine(
             load_language_model(llm_config),
             llm_config.max_waiting,

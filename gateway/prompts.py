@@ -69,9 +69,6 @@ class LlavaPrompt:
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
 
-PROMPT_ADAPTERS = {"llava": LlavaPrompt}
-
-
 def expand_image_tokens(
     token_ids: list[int], image_token_id: int, features: list[ImageFeatures]
 ) -> tuple[list[int], list[ImageSpan]]:

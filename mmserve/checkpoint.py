@@ -11,9 +11,6 @@ from safetensors import safe_open
 
 from mmserve.errors import CheckpointError
 
-# Families this build serves, as rtp-llm's MODEL_TYPE names them.
-SUPPORTED_FAMILIES = ("llava",)
-
 
 def read_config(checkpoint: str | Path) -> dict:
     path = Path(checkpoint) / "config.json"
@@ -21,26 +18,6 @@ def read_config(checkpoint: str | Path) -> dict:
         raise CheckpointError(f"{checkpoint}: no config.json (is this a Hugging Face checkpoint folder?)")
     with open(path) as f:
         return json.load(f)
-
-
-def detect_family(checkpoint: str | Path, model_type: str | None = None) -> str:
-    """The model family of a checkpoint: MODEL_TYPE when given, else decided from config.json."""
-    if model_type:
-        if model_type not in SUPPORTED_FAMILIES:
-            raise CheckpointError(
-                f"MODEL_TYPE={model_type!r} is not supported; supported: {SUPPORTED_FAMILIES}"
-            )
-        return model_type
-    config = read_config(checkpoint)
-    architectures = config.get("architectures") or []
-    if config.get("model_type") == "llava" and "mm_vision_tower" not in config:
-        return "llava"
-    if "LlavaForConditionalGeneration" in architectures:
-        return "llava"
-    raise CheckpointError(
-        f"{checkpoint}: cannot tell the model family from config.json "
-        f"(model_type={config.get('model_type')!r}, architectures={architectures}); supported: {SUPPORTED_FAMILIES}"
-    )
 
 
 def _weight_files(checkpoint: Path) -> list[Path]:

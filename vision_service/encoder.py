@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-from mmserve.checkpoint import detect_family, parse_dtype
+from mmserve.checkpoint import parse_dtype
 from mmserve.errors import DeadlineError, InvalidInputError, NotFoundError
+from mmserve.families import adapter, detect_family
 from mmserve.images import content_hash
 from mmserve.wire import ImageFeatures, ImageInput
 from vision_service.batcher import EncodeBatcher, EncodeJob
 from vision_service.cache import EmbeddingCache
 from vision_service.config import VisionConfig
 from vision_service.metrics import VisionMetrics
-from vision_service.models import VISION_ADAPTERS
 from vision_service.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class VisionEncoder:
             torch.set_num_threads(config.threads)
         self.family = detect_family(config.checkpoint, config.model_type)
         self.dtype = parse_dtype(config.dtype)
-        self.adapter = VISION_ADAPTERS[self.family]
+        self.adapter = adapter(self.family, "vision")
         self.model = self.adapter.from_checkpoint(config.checkpoint, self.dtype, config.device)
         self.hidden_size = self.model.config.text_config.hidden_size
         self.model_key = model_fingerprint(config.checkpoint, self.family, config.dtype)
