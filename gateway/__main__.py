@@ -1,6 +1,7 @@
 """gateway entry point: `python -m gateway --vision ADDR --llm ADDR --checkpoint DIR --port N`."""
 
 import asyncio
+import contextlib
 import logging
 
 import uvicorn
@@ -25,13 +26,24 @@ def build_app(config: GatewayConfig):
     )
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, which ends the process with code
+    143/130; a clean, requested shutdown exits 0 instead (what `docker compose down` expects)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
     config = GatewayConfig.from_args(argv)
 
     async def serve():
         app = build_app(config)  # inside the loop: grpc.aio channels bind to it
-        server = uvicorn.Server(
+        server = _Server(
             uvicorn.Config(
                 app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5
             )
