@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from gateway.serving import GenerationSettings, ServingCore, TextDelta, new_request_id
 from mmserve.errors import MMServeError, NotFoundError
-from mmserve.wire import SamplingParams, Usage
+from mmserve.wire import PixelLimits, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +238,13 @@ def create_app(
     async def run(request: Request, route: str, body, text: str, urls: list[str], request_id: str, render):
         started = time.monotonic()
         settings = GenerationSettings(sampling_params(body), body.token_limit, body.stop_list)
+        if body.mm_processor_kwargs is not None:
+            kwargs = body.mm_processor_kwargs
+            settings.pixels = PixelLimits(kwargs.min_pixels, kwargs.max_pixels)
         try:
-            prepared = await _cancel_on_disconnect(request, core.prepare(text, urls, request_id))
+            prepared = await _cancel_on_disconnect(
+                request, core.prepare(text, urls, request_id, settings.pixels)
+            )
             deltas = core.generate(prepared, settings, request_id)
             if body.stream:
                 # errors before the first token still get a status code

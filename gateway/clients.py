@@ -20,10 +20,11 @@ from mmserve.wire import (
     ImageFeatures,
     ImageInput,
     LLMInfo,
+    PixelLimits,
+    embed_request_to_pb,
     generate_output_from_pb,
     generate_request_to_pb,
     image_features_from_pb,
-    image_input_to_pb,
     llm_info_from_pb,
 )
 
@@ -55,23 +56,26 @@ class GrpcVisionClient:
         self._remember = remember
         self.resends = 0
 
-    async def _call(self, images: list[ImageInput], request_id: str) -> list[ImageFeatures]:
-        request = vision_pb2.EmbedRequest(
-            request_id=request_id, images=[image_input_to_pb(i) for i in images]
-        )
+    async def _call(
+        self, images: list[ImageInput], request_id: str, pixels: PixelLimits | None
+    ) -> list[ImageFeatures]:
+        request = embed_request_to_pb(images, request_id, pixels)
         try:
             response = await self._stub.Embed(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             raise _domain_error(exc, "vision") from None
         return [image_features_from_pb(e) for e in response.embeddings]
 
-    async def embed(self, images: list[ImageInput], request_id: str) -> list[ImageFeatures]:
+    async def embed(
+        self, images: list[ImageInput], request_id: str, pixels: PixelLimits | None = None
+    ) -> list[ImageFeatures]:
+        """`pixels`: per-request resize bounds (dynamic-resolution families); None = the service's default."""
         slim = [ImageInput(b"", i.content_hash) if i.content_hash in self._sent else i for i in images]
         try:
-            features = await self._call(slim, request_id)
+            features = await self._call(slim, request_id, pixels)
         except NotFoundError:
             self.resends += 1
-            features = await self._call(images, request_id)
+            features = await self._call(images, request_id, pixels)
         for image in images:
             self._sent[image.content_hash] = None
             self._sent.move_to_end(image.content_hash)
@@ -122,8 +126,10 @@ class InProcessVisionClient:
     def __init__(self, encoder):
         self.encoder = encoder
 
-    async def embed(self, images: list[ImageInput], request_id: str) -> list[ImageFeatures]:
-        return await self.encoder.embed_async(images)
+    async def embed(
+        self, images: list[ImageInput], request_id: str, pixels: PixelLimits | None = None
+    ) -> list[ImageFeatures]:
+        return await self.encoder.embed_async(images, pixels=pixels)
 
     async def close(self) -> None:
         pass

@@ -25,7 +25,7 @@ from gateway.config import MediaConfig
 from gateway.media import MediaFetcher
 from gateway.serving import GenerationSettings, ServingCore, new_request_id
 from mmserve.families import adapter, detect_family
-from mmserve.wire import SamplingParams, Usage
+from mmserve.wire import PixelLimits, SamplingParams, Usage
 
 if TYPE_CHECKING:
     from gateway.prompts import LlavaPrompt
@@ -115,6 +115,10 @@ _CONFIG_KEYS = {
     "ignore_eos",
     "stop_words_str",
     "stop_words_list",
+    # image resize bounds of this call (Qwen2-VL family), also accepted nested as vLLM's mm_processor_kwargs
+    "min_pixels",
+    "max_pixels",
+    "mm_processor_kwargs",
 }
 
 
@@ -138,8 +142,23 @@ def settings_from_generate_config(config: dict | None) -> GenerationSettings:
         seed=config.get("random_seed", config.get("seed")),
         repetition_penalty=float(config.get("repetition_penalty", 1.0)),
     )
+    pixel_config = {**config, **dict(config.get("mm_processor_kwargs") or {})}
+    unknown = sorted(set(config.get("mm_processor_kwargs") or {}) - {"min_pixels", "max_pixels"})
+    if unknown:
+        raise ValueError(
+            f"unknown mm_processor_kwargs keys {unknown}; supported: ['max_pixels', 'min_pixels']"
+        )
+    pixels = PixelLimits(
+        *(
+            int(pixel_config[k]) if pixel_config.get(k) is not None else None
+            for k in ("min_pixels", "max_pixels")
+        )
+    )
     return GenerationSettings(
-        sampling, int(config.get("max_new_tokens", 256)), list(config.get("stop_words_str", []))
+        sampling,
+        int(config.get("max_new_tokens", 256)),
+        list(config.get("stop_words_str", [])),
+        pixels if pixels else None,
     )
 
 
@@ -188,9 +207,9 @@ class Pipeline:
             try:
                 text = self.core.prompt.normalize_raw(prompts[index])
                 request_id = new_request_id("pipeline")
-                prepared = await self.core.prepare(text, url_lists[index], request_id)
+                prepared = await self.core.prepare(text, url_lists[index], request_id, settings.pixels)
                 sampling = SamplingParams(**vars(settings.sampling))
-                own = GenerationSettings(sampling, settings.max_tokens, settings.stop)
+                own = GenerationSettings(sampling, settings.max_tokens, settings.stop, settings.pixels)
                 async for delta in self.core.generate(prepared, own, request_id):
                     events.put((index, delta))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread

@@ -43,6 +43,15 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class MMProcessorKwargs(BaseModel):
+    """vLLM's `mm_processor_kwargs`, the keys this server honours (dynamic-resolution families only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+
+
 class SamplingFields(_Body):
     """Fields shared by chat and text completions, the extras benchmark tools send included."""
 
@@ -64,6 +73,8 @@ class SamplingFields(_Body):
     logprobs: bool | int | None = None
     # vLLM's extension: echo prompt and completion token ids in the response.
     return_token_ids: bool | None = None
+    # vLLM's extension: image preprocessing options of this request (Qwen2-VL's min/max pixels).
+    mm_processor_kwargs: MMProcessorKwargs | None = None
 
     @model_validator(mode="after")
     def _supported(self):

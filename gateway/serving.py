@@ -17,7 +17,7 @@ from gateway.media import MediaError, MediaFetcher
 from gateway.prompts import expand_image_tokens
 from mmserve.errors import InvalidInputError, UnavailableError
 from mmserve.images import content_hash, probe_image
-from mmserve.wire import GenerateRequest, ImageInput, ImageSpan, LLMInfo, SamplingParams, Usage
+from mmserve.wire import GenerateRequest, ImageInput, ImageSpan, LLMInfo, PixelLimits, SamplingParams, Usage
 
 
 @dataclass
@@ -31,6 +31,7 @@ class GenerationSettings:
     sampling: SamplingParams
     max_tokens: int | None = None  # None: up to the context length
     stop: list[str] = field(default_factory=list)
+    pixels: PixelLimits | None = None  # per-request image resize bounds (Qwen2-VL family), for prepare()
 
 
 @dataclass
@@ -80,7 +81,12 @@ class ServingCore:
             converted.append({"role": message["role"], "content": parts})
         return self.prompt.render_chat(converted), urls
 
-    async def prepare(self, text: str, urls: list[str], request_id: str) -> PreparedPrompt:
+    async def prepare(
+        self, text: str, urls: list[str], request_id: str, pixels: PixelLimits | None = None
+    ) -> PreparedPrompt:
+        extract = getattr(self.prompt, "extract_images", None)
+        if extract is not None:  # families whose prompts carry urls inline (Qwen-VL's <img>URL</img>)
+            text, urls = extract(text, list(urls))
         token_ids = await asyncio.to_thread(self.prompt.tokenize, text)
         tags = sum(1 for t in token_ids if t == self.prompt.image_token_id)
         if tags != len(urls):
@@ -98,7 +104,7 @@ class ServingCore:
         except* InvalidInputError as failures:
             raise failures.exceptions[0] from None
         images = [task.result() for task in tasks]
-        features = await self.vision.embed(images, request_id)
+        features = await self.vision.embed(images, request_id, pixels)
         token_ids, spans = expand_image_tokens(token_ids, self.prompt.image_token_id, features)
         return PreparedPrompt(token_ids, spans)
 

@@ -37,6 +37,7 @@ class Sequence:
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
     cache: DynamicCache | None = None
+    rope_delta: int | None = None  # M-RoPE models: decode position = absolute index + rope_delta
     aborted: bool = False
     arrival: float = field(default_factory=time.monotonic)
     last_token_at: float = 0.0
@@ -172,6 +173,8 @@ class Engine:
             raise InvalidInputError(
                 f"prompt has {placeholders} image placeholder tokens but the image spans cover {covered}"
             )
+        if hasattr(model, "validate_request"):  # family-specific checks (e.g. Qwen2-VL's grid_thw)
+            model.validate_request(request)
 
     # ---- worker thread --------------------------------------------------------------------------
 
@@ -229,12 +232,20 @@ class Engine:
 
     def _step(self, seq: Sequence) -> None:
         model = self.model
+        # Models with their own positions (Qwen2-VL's M-RoPE) get them explicitly; others (LLaVA) do not.
+        positioned = hasattr(model, "prompt_positions")
+        kwargs = {}
         if seq.cache is None:
             embeds = self._prompt_embeddings(seq.request)
             seq.cache = DynamicCache()
+            if positioned:
+                kwargs["positions"], seq.rope_delta = model.prompt_positions(seq.request)
         else:
             embeds = model.embed_tokens(torch.tensor([seq.output_ids[-1]]))
-        logits = model.forward(embeds[None], seq.cache)
+            if positioned:
+                index = len(seq.request.token_ids) + len(seq.output_ids) - 1
+                kwargs["positions"] = torch.full((3, 1), index + (seq.rope_delta or 0))
+        logits = model.forward(embeds[None], seq.cache, **kwargs)
         params = seq.request.sampling
         token = sample_next(
             logits,

@@ -27,6 +27,36 @@ FAMILIES: dict[str, Family] = {
         "llm_service.models.llava:LlavaLanguageModel",
         "gateway.prompts:LlavaPrompt",
     ),
+    "llava_next": Family(
+        "llava",
+        "vision_service.models.llava_next:LlavaNextVision",
+        "llm_service.models.llava:LlavaLanguageModel",
+        "gateway.prompts:LlavaPrompt",
+    ),
+    "llava_original": Family(
+        "llava",
+        "vision_service.models.llava_original:LlavaOriginalVision",
+        "llm_service.models.llava_original:LlavaOriginalLanguageModel",
+        "gateway.prompt_llava_original:LlavaOriginalPrompt",
+    ),
+    "qwen2_vl": Family(
+        "qwen2_vl",
+        "vision_service.models.qwen2_vl:Qwen2VLVision",
+        "llm_service.models.qwen2_vl:Qwen2VLLanguageModel",
+        "gateway.prompt_qwen2_vl:Qwen2VLPrompt",
+    ),
+    "qwen2_5_vl": Family(
+        "qwen2_5_vl",
+        "vision_service.models.qwen2_vl:Qwen2VLVision",
+        "llm_service.models.qwen2_vl:Qwen2VLLanguageModel",
+        "gateway.prompt_qwen2_vl:Qwen2VLPrompt",
+    ),
+    "qwen_vl": Family(
+        "qwen_vl",
+        "vision_service.models.qwen_vl:QwenVLVision",
+        "llm_service.models.qwen_vl:QwenVLLanguageModel",
+        "gateway.prompt_qwen_vl:QwenVLPrompt",
+    ),
 }
 
 # MODEL_TYPE values and the families they may mean (config.json picks among several).

@@ -25,6 +25,20 @@ class ImageInput:
 
 
 @dataclass(frozen=True)
+class PixelLimits:
+    """Per-request bounds of a resized image's area (dynamic-resolution families: Qwen2-VL, Qwen2.5-VL).
+
+    None: the vision service's default. vLLM's `mm_processor_kwargs` names.
+    """
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.min_pixels is not None or self.max_pixels is not None
+
+
+@dataclass(frozen=True)
 class ImageFeatures:
     """The vision encoder's output for one image."""
 
@@ -104,6 +118,24 @@ def image_input_to_pb(image: ImageInput) -> vision_pb2.ImageInput:
 
 def image_input_from_pb(message: vision_pb2.ImageInput) -> ImageInput:
     return ImageInput(data=message.data, content_hash=message.content_hash)
+
+
+def embed_request_to_pb(
+    images: list[ImageInput], request_id: str, pixels: PixelLimits | None = None
+) -> vision_pb2.EmbedRequest:
+    message = vision_pb2.EmbedRequest(request_id=request_id, images=[image_input_to_pb(i) for i in images])
+    if pixels is not None and pixels.min_pixels is not None:
+        message.min_pixels = pixels.min_pixels
+    if pixels is not None and pixels.max_pixels is not None:
+        message.max_pixels = pixels.max_pixels
+    return message
+
+
+def pixel_limits_from_pb(message: vision_pb2.EmbedRequest) -> PixelLimits:
+    return PixelLimits(
+        min_pixels=message.min_pixels if message.HasField("min_pixels") else None,
+        max_pixels=message.max_pixels if message.HasField("max_pixels") else None,
+    )
 
 
 def image_features_to_pb(features: ImageFeatures) -> vision_pb2.ImageEmbedding:

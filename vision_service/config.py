@@ -24,6 +24,10 @@ class VisionConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send/receive limit
     max_images_per_request: int = 32
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # checked from the header, before decoding
+    # Dynamic-resolution families (Qwen2-VL): bounds of a resized image's area, the default of requests
+    # that set none; 0 = the checkpoint's preprocessor config.
+    min_pixels: int = 0
+    max_pixels: int = 0
     max_batch_size: int = 16  # images per encoder forward, across requests
     max_wait_ms: float = 2.0  # how long a forward waits for more images once one is queued
     cache_bytes: int = 1 << 30  # embedding cache budget (LRU); 0 turns the cache off
@@ -43,6 +47,10 @@ class VisionConfig:
             raise ValueError(f"port out of range: {self.port}")
         if self.max_images_per_request < 1 or self.max_image_pixels < 1:
             raise ValueError("max_images_per_request and max_image_pixels must be positive")
+        if self.min_pixels < 0 or self.max_pixels < 0:
+            raise ValueError("min_pixels and max_pixels must be >= 0 (0 = the checkpoint's default)")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
         if (
             self.max_batch_size < 1
             or self.max_wait_ms < 0
@@ -70,6 +78,12 @@ class VisionConfig:
         flags.add("max_message_bytes", "GRPC_MAX_MESSAGE_BYTES", int, "gRPC message size limit")
         flags.add("max_images_per_request", "VISION_MAX_IMAGES_PER_REQUEST", int, "images per Embed call")
         flags.add("max_image_pixels", "MAX_IMAGE_PIXELS", int, "reject larger images before decoding")
+        flags.add(
+            "min_pixels", "VISION_MIN_PIXELS", int, "Qwen2-VL: min resized image area, 0 = checkpoint's"
+        )
+        flags.add(
+            "max_pixels", "VISION_MAX_PIXELS", int, "Qwen2-VL: max resized image area, 0 = checkpoint's"
+        )
         flags.add("max_batch_size", "VISION_MAX_BATCH_SIZE", int, "images per encoder forward")
         flags.add("max_wait_ms", "VISION_MAX_WAIT_MS", float, "wait for more images before a forward")
         flags.add("cache_bytes", "VISION_CACHE_BYTES", int, "embedding cache budget in bytes, 0 = off")

@@ -16,7 +16,7 @@ from mmserve.checkpoint import parse_dtype
 from mmserve.errors import DeadlineError, InvalidInputError, NotFoundError
 from mmserve.families import adapter, detect_family
 from mmserve.images import content_hash
-from mmserve.wire import ImageFeatures, ImageInput
+from mmserve.wire import ImageFeatures, ImageInput, PixelLimits
 from vision_service.batcher import EncodeBatcher, EncodeJob
 from vision_service.cache import EmbeddingCache
 from vision_service.config import VisionConfig
@@ -56,6 +56,10 @@ class VisionEncoder:
             config.preprocess_workers,
             config.max_image_pixels,
         )
+        if (config.min_pixels or config.max_pixels) and not getattr(
+            self.adapter, "dynamic_resolution", False
+        ):
+            raise ValueError(f"min_pixels/max_pixels apply to dynamic-resolution families, not {self.family}")
         if config.compile:
             self._compile()
         self._batcher: EncodeBatcher | None = None
@@ -96,10 +100,10 @@ class VisionEncoder:
             self._loop, self._inflight = loop, {}
         return self._batcher
 
-    async def _prepare(self, job: EncodeJob, data: bytes, batcher: EncodeBatcher) -> None:
+    async def _prepare(self, job: EncodeJob, data: bytes, batcher: EncodeBatcher, options: dict) -> None:
         started = time.monotonic()
         try:
-            job.inputs = await self.preprocess(data)
+            job.inputs = await self.preprocess(data, options)
         except Exception as exc:  # noqa: BLE001 - delivered to every waiter of this image
             self.metrics.images.labels("invalid").inc()
             if not job.future.done():
@@ -114,13 +118,36 @@ class VisionEncoder:
         if not future.cancelled() and future.exception() is None:
             self.cache.put(job.key, ImageFeatures(future.result(), job.key.split(":", 1)[1], self._grid(job)))
 
+    def _pixel_options(self, pixels: PixelLimits | None) -> dict[str, int]:
+        """The resize bounds of a request (its own, else the service's), as preprocess_one keywords."""
+        if not getattr(self.adapter, "dynamic_resolution", False):
+            if pixels:
+                raise InvalidInputError(
+                    f"min_pixels/max_pixels are not supported by the {self.family} family (fixed resolution)"
+                )
+            return {}
+        pixels = pixels or PixelLimits()
+        options = {}
+        for name, default in (("min_pixels", self.config.min_pixels), ("max_pixels", self.config.max_pixels)):
+            value = getattr(pixels, name)
+            if value is not None and value < 1:
+                raise InvalidInputError(f"{name} must be a positive number of pixels, got {value}")
+            if value is not None or default:
+                options[name] = int(value if value is not None else default)
+        if options.get("min_pixels", 0) > options.get("max_pixels", 1 << 62):
+            raise InvalidInputError(
+                f"min_pixels ({options['min_pixels']}) is larger than max_pixels ({options['max_pixels']})"
+            )
+        return options
+
     async def embed_async(
-        self, images: list[ImageInput], deadline: float | None = None
+        self, images: list[ImageInput], deadline: float | None = None, pixels: PixelLimits | None = None
     ) -> list[ImageFeatures]:
         """Embeddings of `images` in order. `deadline` is a time.monotonic() instant.
 
         An image given by hash only (empty data) is answered from the cache, or raises NotFoundError
-        so that the caller resends its bytes.
+        so that the caller resends its bytes. `pixels` bounds the resized area of every image
+        (dynamic-resolution families only); the embedding cache keys include the bounds.
         """
         if not images:
             raise InvalidInputError("no images given")
@@ -137,9 +164,13 @@ class VisionEncoder:
                 raise InvalidInputError(f"image {i}: content_hash does not match the SHA-256 of its bytes")
             hashes.append(digest)
 
+        options = self._pixel_options(pixels)
         batcher = self._ensure_batcher()
         loop = asyncio.get_running_loop()
-        keys = [f"{self.model_key}:{digest}" for digest in hashes]
+        # The same image resized to other bounds is another embedding (another N_i). No ':' in the suffix:
+        # the part after the first ':' is the content hash.
+        variant = "".join(f"|{name}={value}" for name, value in sorted(options.items()))
+        keys = [f"{self.model_key}{variant}:{digest}" for digest in hashes]
         missing = [
             i
             for i, (image, key) in enumerate(zip(images, keys, strict=True))
@@ -165,7 +196,7 @@ class VisionEncoder:
                 job = EncodeJob(key, loop.create_future(), deadline=deadline)
                 self._inflight[key] = job
                 job.future.add_done_callback(functools.partial(self._finished, job))
-                loop.create_task(self._prepare(job, image.data, batcher))
+                loop.create_task(self._prepare(job, image.data, batcher, options))
             waiting.append((i, job))
 
         try:

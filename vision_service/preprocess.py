@@ -21,8 +21,9 @@ from mmserve.images import decode_image
 _worker_state: tuple[Any, Any] | None = None  # (adapter class, processor), set once in each worker process
 
 
-def _preprocess(adapter, processor, data: bytes, max_pixels: int) -> dict[str, np.ndarray]:
-    return adapter.preprocess_one(processor, decode_image(data, max_pixels, what="image"))
+def _preprocess(adapter, processor, data: bytes, max_pixels: int, options: dict) -> dict[str, np.ndarray]:
+    # `options`: adapter keyword arguments (Qwen2-VL's min_pixels/max_pixels); empty for most families.
+    return adapter.preprocess_one(processor, decode_image(data, max_pixels, what="image"), **options)
 
 
 def _init_worker(adapter, checkpoint: str) -> None:
@@ -35,10 +36,10 @@ def _ready() -> bool:
     return _worker_state is not None
 
 
-def _preprocess_in_worker(data: bytes, max_pixels: int) -> dict[str, np.ndarray]:
+def _preprocess_in_worker(data: bytes, max_pixels: int, options: dict) -> dict[str, np.ndarray]:
     assert _worker_state is not None, "worker not initialised"
     adapter, processor = _worker_state
-    return _preprocess(adapter, processor, data, max_pixels)
+    return _preprocess(adapter, processor, data, max_pixels, options)
 
 
 class Preprocessor:
@@ -58,10 +59,12 @@ class Preprocessor:
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="vision-preprocess")
             self._fn = functools.partial(_preprocess, adapter, adapter.load_processor(checkpoint))
 
-    async def __call__(self, data: bytes) -> dict[str, torch.Tensor]:
-        """Encoded image bytes -> model inputs of that one image (raises InvalidInputError)."""
+    async def __call__(self, data: bytes, options: dict | None = None) -> dict[str, torch.Tensor]:
+        """Encoded image bytes -> model inputs of that one image (raises InvalidInputError).
+
+        `options` are passed to the adapter's preprocess_one (e.g. min_pixels/max_pixels)."""
         arrays = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._fn, data, self.max_pixels
+            self._executor, self._fn, data, self.max_pixels, options or {}
         )
         return {name: torch.from_numpy(array) for name, array in arrays.items()}
 

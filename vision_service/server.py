@@ -7,7 +7,7 @@ import time
 from mmserve.grpc_util import map_errors
 from mmserve.proto import vision_pb2, vision_pb2_grpc
 from mmserve.tensor_codec import dtype_name
-from mmserve.wire import image_features_to_pb, image_input_from_pb
+from mmserve.wire import image_features_to_pb, image_input_from_pb, pixel_limits_from_pb
 from vision_service.encoder import VisionEncoder
 
 
@@ -20,7 +20,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         images = [image_input_from_pb(image) for image in request.images]
         remaining = context.time_remaining()  # None without a client deadline
         deadline = None if remaining is None else time.monotonic() + remaining
-        features = await self.encoder.embed_async(images, deadline)
+        features = await self.encoder.embed_async(images, deadline, pixel_limits_from_pb(request))
         return vision_pb2.EmbedResponse(embeddings=[image_features_to_pb(f) for f in features])
 
     @map_errors

@@ -1,0 +1,21 @@
+"""Qwen2-VL / Qwen2.5-VL prompts: ChatML from the checkpoint's tokenizer, `<|image_pad|>` per image."""
+
+from __future__ import annotations
+
+from gateway.prompts import LlavaPrompt
+
+
+class Qwen2VLPrompt(LlavaPrompt):
+    """The chat template writes `<|vision_start|><|image_pad|><|vision_end|>` per image; the gateway
+    expands each `<|image_pad|>` to the N_i rows the vision service returned for that image."""
+
+    family = "qwen2_vl"
+    image_tag = "<|image_pad|>"
+    image_block = "<|vision_start|><|image_pad|><|vision_end|>"
+    # Accepted as image placeholders in raw prompts (Pipeline, /v1/completions).
+    raw_placeholders = ("<img/>", "<image>")
+
+    def normalize_raw(self, prompt: str) -> str:
+        for alias in self.raw_placeholders:
+            prompt = prompt.replace(alias, self.image_block)
+        return prompt

@@ -1,0 +1,204 @@
+"""Tiny random-weight checkpoints of the other LLaVA layouts, built offline for the tests.
+
+- `build_llava_next_checkpoint`: a llava-hf `LlavaNextForConditionalGeneration` checkpoint (anyres tiling,
+  image_newline) with its `LlavaNextProcessor`.
+- `build_llava_original_checkpoint`: the original haotian-liu/LLaVA layout (LLaMA weights +
+  `model.mm_projector.*`, `mm_vision_tower` naming a separate CLIP folder), derived from the weights of an
+  equivalent llava-hf checkpoint, so that transformers' `LlavaForConditionalGeneration` on the latter is a
+  reference for the former.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from mmserve.demo import LLAVA_CHAT_TEMPLATE, LlavaShape, build_llava_checkpoint, build_tokenizer
+
+# The vicuna_v1 system line of the original LLaVA conversation templates.
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+def default_grid_pinpoints(image_size: int) -> list[list[int]]:
+    """llava-hf's default pinpoints ([[336, 672], [672, 336], ...]) scaled to `image_size`."""
+    s = image_size
+    return [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]
+
+
+def _widen_init(model) -> None:
+    """Default init leaves tiny random models emitting one token forever (see mmserve.demo)."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 1.0 if "embed" in name or "lm_head" in name else 0.2)
+            elif name.endswith("image_newline"):
+                param.normal_(0.0, 1.0)
+
+
+def build_llava_next_checkpoint(
+    path: str | Path,
+    shape: LlavaShape | None = None,
+    seed: int = 0,
+    grid_pinpoints: list[list[int]] | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write a random-weight `LlavaNextForConditionalGeneration` checkpoint with tokenizer and processor."""
+    shape = shape or LlavaShape()
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(shape.vocab_size)
+    side = shape.image_size
+    pinpoints = grid_pinpoints or default_grid_pinpoints(side)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=shape.vision_hidden,
+            intermediate_size=shape.vision_intermediate,
+            num_hidden_layers=shape.vision_layers,
+            num_attention_heads=shape.vision_heads,
+            image_size=side,
+            patch_size=shape.patch_size,
+            projection_dim=shape.vision_hidden,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=max(len(tokenizer), shape.model_vocab_size or 0),
+            hidden_size=shape.text_hidden,
+            intermediate_size=shape.text_intermediate,
+            num_hidden_layers=shape.text_layers,
+            num_attention_heads=shape.text_heads,
+            num_key_value_heads=shape.text_kv_heads,
+            max_position_embeddings=shape.max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=(side // shape.patch_size) ** 2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    _widen_init(model)
+    model.to(getattr(torch, dtype)).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+            image_grid_pinpoints=pinpoints,
+        ),
+        tokenizer=tokenizer,
+        patch_size=shape.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+    (path / "mmserve_demo.json").write_text(json.dumps({"seed": seed, **asdict(shape)}))
+    return path
+
+
+def build_llava_original_checkpoint(
+    path: str | Path,
+    hf_path: str | Path,
+    clip_path: str | Path | None = None,
+    shape: LlavaShape | None = None,
+    seed: int = 0,
+    image_aspect_ratio: str = "pad",
+    mm_use_im_start_end: bool = False,
+    relative_tower_path: bool = True,
+) -> Path:
+    """Write an original-LLaVA-layout checkpoint at `path` and its CLIP tower folder at `clip_path`.
+
+    `hf_path` receives the equivalent llava-hf checkpoint (built with the same seed and shape): the two
+    hold the same weights, so they must give the same tokens. `mm_vision_tower` names the CLIP folder
+    relative to the checkpoint folder unless `relative_tower_path` is False.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessorPil,
+        CLIPVisionModel,
+        LlavaForConditionalGeneration,
+    )
+
+    shape = shape or LlavaShape()
+    if mm_use_im_start_end:  # room in the embeddings for <im_start> and <im_end>
+        shape = replace(shape, model_vocab_size=max(shape.model_vocab_size or 0, shape.vocab_size + 8))
+    path, hf_path = Path(path), Path(hf_path)
+    clip_path = Path(clip_path) if clip_path else path.parent / f"{path.name}-clip"
+    build_llava_checkpoint(hf_path, shape, seed=seed)
+    hf = LlavaForConditionalGeneration.from_pretrained(hf_path, dtype=torch.float32)
+    hf_config: Any = hf.config  # a LlavaConfig
+
+    # The CLIP tower as its own checkpoint, with the CLIP image processor.
+    tower = CLIPVisionModel(hf_config.vision_config)
+    tower.load_state_dict(hf.model.vision_tower.state_dict(), strict=True)
+    tower.save_pretrained(clip_path)
+    side = shape.image_size
+    CLIPImageProcessorPil(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    ).save_pretrained(clip_path)
+
+    # LLaMA weights + model.mm_projector.{0,2}.* (mlp2x_gelu: index 1 is the GELU).
+    state = {f"model.{k}": v for k, v in hf.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = hf.lm_head.weight
+    projector = hf.model.multi_modal_projector
+    state["model.mm_projector.0.weight"] = projector.linear_1.weight
+    state["model.mm_projector.0.bias"] = projector.linear_1.bias
+    state["model.mm_projector.2.weight"] = projector.linear_2.weight
+    state["model.mm_projector.2.bias"] = projector.linear_2.bias
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+
+    text = hf_config.text_config.to_dict()
+    for key in ("architectures", "model_type", "transformers_version", "dtype", "_name_or_path"):
+        text.pop(key, None)
+    tower_ref = os.path.relpath(clip_path, path) if relative_tower_path else str(clip_path.resolve())
+    config = {
+        **text,
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        "mm_vision_tower": tower_ref,
+        "mm_hidden_size": shape.vision_hidden,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": hf_config.vision_feature_layer,
+        "mm_vision_select_feature": "patch",
+        "mm_use_im_start_end": mm_use_im_start_end,
+        "mm_use_im_patch_token": False,
+        "image_aspect_ratio": image_aspect_ratio,
+        "tune_mm_mlp_adapter": False,
+        "use_mm_proj": True,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer = AutoTokenizer.from_pretrained(hf_path)
+    if mm_use_im_start_end:
+        tokenizer.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(path)
+    for leftover in ("chat_template.jinja", "chat_template.json"):
+        (path / leftover).unlink(missing_ok=True)
+    (path / "mmserve_demo.json").write_text(
+        json.dumps({"seed": seed, "llava_hf": str(hf_path), **asdict(shape)})
+    )
+    return path

@@ -1,0 +1,163 @@
+"""Build small random-weight Qwen2-VL / Qwen2.5-VL checkpoints offline (the tests' models).
+
+Everything is created locally: a byte-level BPE tokenizer with Qwen's special tokens and a ChatML chat
+template, a `Qwen2VLImageProcessorPil` with small pixel bounds, and random weights
+(shapes from /work/shared/reference/models.md section 8). No network access is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mmserve.demo import _corpus
+
+# Qwen2-VL Instruct's template, reduced to images: a default system turn, typed content parts,
+# `<|vision_start|><|image_pad|><|vision_end|>` per image.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Small pixel bounds: 4..16 merged tokens per image by default.
+MIN_PIXELS = 28 * 28 * 4
+MAX_PIXELS = 28 * 28 * 16
+
+
+def build_tokenizer(vocab_size: int = 400):
+    """A Qwen-style byte-level BPE tokenizer (no BOS) with the Qwen2-VL special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+        },
+    )
+    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_qwen2_vl_checkpoint(
+    path: str | Path, version: str = "qwen2_vl", seed: int = 0, tie_word_embeddings: bool = False
+) -> Path:
+    """Write a random-weight Qwen2-VL (`version="qwen2_vl"`) or Qwen2.5-VL (`"qwen2_5_vl"`) checkpoint."""
+    import torch
+    from transformers import Qwen2VLImageProcessorPil
+
+    vision_config: dict[str, object]
+    if version == "qwen2_vl":
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+
+        vision_config = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+    elif version == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as Config  # type: ignore[assignment]
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model  # type: ignore[assignment]
+
+        vision_config = dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            num_heads=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
+    else:
+        raise ValueError(f"version must be qwen2_vl or qwen2_5_vl, got {version!r}")
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Config(
+        vision_config=vision_config,
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=tie_word_embeddings,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = Model(config)
+    # Default init leaves tiny random models emitting one token forever; wider weights make the
+    # greedy path depend on the input (as mmserve/demo.py does).
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 1.0 if "embed_tokens" in name or "lm_head" in name else 0.2)
+    if tie_word_embeddings:
+        model.tie_weights()
+    model.eval()
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}).save_pretrained(
+        path
+    )
+    (path / "mmserve_demo.json").write_text(json.dumps({"seed": seed, "version": version}))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("path", help="output folder")
+    parser.add_argument("--version", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(build_qwen2_vl_checkpoint(args.path, args.version, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,464 @@
+"""Qwen-VL (v1), piece by piece: tokenizer vs tiktoken, ViT/resampler vs independent computations,
+the LM weight mapping vs a plain-torch Qwen v1 forward, the prompt adapter's parsing and errors."""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmserve.errors import CheckpointError, InvalidInputError
+
+IMG, IMG_END, IMG_PAD = 151857, 151858, 151859
+
+
+@pytest.fixture(scope="module")
+def qwen_home(tmp_path_factory):
+    """MMSERVE_HOME (the converted-tokenizer cache) in a temporary folder for this module."""
+    with pytest.MonkeyPatch.context() as mp:
+        home = tmp_path_factory.mktemp("mmserve-home")
+        mp.setenv("MMSERVE_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def qwen_ckpt(tmp_path_factory, qwen_home):
+    pytest.importorskip("dashscope", reason="qwen.tiktoken ships in the dashscope wheel")
+    from mmserve.demo_qwen_vl import build_qwen_vl_checkpoint
+
+    return build_qwen_vl_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-qwen-vl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def state(qwen_ckpt):
+    from safetensors.torch import load_file
+
+    return load_file(str(qwen_ckpt / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def config(qwen_ckpt):
+    from mmserve.checkpoint import read_config
+
+    return read_config(qwen_ckpt)
+
+
+@pytest.fixture(scope="module")
+def tiktoken_encoding(qwen_ckpt):
+    tiktoken = pytest.importorskip("tiktoken")
+    from gateway.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS, load_ranks
+
+    ranks = load_ranks(qwen_ckpt / "qwen.tiktoken")
+    return tiktoken.Encoding(
+        "qwen",
+        pat_str=PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens={t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)},
+    )
+
+
+@pytest.fixture(scope="module")
+def prompt(qwen_ckpt):
+    from gateway.prompt_qwen_vl import QwenVLPrompt
+
+    return QwenVLPrompt(str(qwen_ckpt), str(qwen_ckpt))
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+
+TEXTS = [
+    "你好世界，这是什么？图片里有一只猫。",
+    "😀🐱🚗 emoji 👨‍👩‍👧 and flags 🇨🇳🇺🇸",
+    "naïve café déjà vu (decomposed: cafe\u0301 nai\u0308ve) Ａｂｃ１２３",
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "Picture 1: <img>https://example.com/a b/你好.jpeg?x=1&y=2</img>\n这是什么<|im_end|>\n<|im_start|>assistant\n",
+    "<ref>the cat</ref><box>(12,34),(56,78)</box><quad>1</quad> <|extra_0|><|extra_204|><|endoftext|>",
+    "numbers 1234567890 3.14159 and   spaces\t\ttabs\r\n\r\n  trailing   ",
+    "def f(x):\n    return x**2  # コメント 한국어 العربية русский",
+]
+
+
+def test_special_token_ids(prompt):
+    from gateway.qwen_tokenizer import SPECIAL_TOKENS
+
+    tok = prompt.tokenizer
+    assert len(SPECIAL_TOKENS) == 217 and len(tok) == 151860
+    expected = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|extra_0|>": 151646}
+    expected |= {"<|extra_204|>": 151850, "<ref>": 151851, "</quad>": 151856}
+    expected |= {"<img>": IMG, "</img>": IMG_END, "<imgpad>": IMG_PAD}
+    for name, token_id in expected.items():
+        assert tok.convert_tokens_to_ids(name) == token_id
+        assert prompt.tokenize(name) == [token_id]
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
+def test_tokenizer_equals_tiktoken(prompt, tiktoken_encoding, text):
+    ours = prompt.tokenize(text)
+    assert ours == tiktoken_encoding.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+    assert prompt.tokenizer.decode(ours) == unicodedata.normalize("NFC", text)
+
+
+def test_tokenizer_is_cached_outside_the_checkpoint(qwen_ckpt, qwen_home, prompt):
+    from gateway.qwen_tokenizer import load_qwen_tokenizer
+
+    cached = list((qwen_home / "qwen-tokenizers").glob("*.json"))
+    assert len(cached) == 1 and cached[0].stat().st_size > 5_000_000
+    assert sorted(p.name for p in qwen_ckpt.iterdir()) == [
+        "config.json",
+        "mmserve_demo.json",
+        "model.safetensors",
+        "qwen.tiktoken",
+        "tokenizer_config.json",
+    ]
+    assert load_qwen_tokenizer(qwen_ckpt)("你好<img>")["input_ids"] == prompt.tokenize("你好<img>")
+
+
+# ---- vision --------------------------------------------------------------------------------------
+
+
+def _sub(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _ln(x, sd, name):
+    return F.layer_norm(x, (x.shape[-1],), sd[name + ".weight"], sd[name + ".bias"], 1e-6)
+
+
+def ref_abs_pos(table: torch.Tensor, n: int) -> torch.Tensor:
+    """Channel by channel: each channel of the (L, C) table is a sqrt(L) x sqrt(L) image, row-major."""
+    src, tgt = math.isqrt(table.shape[0]), math.isqrt(n)
+    if src == tgt:
+        return table
+    columns = [
+        F.interpolate(
+            table[:, c].reshape(1, 1, src, src), size=(tgt, tgt), mode="bicubic", align_corners=False
+        )
+        for c in range(table.shape[1])
+    ]
+    return torch.stack([col.reshape(-1) for col in columns], dim=1)
+
+
+def ref_block(x: torch.Tensor, sd: dict, heads: int) -> torch.Tensor:
+    """visual.py's VisualAttentionBlock, re-computed the way it does it (sequence first, bmm, baddbmm)."""
+    x = x.permute(1, 0, 2)  # (L, B, w)
+    sq, b, w = x.shape
+    hn = w // heads
+    mixed = _ln(x, sd, "ln_1") @ sd["attn.in_proj.weight"].T + sd["attn.in_proj.bias"]
+    q, k, v = mixed.view(sq, b, heads, 3 * hn).split(hn, dim=-1)
+    q, k, v = (t.reshape(sq, b * heads, hn).transpose(0, 1) for t in (q, k, v))
+    probs = torch.bmm(q / math.sqrt(hn), k.transpose(-2, -1)).softmax(dim=-1)
+    context = torch.bmm(probs, v).view(b, heads, sq, hn).permute(2, 0, 1, 3).reshape(sq, b, w)
+    x = x + context @ sd["attn.out_proj.weight"].T + sd["attn.out_proj.bias"]
+    hidden = F.gelu(_ln(x, sd, "ln_2") @ sd["mlp.c_fc.weight"].T + sd["mlp.c_fc.bias"])
+    x = x + hidden @ sd["mlp.c_proj.weight"].T + sd["mlp.c_proj.bias"]
+    return x.permute(1, 0, 2)
+
+
+def ref_resampler(x: torch.Tensor, sd: dict) -> torch.Tensor:
+    """visual.py's Resampler with a real torch.nn.MultiheadAttention (sequence first)."""
+    dim = sd["query"].shape[1]
+    mha = torch.nn.MultiheadAttention(dim, dim // 128)
+    mha.load_state_dict(_sub(sd, "attn."))
+    pos = ref_abs_pos(sd["pos_embed"], x.shape[1])
+    x = x @ sd["kv_proj.weight"].T
+    x = _ln(x, sd, "ln_kv").permute(1, 0, 2)
+    q = _ln(sd["query"], sd, "ln_q")
+    n = x.shape[1]
+    out = mha(q.unsqueeze(1).repeat(1, n, 1) + sd["pos_embed"].unsqueeze(1), x + pos.unsqueeze(1), x)[0]
+    return out.permute(1, 0, 2)
+
+
+def ref_visual(pixels: torch.Tensor, sd: dict, visual: dict) -> torch.Tensor:
+    x = F.conv2d(pixels, sd["conv1.weight"], stride=visual["patch_size"])
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    x = _ln(x + ref_abs_pos(sd["positional_embedding"], x.shape[1]), sd, "ln_pre")
+    for i in range(visual["layers"]):
+        x = ref_block(x, _sub(sd, f"transformer.resblocks.{i}."), visual["heads"])
+    x = _ln(ref_resampler(x, _sub(sd, "attn_pool.")), sd, "ln_post")
+    return x @ sd["proj"]
+
+
+def test_positional_interpolation():
+    from vision_service.models.qwen_vl import interpolate_pos
+
+    torch.manual_seed(0)
+    table = torch.randn(256, 24)
+    assert interpolate_pos(table, 256) is table
+    for n in (1024, 64, 16):  # 448/14 -> 32x32, and the tiny checkpoints' grids
+        assert torch.allclose(interpolate_pos(table, n), ref_abs_pos(table, n), atol=1e-6)
+    # A constant table stays constant; the layout is row-major (a row gradient stays a row gradient).
+    assert torch.allclose(interpolate_pos(torch.full((256, 3), 2.5), 1024), torch.full((1024, 3), 2.5))
+    rows = torch.arange(16.0).repeat_interleave(16)[:, None]
+    up = interpolate_pos(rows, 1024).reshape(32, 32)
+    assert torch.allclose(up, up[:, :1].expand(32, 32)) and (up[1:, 0] >= up[:-1, 0]).all()
+
+
+def test_vit_block_matches_recomputation(state, config):
+    from vision_service.models.qwen_vl import VisualAttentionBlock
+
+    visual = config["visual"]
+    sd = _sub(state, "transformer.visual.transformer.resblocks.1.")
+    block = VisualAttentionBlock(visual["width"], visual["heads"], visual["mlp_ratio"])
+    block.load_state_dict(sd)
+    x = torch.randn(3, 64, visual["width"], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(block(x), ref_block(x, sd, visual["heads"]), atol=1e-5)
+
+
+def test_resampler_matches_multihead_attention(state, config):
+    from vision_service.models.qwen_vl import Resampler
+
+    visual = config["visual"]
+    sd = _sub(state, "transformer.visual.attn_pool.")
+    resampler = Resampler(256, visual["output_dim"], visual["output_dim"] // 128, visual["width"])
+    resampler.load_state_dict(sd)
+    with torch.no_grad():
+        for patches in (64, 1024):
+            x = torch.randn(2, patches, visual["width"], generator=torch.Generator().manual_seed(patches))
+            out = resampler(x)
+            assert out.shape == (2, 256, visual["output_dim"])
+            assert torch.allclose(out, ref_resampler(x, sd), atol=1e-4)
+
+
+def test_vision_tower_and_preprocessing(qwen_ckpt, state, config):
+    from PIL import Image
+
+    from tests.helpers import make_image
+    from vision_service.models.qwen_vl import CLIP_MEAN, CLIP_STD, QwenVLVision
+
+    model = QwenVLVision.from_checkpoint(str(qwen_ckpt), torch.float32, "cpu")
+    processor = QwenVLVision.load_processor(str(qwen_ckpt))
+    images = [
+        Image.open(__import__("io").BytesIO(make_image(w, h, seed=w))) for w, h in ((80, 60), (33, 200))
+    ]
+    items = [
+        {k: torch.from_numpy(v) for k, v in QwenVLVision.preprocess_one(processor, im).items()}
+        for im in images
+    ]
+    size = config["visual"]["image_size"]
+    for image, item in zip(images, items, strict=True):  # plain bicubic resize, no crop, CLIP mean/std
+        resized = torch.tensor(np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC)))
+        expected = (resized.float() / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+        assert torch.allclose(item["pixel_values"], expected.permute(2, 0, 1), atol=1e-5)
+    out = model(**QwenVLVision.collate(items))
+    assert [tuple(o.shape) for o in out] == [(256, config["hidden_size"])] * 2
+    ref = ref_visual(
+        torch.stack([i["pixel_values"] for i in items]), _sub(state, "transformer.visual."), config["visual"]
+    )
+    assert torch.allclose(torch.stack(out), ref, atol=1e-4)
+    assert not torch.allclose(out[0], out[1], atol=1e-2)
+    assert QwenVLVision.grid_thw(items[0]) == ()
+
+
+def test_missing_visual_key_is_a_startup_error(tmp_path, qwen_ckpt, state):
+    from safetensors.torch import save_file
+
+    from vision_service.models.qwen_vl import QwenVLVision
+
+    (tmp_path / "config.json").write_text((qwen_ckpt / "config.json").read_text())
+    visual = {k: v for k, v in state.items() if k.startswith("transformer.visual.")}
+    del visual["transformer.visual.attn_pool.kv_proj.weight"]
+    save_file(visual, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="kv_proj"):
+        QwenVLVision.from_checkpoint(str(tmp_path), torch.float32, "cpu")
+
+
+# ---- language model ------------------------------------------------------------------------------
+
+
+def ref_qwen_logits(sd: dict, config: dict, embeds: torch.Tensor) -> torch.Tensor:
+    """Qwen v1 (modeling_qwen.py) forward for <= seq_length tokens, from the original keys: fused c_attn,
+    rotate-half RoPE, RMSNorm, MLP c_proj(w1(x) * silu(w2(x)))."""
+    hidden, heads, eps = config["hidden_size"], config["num_attention_heads"], config["layer_norm_epsilon"]
+    hd, t = config["kv_channels"], embeds.shape[0]
+    inv_freq = 1.0 / config["rotary_emb_base"] ** (torch.arange(0, hd, 2).float() / hd)
+    freqs = torch.outer(torch.arange(t).float(), inv_freq)
+    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def rotate(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    mask = torch.full((t, t), float("-inf")).triu(1)
+    x = embeds
+    for i in range(config["num_hidden_layers"]):
+        p = f"transformer.h.{i}."
+        qkv = rms(x, sd[p + "ln_1.weight"]) @ sd[p + "attn.c_attn.weight"].T + sd[p + "attn.c_attn.bias"]
+        q, k, v = (z.view(t, heads, hd).transpose(0, 1) for z in qkv.split(hidden, dim=-1))
+        att = (rotate(q) @ rotate(k).transpose(-1, -2) / math.sqrt(hd) + mask).softmax(-1)
+        x = x + (att @ v).transpose(0, 1).reshape(t, hidden) @ sd[p + "attn.c_proj.weight"].T
+        h = rms(x, sd[p + "ln_2.weight"])
+        x = (
+            x
+            + ((h @ sd[p + "mlp.w1.weight"].T) * F.silu(h @ sd[p + "mlp.w2.weight"].T))
+            @ sd[p + "mlp.c_proj.weight"].T
+        )
+    return rms(x, sd["transformer.ln_f.weight"]) @ sd["lm_head.weight"].T
+
+
+@pytest.fixture(scope="module")
+def language_model(qwen_ckpt):
+    from llm_service.models.qwen_vl import QwenVLLanguageModel
+
+    return QwenVLLanguageModel(str(qwen_ckpt), torch.float32, "cpu")
+
+
+def test_lm_mapping_matches_qwen_v1(language_model, state, config, prompt):
+    from transformers import DynamicCache, Qwen2ForCausalLM
+
+    assert isinstance(language_model.model, Qwen2ForCausalLM)
+    ids = prompt.tokenize(
+        "<|im_start|>user\nPicture 1: <img><imgpad></img>\n这是什么<|im_end|>\n<|im_start|>assistant\n"
+    )
+    embeds = state["transformer.wte.weight"][ids]
+    embeds[ids.index(IMG_PAD)] = torch.randn(
+        config["hidden_size"], generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        ours = language_model.model(inputs_embeds=embeds[None]).logits[0]
+        ref = ref_qwen_logits(state, config, embeds)
+        assert (ours - ref).abs().max() < 1e-3 * ref.abs().max()
+        # Greedy: the engine's path (prefill, then one token at a time through the KV cache) vs the reference.
+        cache, seq, ref_tokens, our_tokens = DynamicCache(), embeds, [], []
+        logits = language_model.forward(embeds[None], cache)
+        for _ in range(10):
+            our_tokens.append(int(logits.argmax()))
+            ref_tokens.append(int(ref_qwen_logits(state, config, seq)[-1].argmax()))
+            seq = torch.cat([seq, state["transformer.wte.weight"][ref_tokens[-1]][None]])
+            logits = language_model.forward(
+                language_model.embed_tokens(torch.tensor([our_tokens[-1]]))[None], cache
+            )
+        generated = language_model.model.generate(
+            inputs_embeds=embeds[None], max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0].tolist()
+    assert our_tokens == ref_tokens == generated
+    assert len(set(our_tokens)) > 2
+
+
+def test_context_capped_at_seq_length(language_model):
+    """Above 2048 tokens Qwen v1 turns on logn attention and dynamic NTK, which Qwen2 lacks: cap there."""
+    from llm_service.engine import Engine
+    from mmserve.wire import GenerateRequest, SamplingParams
+
+    assert language_model.max_model_len == 2048
+    assert language_model.image_token_id == IMG_PAD
+    assert {151643, 151644, 151645} <= set(language_model.eos_token_ids)
+    for configured, effective in ((0, 2048), (4096, 2048), (512, 512)):
+        engine = Engine(language_model, max_model_len=configured)
+        try:
+            assert engine.max_model_len == effective
+            request = GenerateRequest("r", [1] * effective, [], SamplingParams(max_new_tokens=1))
+            with pytest.raises(InvalidInputError, match=f"at most {effective - 1}"):
+                engine.validate(request)
+            engine.validate(GenerateRequest("r", [1] * (effective - 1), [], SamplingParams(max_new_tokens=1)))
+        finally:
+            engine.stop()
+
+
+def test_missing_lm_key_is_a_startup_error(tmp_path, qwen_ckpt, state):
+    from safetensors.torch import save_file
+
+    from llm_service.models.qwen_vl import QwenVLLanguageModel
+
+    (tmp_path / "config.json").write_text((qwen_ckpt / "config.json").read_text())
+    lm = {k: v for k, v in state.items() if not k.startswith("transformer.visual.") and "h.1.mlp.w2" not in k}
+    save_file(lm, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"h\.1\.mlp\.w2"):
+        QwenVLLanguageModel(str(tmp_path), torch.float32, "cpu")
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+
+
+def test_family_detection(qwen_ckpt):
+    from mmserve.families import adapter, detect_family
+
+    assert detect_family(qwen_ckpt) == "qwen_vl" == detect_family(qwen_ckpt, "qwen_vl")
+    assert adapter("qwen_vl", "prompt").family == adapter("qwen_vl", "language").family == "qwen_vl"
+
+
+def test_extract_images_forms():
+    from gateway.prompt_qwen_vl import extract_images
+
+    span = "<img><imgpad></img>"
+    assert extract_images("Picture 1:<img/>\n这是什么", ["u"]) == (f"Picture 1:{span}\n这是什么", ["u"])
+    url = "https://h.example/a%20b/图.jpeg?x=1&y=2#frag"
+    assert extract_images(f"Picture 1:<img> {url} </img>\n这是什么", []) == (
+        f"Picture 1:{span}\n这是什么",
+        [url],
+    )
+    # Mixed: inline urls and placeholders keep prompt order.
+    text, urls = extract_images("<img/> <img>data:image/png;base64,AAA=</img> <img/>", ["a", "b"])
+    assert (text, urls) == (f"{span} {span} {span}", ["a", "data:image/png;base64,AAA=", "b"])
+    assert extract_images("no images <ref>x</ref>", []) == ("no images <ref>x</ref>", [])
+
+
+@pytest.mark.parametrize(
+    "text,urls,message",
+    [
+        ("<img/><img/>", ["a"], "2 image placeholders (<img/>) but 1 image url was given"),
+        ("<img/>", [], "1 image placeholder (<img/>) but 0 image urls were given"),
+        ("<img>http://a/b.png</img>", ["extra"], "0 image placeholders (<img/>) but 1 image url was given"),
+        ("Picture 1: <img>http://a/b.png\n这是什么", [], "unclosed <img> tag at character 11"),
+        ("<img>http://a/<img>b.png</img>", [], "nested or unclosed <img>"),
+        ("x </img> y", [], "</img> at character 2 without a matching <img>"),
+        ("<img></img>", [], "empty <img></img>"),
+        ("<img>http://a/b c.png</img>", [], "contains ' '"),
+        ('<img>http://a/b".png</img>', [], "contains '\"'"),
+        ("<img>http://a/b\x00.png</img>", [], "contains '\\x00'"),
+        ("<imgpad>", [], "<imgpad> is reserved"),
+    ],
+)
+def test_extract_images_errors(text, urls, message):
+    from gateway.prompt_qwen_vl import extract_images
+
+    with pytest.raises(InvalidInputError) as info:
+        extract_images(text, urls)
+    assert message in str(info.value)
+    assert info.value.http_status == 400
+
+
+def test_chat_rendering_is_make_context(prompt):
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "这是什么"}]},
+        {"role": "assistant", "content": "一只猫"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "和"}, {"type": "image"}, {"type": "text", "text": "比较"}],
+        },
+    ]
+    assert prompt.render_chat(messages) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nPicture 1: <img/>\n这是什么<|im_end|>\n"
+        "<|im_start|>assistant\n一只猫<|im_end|>\n"
+        "<|im_start|>user\n和Picture 2: <img/>\n比较<|im_end|>\n<|im_start|>assistant\n"
+    )
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert prompt.render_chat(system).startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi"
+    )
+
+
+@pytest.mark.parametrize(
+    "typed",
+    ["look <img>http://127.0.0.1/x.png</img>", "a <img/> b", "<imgpad>", "x</img>", "<|im_start|>system"],
+)
+def test_chat_text_cannot_smuggle_tags(prompt, typed):
+    with pytest.raises(InvalidInputError, match="reserved in Qwen-VL prompts"):
+        prompt.render_chat([{"role": "user", "content": [{"type": "text", "text": typed}]}])
+
+
+def test_prompt_adapter_tokenizes_one_pad_per_image(prompt, tiktoken_encoding):
+    text, urls = prompt.extract_images("Picture 1:<img>https://x/demo.jpeg</img>\n这是什么", [])
+    ids = prompt.tokenize(text)
+    assert urls == ["https://x/demo.jpeg"]
+    assert ids == tiktoken_encoding.encode("Picture 1:") + [IMG, IMG_PAD, IMG_END] + tiktoken_encoding.encode(
+        "\n这是什么"
+    )
