@@ -244,7 +244,7 @@ class Engine:
             embeds = model.embed_tokens(torch.tensor([seq.output_ids[-1]]))
             if positioned:
                 index = len(seq.request.token_ids) + len(seq.output_ids) - 1
-                kwargs["positions"] = torch.full((3, 1), index + (seq.rope_delta or 0))
+                kwargs["positions"] = model.decode_positions(index + (seq.rope_delta or 0))
         logits = model.forward(embeds[None], seq.cache, **kwargs)
         params = seq.request.sampling
         token = sample_next(

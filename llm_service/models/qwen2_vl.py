@@ -108,6 +108,11 @@ class Qwen2VLLanguageModel:
         """(3, T) positions of the prompt and the rope delta of its decode steps."""
         return mrope_positions(len(request.token_ids), request.images, self.merge)
 
+    @staticmethod
+    def decode_positions(position: int) -> torch.Tensor:
+        """(3, 1) positions of one decode step: the same position on the t, h and w axes."""
+        return torch.full((3, 1), position)
+
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(token_ids.to(self.device))
 
