@@ -7,6 +7,7 @@ prompt text + image urls -> fetch -> vision Embed -> tokenize + expand image tag
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -55,13 +56,35 @@ class ServingCore:
         self.fetcher = fetcher
         self.max_images = max_images_per_request
         self._llm_info: LLMInfo | None = None
+        specials = set(self.tokenizer.all_special_tokens) | {
+            token.content for token in self.tokenizer.added_tokens_decoder.values()
+        }
+        # Longest first, so that a token containing another is reported whole.
+        pattern = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True) if t)
+        self._special_tokens = re.compile(pattern or r"(?!x)x")
 
     async def llm_info(self) -> LLMInfo:
         if self._llm_info is None:
-            self._llm_info = await self.llm.model_info()
+            info = await self.llm.model_info()
+            if info.image_token_id != self.prompt.image_token_id:
+                raise UnavailableError(
+                    f"the gateway's tokenizer puts images at token id {self.prompt.image_token_id} but the LLM "
+                    f"service expects {info.image_token_id}: serve both from the same checkpoint and tokenizer"
+                )
+            self._llm_info = info
         return self._llm_info
 
     # ---- prompts ---------------------------------------------------------------------------------
+
+    def _check_no_special_tokens(self, text: str) -> None:
+        """Chat text is user data: a special token typed in it (an image tag, `<|im_end|>`, `</s>`)
+        would be tokenized as the real control token, so it is refused rather than obeyed."""
+        found = self._special_tokens.search(text)
+        if found:
+            raise InvalidInputError(
+                f"message text may not contain the special token {found.group()!r}; "
+                "images go in image_url parts, roles in messages"
+            )
 
     def chat_prompt(self, messages: list[dict]) -> tuple[str, list[str]]:
         """OpenAI chat messages -> (rendered prompt, image urls in prompt order)."""
@@ -69,11 +92,13 @@ class ServingCore:
         for message in messages:
             content = message.get("content")
             if content is None or isinstance(content, str):
+                self._check_no_special_tokens(content or "")
                 converted.append({"role": message["role"], "content": content or ""})
                 continue
             parts = []
             for part in content:
                 if part["type"] == "text":
+                    self._check_no_special_tokens(part["text"])
                     parts.append({"type": "text", "text": part["text"]})
                 else:  # image_url, validated at the edge
                     parts.append({"type": "image"})

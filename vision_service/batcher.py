@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmserve.errors import DeadlineError
+from mmserve.errors import DeadlineError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class EncodeJob:
     deadline: float | None = None  # time.monotonic() seconds; None = no deadline
     waiters: int = 1
     queued_at: float = field(default_factory=time.monotonic)
+    cost: int = 0  # encoder work in patches (dynamic-resolution families); 0 = counted by images only
 
     def extend_deadline(self, deadline: float | None) -> None:
         if self.deadline is not None:
@@ -44,12 +45,15 @@ class EncodeBatcher:
         max_batch: int,
         max_wait_s: float,
         metrics,
+        max_batch_cost: int = 1 << 62,
     ):
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.max_batch_cost = max_batch_cost
         self.metrics = metrics
         self._queue: asyncio.Queue[EncodeJob] = asyncio.Queue()
+        self._carry: EncodeJob | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-encode")
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
@@ -58,21 +62,29 @@ class EncodeBatcher:
         self._queue.put_nowait(job)
 
     async def _next_batch(self) -> list[EncodeJob]:
-        batch = [await self._queue.get()]
+        """Up to max_batch images and max_batch_cost patches (a single larger image runs alone)."""
+        if self._carry is not None:
+            batch, self._carry = [self._carry], None
+        else:
+            batch = [await self._queue.get()]
+        cost = batch[0].cost
         until = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
             try:
-                batch.append(self._queue.get_nowait())
-                continue
+                job = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                pass
-            remaining = until - time.monotonic()
-            if remaining <= 0:
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if cost + job.cost > self.max_batch_cost:
+                self._carry = job  # first in the next forward
                 break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
+            batch.append(job)
+            cost += job.cost
         return batch
 
     def _still_wanted(self, job: EncodeJob, now: float) -> bool:
@@ -98,22 +110,31 @@ class EncodeBatcher:
                 continue
             for job in batch:
                 self.metrics.queue_time.observe(now - job.queued_at)
-            started = time.monotonic()
-            try:
-                inputs = [job.inputs for job in batch if job.inputs is not None]
-                embeddings = await loop.run_in_executor(self._executor, self._run_batch, inputs)
-            except Exception as exc:  # noqa: BLE001 - reported to every waiter, the loop goes on
-                log.exception("encoder forward failed")
+            await self._encode(batch, loop)
+
+    async def _encode(self, batch: list[EncodeJob], loop) -> None:
+        started = time.monotonic()
+        try:
+            inputs = [job.inputs for job in batch if job.inputs is not None]
+            embeddings = await loop.run_in_executor(self._executor, self._run_batch, inputs)
+        except Exception as exc:  # noqa: BLE001 - reported to the waiters, the loop goes on
+            if len(batch) > 1:  # find the image at fault: the others of the batch must not fail with it
+                log.warning("a batch of %d failed (%s); encoding its images one by one", len(batch), exc)
                 for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            self.metrics.encode.observe(time.monotonic() - started)
-            self.metrics.batch_size.observe(len(batch))
-            self.metrics.images.labels("encoded").inc(len(batch))
-            for job, embedding in zip(batch, embeddings, strict=True):
-                if not job.future.done():
-                    job.future.set_result(embedding)
+                    await self._encode([job], loop)
+                return
+            log.exception("encoder forward failed")
+            if isinstance(exc, MemoryError):
+                exc = OverloadedError("not enough memory to encode this image now")
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
+            return
+        self.metrics.encode.observe(time.monotonic() - started)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.images.labels("encoded").inc(len(batch))
+        for job, embedding in zip(batch, embeddings, strict=True):
+            if not job.future.done():
+                job.future.set_result(embedding)
 
     def close(self) -> None:
         self._task.cancel()

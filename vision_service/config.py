@@ -29,6 +29,7 @@ class VisionConfig:
     min_pixels: int = 0
     max_pixels: int = 0
     max_batch_size: int = 16  # images per encoder forward, across requests
+    max_batch_patches: int = 16384  # encoder patches per forward (dynamic-resolution families)
     max_wait_ms: float = 2.0  # how long a forward waits for more images once one is queued
     cache_bytes: int = 1 << 30  # embedding cache budget (LRU); 0 turns the cache off
     # Decode + resize + normalise workers. The encoder forward is the bottleneck and uses every core,
@@ -85,6 +86,9 @@ class VisionConfig:
             "max_pixels", "VISION_MAX_PIXELS", int, "Qwen2-VL: max resized image area, 0 = checkpoint's"
         )
         flags.add("max_batch_size", "VISION_MAX_BATCH_SIZE", int, "images per encoder forward")
+        flags.add(
+            "max_batch_patches", "VISION_MAX_BATCH_PATCHES", int, "patches per forward (Qwen2-VL family)"
+        )
         flags.add("max_wait_ms", "VISION_MAX_WAIT_MS", float, "wait for more images before a forward")
         flags.add("cache_bytes", "VISION_CACHE_BYTES", int, "embedding cache budget in bytes, 0 = off")
         flags.add("preprocess_workers", "VISION_PREPROCESS_WORKERS", int, "decode/preprocess workers")

@@ -95,7 +95,11 @@ class VisionEncoder:
             if self._batcher is not None:
                 self._batcher.close()
             self._batcher = EncodeBatcher(
-                self.run_batch, self.config.max_batch_size, self.config.max_wait_ms / 1000, self.metrics
+                self.run_batch,
+                self.config.max_batch_size,
+                self.config.max_wait_ms / 1000,
+                self.metrics,
+                max_batch_cost=self.config.max_batch_patches,
             )
             self._loop, self._inflight = loop, {}
         return self._batcher
@@ -110,6 +114,8 @@ class VisionEncoder:
                 job.future.set_exception(exc)
             return
         self.metrics.preprocess.observe(time.monotonic() - started)
+        cost = getattr(self.adapter, "cost", None)
+        job.cost = cost(job.inputs) if cost is not None else 0
         batcher.submit(job)
 
     def _finished(self, job: EncodeJob, future: asyncio.Future) -> None:
@@ -117,6 +123,15 @@ class VisionEncoder:
             del self._inflight[job.key]
         if not future.cancelled() and future.exception() is None:
             self.cache.put(job.key, ImageFeatures(future.result(), job.key.split(":", 1)[1], self._grid(job)))
+
+    def _pixel_ceiling(self) -> int:
+        """The largest resized image area this server allows: its --max-pixels, else the checkpoint's."""
+        if self.config.max_pixels:
+            return self.config.max_pixels
+        if not hasattr(self, "_checkpoint_max_pixels"):
+            size = getattr(self.adapter.load_processor(self.config.checkpoint), "size", None) or {}
+            self._checkpoint_max_pixels = int(size.get("longest_edge") or 0)
+        return self._checkpoint_max_pixels
 
     def _pixel_options(self, pixels: PixelLimits | None) -> dict[str, int]:
         """The resize bounds of a request (its own, else the service's), as preprocess_one keywords."""
@@ -128,10 +143,15 @@ class VisionEncoder:
             return {}
         pixels = pixels or PixelLimits()
         options = {}
+        ceiling = self._pixel_ceiling()
         for name, default in (("min_pixels", self.config.min_pixels), ("max_pixels", self.config.max_pixels)):
             value = getattr(pixels, name)
             if value is not None and value < 1:
                 raise InvalidInputError(f"{name} must be a positive number of pixels, got {value}")
+            if value is not None and ceiling and value > ceiling:
+                # A request may narrow the server's bounds, never widen them: the resized area decides
+                # the encoder's memory and time.
+                raise InvalidInputError(f"{name} ({value}) is above this server's max_pixels ({ceiling})")
             if value is not None or default:
                 options[name] = int(value if value is not None else default)
         if options.get("min_pixels", 0) > options.get("max_pixels", 1 << 62):

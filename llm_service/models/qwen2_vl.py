@@ -120,9 +120,8 @@ class Qwen2VLLanguageModel:
         self, inputs_embeds: torch.Tensor, cache, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(1, T, hidden) new tokens after `cache` at (3, T) `positions` -> (vocab,) float32 logits of the last."""
-        if positions is None:  # plain text continuation: 1-D positions after the cache
-            start = cache.get_seq_length()
-            positions = torch.arange(start, start + inputs_embeds.shape[1]).expand(3, -1)
+        if positions is None:  # a cache position alone would miss the image's rope delta
+            raise ValueError("Qwen2-VL needs explicit M-RoPE positions (prompt_positions / decode_positions)")
         out = self.model(
             inputs_embeds=inputs_embeds,
             position_ids=positions.to(self.device)[:, None, :],

@@ -90,18 +90,18 @@ def test_per_request_pixels_change_n_and_the_cache_key(qwen_checkpoint):
 
 
 def test_server_wide_pixels(qwen_checkpoint):
-    encoder = VisionEncoder(VisionConfig(checkpoint=str(qwen_checkpoint), max_pixels=28 * 28 * 4))
+    """The server's --max-pixels bounds every image; a request may narrow it, never widen it."""
+    encoder = VisionEncoder(VisionConfig(checkpoint=str(qwen_checkpoint), max_pixels=28 * 28 * 16))
     data = make_image(400, 300, seed=9)
+    image = [ImageInput(data, content_hash(data))]
     try:
-        [features] = asyncio.run(encoder.embed_async([ImageInput(data, content_hash(data))]))
-        [bigger] = asyncio.run(
-            encoder.embed_async(
-                [ImageInput(data, content_hash(data))], pixels=PixelLimits(max_pixels=28 * 28 * 16)
-            )
-        )
+        [features] = asyncio.run(encoder.embed_async(image))
+        [smaller] = asyncio.run(encoder.embed_async(image, pixels=PixelLimits(max_pixels=28 * 28 * 4)))
+        with pytest.raises(InvalidInputError, match="above this server's max_pixels"):
+            asyncio.run(encoder.embed_async(image, pixels=PixelLimits(max_pixels=28 * 28 * 64)))
     finally:
         encoder.close()
-    assert features.num_tokens < bigger.num_tokens
+    assert smaller.num_tokens < features.num_tokens <= 16
 
 
 def test_fixed_resolution_families_reject_pixel_options(tiny_checkpoint):

@@ -217,3 +217,54 @@ def test_compiled_tower_matches_eager(make_encoder):
 
     for got, want in zip(serve(compiled, body), serve(eager, body), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_failing_batch_is_retried_image_by_image(make_encoder):
+    encoder = make_encoder(max_wait_ms=200, cache_bytes=0)
+    original = encoder.run_batch
+    poison = {}
+
+    def flaky(items):
+        if len(items) > 1 or any(torch.equal(item["pixel_values"], poison["pixel_values"]) for item in items):
+            raise RuntimeError("simulated encoder failure")
+        return original(items)
+
+    encoder.run_batch = flaky
+
+    async def body(stub, address):
+        poison.update(await encoder.preprocess(IMAGES[1], {}))
+        return await asyncio.gather(
+            *(stub.Embed(embed_request(img)) for img in IMAGES[:3]), return_exceptions=True
+        )
+
+    good, bad, also_good = serve(encoder, body)
+    assert len(good.embeddings) == len(also_good.embeddings) == 1  # the batch failed, these did not
+    assert isinstance(bad, grpc.aio.AioRpcError) and bad.code() == grpc.StatusCode.INTERNAL
+
+
+def test_batches_respect_the_patch_budget():
+    from vision_service.batcher import EncodeBatcher, EncodeJob
+    from vision_service.metrics import VisionMetrics
+
+    sizes = []
+
+    def run_batch(items):
+        sizes.append(len(items))
+        return [torch.zeros(1, 1) for _ in items]
+
+    async def go():
+        batcher = EncodeBatcher(
+            run_batch, max_batch=16, max_wait_s=0.05, metrics=VisionMetrics(), max_batch_cost=25
+        )
+        loop = asyncio.get_running_loop()
+        jobs = [EncodeJob(f"k{i}", loop.create_future(), inputs={}, cost=10) for i in range(5)]
+        jobs.append(
+            EncodeJob("big", loop.create_future(), inputs={}, cost=100)
+        )  # over budget alone: runs alone
+        for job in jobs:
+            batcher.submit(job)
+        await asyncio.gather(*(job.future for job in jobs))
+        batcher.close()
+
+    asyncio.run(go())
+    assert sizes == [2, 2, 1, 1]

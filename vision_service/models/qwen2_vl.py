@@ -100,6 +100,11 @@ class Qwen2VLVision(torch.nn.Module):
         return list(torch.split(out.pooler_output, sizes))
 
     @staticmethod
+    def cost(item: dict[str, torch.Tensor]) -> int:
+        """Encoder work of one image: its number of patches (bounded per forward by the batcher)."""
+        return int(item["pixel_values"].shape[0])
+
+    @staticmethod
     def grid_thw(item: dict[str, torch.Tensor]) -> tuple[int, ...]:
         """[t, h, w] in patches before the merge (HF's image_grid_thw); the LLM divides h, w by the merge."""
         return tuple(int(v) for v in item["image_grid_thw"])
