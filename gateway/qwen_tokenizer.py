@@ -145,7 +145,9 @@ def load_qwen_tokenizer(checkpoint: str | Path):
     from transformers import PreTrainedTokenizerFast
 
     path = find_tiktoken(checkpoint)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+    # The cache key covers the conversion recipe too: a changed regex or special-token list rebuilds.
+    recipe = (PAT_STR + "\n".join(SPECIAL_TOKENS)).encode()
+    digest = hashlib.sha256(path.read_bytes() + recipe).hexdigest()[:32]
     tok = Tokenizer.from_str(_tokenizer_json(digest, str(path)))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,

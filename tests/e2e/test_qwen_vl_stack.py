@@ -1,5 +1,11 @@
 """Qwen-VL (v1) end to end: the three-process stack (official openai client) and the in-process Pipeline,
-against a direct computation (the vision module + Qwen2ForCausalLM.generate with inputs_embeds)."""
+against a direct computation (the vision module + Qwen2ForCausalLM.generate with inputs_embeds).
+
+transformers has no Qwen-VL v1 model, so this reference reuses our own vision module and weight mapping:
+it checks the serving path (prompts, ids, spans, batching, streaming), not the model halves. Those are
+checked against independent computations in tests/test_qwen_vl.py (a ViT block and the resampler
+against plain torch / nn.MultiheadAttention, the LM against a plain-torch Qwen v1 forward, the tokenizer
+against tiktoken)."""
 
 from __future__ import annotations
 

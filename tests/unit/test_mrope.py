@@ -92,11 +92,11 @@ def test_positions_equal_get_rope_index(version, layout):
 
 def test_models_md_example():
     """models.md section 3: grid [1,6,10] after 38 text tokens -> positions 38..42, next text 43, delta -10."""
-    ids, spans = _prompt([38, (1, 12, 20), 1])
+    ids, spans = _prompt([38, (1, 6, 10), 4])
     positions, delta = mrope_positions(len(ids), spans, merge=2)
-    image = positions[:, 38 : 38 + 60]
+    image = positions[:, 38 : 38 + 15]  # (6/2) x (10/2) merged tokens
     assert image[0].unique().tolist() == [38]
-    assert image[1].min() == 38 and image[1].max() == 43
-    assert image[2].min() == 38 and image[2].max() == 47
-    assert positions[:, -1].tolist() == [48, 48, 48]
-    assert delta == 49 - len(ids)
+    assert (image[1].min(), image[1].max()) == (38, 40)
+    assert (image[2].min(), image[2].max()) == (38, 42)
+    assert positions[:, 53].tolist() == [43, 43, 43]
+    assert delta == -10
