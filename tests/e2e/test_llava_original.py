@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import openai
 import pytest
 import torch
@@ -46,6 +47,7 @@ def images():
         "square": make_image(120, 120, seed=21),
         "small": make_image(40, 40, seed=22),
         "wide": make_image(90, 50, seed=23),
+        "tall": make_image(45, 100, seed=24),
     }
 
 
@@ -54,15 +56,20 @@ def vicuna_prompt(text: str, num_images: int) -> str:
 
 
 def padded(image: bytes) -> bytes:
-    """image_aspect_ratio=pad, applied on the reference side: square, mean-colour background."""
+    """image_aspect_ratio=pad on the reference side, written independently of the service's code (numpy,
+    as llava/mm_utils.py describes it): a square of the CLIP mean colour with the image centred."""
     from transformers import CLIPImageProcessorPil
 
-    from vision_service.models.llava_original import expand2square
-
-    mean = CLIPImageProcessorPil().image_mean
-    square = expand2square(Image.open(io.BytesIO(image)).convert("RGB"), tuple(int(x * 255) for x in mean))
+    pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    height, width = pixels.shape[:2]
+    side = max(height, width)
+    mean = [int(x * 255) for x in CLIPImageProcessorPil().image_mean]
+    square = np.empty((side, side, 3), dtype=np.uint8)
+    square[:] = mean
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top : top + height, left : left + width] = pixels
     buffer = io.BytesIO()
-    square.save(buffer, "PNG")
+    Image.fromarray(square).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -87,9 +94,10 @@ def client(checkpoints, tmp_path_factory):
         ("Describe this picture.", ["small"]),
         ("Compare the two pictures.", ["square", "small"]),
         ("What is on the left?", ["wide"]),
+        ("What is at the top?", ["tall"]),
         ("Describe a red car on the left.", []),
     ],
-    ids=["square", "small-square", "two-images", "non-square-padded", "no-image"],
+    ids=["square", "small-square", "two-images", "wide-padded", "tall-padded", "no-image"],
 )
 def test_stack_greedy_equals_llava_hf_reference(client, reference, images, text, names):
     content = [{"type": "image_url", "image_url": {"url": data_url(images[n])}} for n in names]
