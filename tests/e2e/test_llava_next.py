@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from gateway.pipeline import ModelFactory, Pipeline
-from mmserve.demo_llava_variants import build_llava_next_checkpoint
+from tests.checkpoints.llava_variants import build_llava_next_checkpoint
 from tests.helpers import Stack, data_url, make_image
 
 MAX_TOKENS = 16

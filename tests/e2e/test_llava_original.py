@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from gateway.pipeline import ModelFactory, Pipeline
 from gateway.prompt_llava_original import VICUNA_V1_SYSTEM
-from mmserve.demo_llava_variants import build_llava_original_checkpoint
 from mmserve.errors import CheckpointError
+from tests.checkpoints.llava_variants import build_llava_original_checkpoint
 from tests.helpers import ROOT, Stack, data_url, free_ports, make_image
 from tests.reference import LlavaReference
 

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from gateway.pipeline import ModelFactory, Pipeline
-from mmserve.demo_qwen2_vl import build_qwen2_vl_checkpoint
+from tests.checkpoints.qwen2_vl import build_qwen2_vl_checkpoint
 from tests.helpers import Stack, data_url, image_server, make_image
 
 MAX_TOKENS = 16

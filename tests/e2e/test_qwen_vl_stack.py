@@ -34,7 +34,7 @@ def qwen_home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen_ckpt(tmp_path_factory, qwen_home):
     pytest.importorskip("dashscope", reason="qwen.tiktoken ships in the dashscope wheel")
-    from mmserve.demo_qwen_vl import build_qwen_vl_checkpoint
+    from tests.checkpoints.qwen_vl import build_qwen_vl_checkpoint
 
     return build_qwen_vl_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-qwen-vl", seed=1)
 

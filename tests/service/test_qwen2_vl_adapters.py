@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 
 from llm_service.engine import Engine
 from llm_service.models.qwen2_vl import Qwen2VLLanguageModel
-from mmserve.demo_qwen2_vl import build_qwen2_vl_checkpoint
 from mmserve.errors import CheckpointError, InvalidInputError
 from mmserve.images import content_hash
 from mmserve.wire import GenerateRequest, ImageInput, ImageSpan, PixelLimits, SamplingParams
+from tests.checkpoints.qwen2_vl import build_qwen2_vl_checkpoint
 from tests.helpers import make_image
 from vision_service.config import VisionConfig
 from vision_service.encoder import VisionEncoder
