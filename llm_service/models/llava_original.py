@@ -6,15 +6,14 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llm_service.models.base import CausalLMAdapter, eos_list
 from mmserve.checkpoint import load_strict, load_weights
 from mmserve.llava_original import OriginalLlavaConfig, image_placeholder_id
 
 _NOT_LM = ("model.mm_projector.", "model.vision_tower.", "model.vision_resampler.")
 
 
-class LlavaOriginalLanguageModel:
-    """Owns the causal LM and the facts the engine needs about it."""
-
+class LlavaOriginalLanguageModel(CausalLMAdapter):
     family = "llava_original"
 
     def __init__(self, checkpoint: str, dtype: torch.dtype, device: str):
@@ -28,21 +27,12 @@ class LlavaOriginalLanguageModel:
         if "lm_head.weight" not in state and text_config.tie_word_embeddings:
             state["lm_head.weight"] = state.get("model.embed_tokens.weight")
         load_strict(self.model, state, f"{checkpoint}: language model (model.*, lm_head.*)")
-        self.model.to(device=device, dtype=dtype).eval()
-
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.image_token_id = image_placeholder_id(AutoTokenizer.from_pretrained(checkpoint))
-        self.vocab_size = int(text_config.vocab_size)
-        self.hidden_size = int(text_config.hidden_size)
-        self.max_model_len = int(text_config.max_position_embeddings)
-        eos = text_config.eos_token_id
-        self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
-
-    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(token_ids.to(self.device))
-
-    def forward(self, inputs_embeds: torch.Tensor, cache) -> torch.Tensor:
-        """(1, T, hidden) new positions after `cache` -> (vocab,) float32 logits of the last one."""
-        out = self.model(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float()
+        self._serve(
+            device,
+            dtype,
+            image_token_id=image_placeholder_id(AutoTokenizer.from_pretrained(checkpoint)),
+            vocab_size=text_config.vocab_size,
+            hidden_size=text_config.hidden_size,
+            max_model_len=text_config.max_position_embeddings,
+            eos_token_ids=eos_list(text_config.eos_token_id),
+        )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoConfig
 
+from llm_service.models.base import eos_list
 from mmserve.checkpoint import first_prefix_present, load_strict, load_weights
 from mmserve.errors import InvalidInputError
 from mmserve.wire import GenerateRequest, ImageSpan
@@ -85,8 +86,7 @@ class Qwen2VLLanguageModel:
         self.vocab_size = int(text_config.vocab_size)
         self.hidden_size = int(text_config.hidden_size)
         self.max_model_len = int(text_config.max_position_embeddings)
-        eos = text_config.eos_token_id
-        self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_token_ids = eos_list(text_config.eos_token_id)
 
     def validate_request(self, request: GenerateRequest) -> None:
         """Every image span needs its grid, and the grid must account for the span's length."""

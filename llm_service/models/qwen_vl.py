@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from llm_service.models.base import CausalLMAdapter
 from mmserve.checkpoint import load_strict, load_weights, read_config
 from mmserve.errors import CheckpointError
 
@@ -76,9 +77,7 @@ def map_weights(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, to
     return out
 
 
-class QwenVLLanguageModel:
-    """Owns the causal LM and the facts the engine needs about it."""
-
+class QwenVLLanguageModel(CausalLMAdapter):
     family = "qwen_vl"
 
     def __init__(self, checkpoint: str, dtype: torch.dtype, device: str):
@@ -89,21 +88,13 @@ class QwenVLLanguageModel:
         state = load_weights(checkpoint, {**prefixes, "lm_head.": "lm_head."})
         state = map_weights(state, self.config.num_hidden_layers)
         load_strict(self.model, state, f"{checkpoint}: Qwen-VL language model (transformer.*, lm_head)")
-        self.model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
-
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.image_token_id = IMG_PAD_ID
-        self.vocab_size = self.config.vocab_size
-        self.hidden_size = self.config.hidden_size
-        # Exact only up to seq_length: beyond it Qwen v1 switches on logn attention and dynamic NTK.
-        self.max_model_len = int(config.get("seq_length", 2048))
-        self.eos_token_ids = [ENDOFTEXT_ID, IM_END_ID, IM_START_ID]
-
-    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(token_ids.to(self.device))
-
-    def forward(self, inputs_embeds: torch.Tensor, cache) -> torch.Tensor:
-        """(1, T, hidden) new positions after `cache` -> (vocab,) float32 logits of the last one."""
-        out = self.model(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float()
+        self._serve(
+            device,
+            dtype,
+            image_token_id=IMG_PAD_ID,
+            vocab_size=self.config.vocab_size,
+            hidden_size=self.config.hidden_size,
+            # Exact only up to seq_length: beyond it Qwen v1 switches on logn attention and dynamic NTK.
+            max_model_len=int(config.get("seq_length", 2048)),
+            eos_token_ids=[ENDOFTEXT_ID, IM_END_ID, IM_START_ID],
+        )
