@@ -19,7 +19,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from mmserve.checkpoint import first_prefix_present, load_strict, load_weights
-from vision_service.models.llava import _nest
+from vision_service.models import clip
 
 
 class LlavaNextVision(torch.nn.Module):
@@ -31,11 +31,9 @@ class LlavaNextVision(torch.nn.Module):
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = LlavaNextMultiModalProjector(config)
         self.image_newline = torch.nn.Parameter(torch.empty(config.text_config.hidden_size))
-        num_layers = config.vision_config.num_hidden_layers
-        layers = config.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
-        self.feature_states = [i if i >= 0 else num_layers + 1 + i for i in layers]
+        self.feature_states = clip.state_indices(
+            config.vision_feature_layer, config.vision_config.num_hidden_layers
+        )
         self.select_strategy = config.vision_feature_select_strategy
 
     @classmethod
@@ -44,10 +42,11 @@ class LlavaNextVision(torch.nn.Module):
         model = cls(config)
         tower_prefix = first_prefix_present(checkpoint, ["model.vision_tower.", "vision_tower."])
         root = tower_prefix[: -len("vision_tower.")]  # "model." (transformers 5 layout) or "" (Hub layout)
-        tower_state = load_weights(checkpoint, {tower_prefix: ""})
-        expects_nested = any(k.startswith("vision_model.") for k in model.vision_tower.state_dict())
-        tower_state = {_nest(k, expects_nested): v for k, v in tower_state.items()}
-        load_strict(model.vision_tower, tower_state, f"{checkpoint}: vision tower ({tower_prefix}*)")
+        clip.load_tower(
+            model.vision_tower,
+            load_weights(checkpoint, {tower_prefix: ""}),
+            f"{checkpoint}: vision tower ({tower_prefix}*)",
+        )
         load_strict(
             model.multi_modal_projector,
             load_weights(checkpoint, {root + "multi_modal_projector.": ""}),
@@ -55,13 +54,8 @@ class LlavaNextVision(torch.nn.Module):
         )
         newline = load_weights(checkpoint, {root + "image_newline": "image_newline"})
         load_strict(_Newline(model), newline, f"{checkpoint}: {root}image_newline")
-        model._drop_unused_layers()
+        clip.drop_unused_layers(model.vision_tower, model.feature_states)
         return model.to(device=device, dtype=dtype).eval()
-
-    def _drop_unused_layers(self) -> None:
-        """Layers after the deepest selected hidden state never influence the features."""
-        encoder = getattr(self.vision_tower, "vision_model", self.vision_tower).encoder
-        del encoder.layers[max(max(self.feature_states), 1) :]  # keep one: an empty encoder returns no states
 
     @staticmethod
     def load_processor(checkpoint: str):
@@ -94,11 +88,9 @@ class LlavaNextVision(torch.nn.Module):
             )
             if count != expected:
                 raise ValueError(f"an image of size {size} has {count} crops; its grid needs {expected}")
-        param = next(self.parameters())
-        out = self.vision_tower(pixel_values.to(param.device, param.dtype), output_hidden_states=True)
-        selected = torch.cat([out.hidden_states[i] for i in self.feature_states], dim=-1)
-        if self.select_strategy == "default":
-            selected = selected[:, 1:]  # drop CLS
+        selected = clip.features(
+            self.vision_tower, pixel_values, self.feature_states, drop_cls=self.select_strategy == "default"
+        )
         features = torch.split(self.multi_modal_projector(selected), counts, dim=0)
         packed, _ = LlavaNextModel.pack_image_features(
             self,  # type: ignore[arg-type] # it reads only .config

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from mmserve.checkpoint import first_prefix_present, load_strict, load_weights
 from mmserve.errors import CheckpointError
 from mmserve.llava_original import OriginalLlavaConfig
-from vision_service.models.llava import _nest
+from vision_service.models import clip
 
 
 def build_projector(kind: str, mm_hidden: int, hidden: int) -> torch.nn.Module:
@@ -67,9 +67,7 @@ class LlavaOriginalVision(torch.nn.Module):
         self.vision_tower = AutoModel.from_config(clip_config)
         mm_hidden = mm.mm_hidden_size or clip_config.hidden_size
         self.mm_projector = build_projector(mm.projector_type, mm_hidden, text_hidden)
-        num_layers = clip_config.num_hidden_layers
-        layer = mm.select_layer
-        self.feature_state = layer if layer >= 0 else num_layers + 1 + layer  # hidden_states index
+        self.feature_states = clip.state_indices(mm.select_layer, clip_config.num_hidden_layers)
         self.keep_cls = mm.select_feature == "cls_patch"
 
     @classmethod
@@ -85,17 +83,17 @@ class LlavaOriginalVision(torch.nn.Module):
             prefix = first_prefix_present(mm.vision_tower, ["vision_model."])
         except CheckpointError:
             prefix = ""
-        tower_state = load_weights(mm.vision_tower, {prefix: ""})
-        expects_nested = any(k.startswith("vision_model.") for k in model.vision_tower.state_dict())
-        tower_state = {_nest(k, expects_nested): v for k, v in tower_state.items()}
-        load_strict(model.vision_tower, tower_state, f"{mm.vision_tower}: CLIP vision tower ({prefix}*)")
+        clip.load_tower(
+            model.vision_tower,
+            load_weights(mm.vision_tower, {prefix: ""}),
+            f"{mm.vision_tower}: CLIP vision tower ({prefix}*)",
+        )
         load_strict(
             model.mm_projector,
             load_weights(checkpoint, {"model.mm_projector.": ""}),
             f"{checkpoint}: projector model.mm_projector.* ({mm.projector_type})",
         )
-        encoder = getattr(model.vision_tower, "vision_model", model.vision_tower).encoder
-        del encoder.layers[max(model.feature_state, 1) :]  # later layers never influence the features
+        clip.drop_unused_layers(model.vision_tower, model.feature_states)
         return model.to(device=device, dtype=dtype).eval()
 
     @staticmethod
@@ -120,11 +118,9 @@ class LlavaOriginalVision(torch.nn.Module):
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) pixels -> B tensors of (N, text_hidden)."""
-        param = next(self.parameters())
-        out = self.vision_tower(pixel_values.to(param.device, param.dtype), output_hidden_states=True)
-        features = out.hidden_states[self.feature_state]
-        if not self.keep_cls:
-            features = features[:, 1:]
+        features = clip.features(
+            self.vision_tower, pixel_values, self.feature_states, drop_cls=not self.keep_cls
+        )
         return list(self.mm_projector(features))
 
     @staticmethod
