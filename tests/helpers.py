@@ -65,6 +65,26 @@ def image_server(folder: Path):
         server.shutdown()
 
 
+@contextmanager
+def serving(checkpoint: Path, image_dir: Path, log_dir: Path, extra_args: list[str] = ()):
+    """The three-process stack, allowed to read `image_dir` both as local files and over loopback
+    http; yields (stack, http base url of image_dir)."""
+    with image_server(image_dir) as http_base:
+        args = ["--allow-private-urls", "--allowed-local-media-path", str(image_dir), *extra_args]
+        stack = Stack(checkpoint, log_dir, args).start()
+        try:
+            yield stack, http_base
+        finally:
+            stack.stop()
+
+
+def openai_client(stack: Stack):
+    """The official client pointed at the stack's gateway (no retries: errors must show)."""
+    import openai
+
+    return openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
 class Stack:
     """vision_service + llm_service + gateway as three real processes on loopback."""
 

@@ -19,7 +19,7 @@ from transformers import (
 
 from gateway.pipeline import ModelFactory, Pipeline
 from tests.checkpoints.qwen2_vl import build_qwen2_vl_checkpoint
-from tests.helpers import Stack, data_url, image_server, make_image
+from tests.helpers import data_url, make_image, openai_client, serving
 
 MAX_TOKENS = 16
 VERSIONS = ["qwen2_vl", "qwen2_5_vl"]
@@ -115,28 +115,15 @@ def reference(checkpoint, version):
 
 @pytest.fixture(scope="module")
 def served(checkpoint, qwen_images, tmp_path_factory):
-    with image_server(qwen_images) as http_base:
-        stack = Stack(
-            checkpoint,
-            tmp_path_factory.mktemp("logs"),
-            [
-                "--allow-private-urls",
-                "--allowed-local-media-path",
-                str(qwen_images),
-                "--model-name",
-                "tiny-qwen",
-            ],
-        ).start()
-        try:
-            yield stack, http_base
-        finally:
-            stack.stop()
+    with serving(
+        checkpoint, qwen_images, tmp_path_factory.mktemp("logs"), ["--model-name", "tiny-qwen"]
+    ) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    stack, _ = served
-    return openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(served[0])
 
 
 @pytest.fixture(scope="module")

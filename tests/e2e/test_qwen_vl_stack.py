@@ -16,7 +16,7 @@ import openai
 import pytest
 import torch
 
-from tests.helpers import Stack, data_url, image_server, make_image
+from tests.helpers import data_url, make_image, openai_client, serving
 
 IMG, IMG_END, IMG_PAD = 151857, 151858, 151859
 STOP_IDS = [151643, 151645, 151644]
@@ -49,21 +49,13 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(qwen_ckpt, images, tmp_path_factory):
-    with image_server(images) as http_base:
-        stack = Stack(
-            qwen_ckpt,
-            tmp_path_factory.mktemp("logs"),
-            ["--allow-private-urls", "--allowed-local-media-path", str(images)],
-        ).start()
-        try:
-            yield stack, http_base
-        finally:
-            stack.stop()
+    with serving(qwen_ckpt, images, tmp_path_factory.mktemp("logs")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=served[0].base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(served[0])
 
 
 class Direct:

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import Stack, data_url, image_server, make_image
+from tests.helpers import data_url, make_image, openai_client, serving
 from tests.reference import LlavaReference
 
 MAX_TOKENS = 24
@@ -14,22 +14,13 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint, image_dir, tmp_path_factory):
-    with image_server(image_dir) as http_base:
-        stack = Stack(
-            tiny_checkpoint,
-            tmp_path_factory.mktemp("logs"),
-            ["--allow-private-urls", "--allowed-local-media-path", str(image_dir)],
-        ).start()
-        try:
-            yield stack, http_base
-        finally:
-            stack.stop()
+    with serving(tiny_checkpoint, image_dir, tmp_path_factory.mktemp("logs")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    stack, _ = served
-    return openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(served[0])
 
 
 @pytest.fixture(scope="module")
