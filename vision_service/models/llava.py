@@ -14,23 +14,23 @@ from vision_service.models import clip
 
 class LlavaVision(torch.nn.Module):
     family = "llava"
+    projector_class: type[torch.nn.Module] = LlavaMultiModalProjector
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.multi_modal_projector = self.projector_class(config)
         self.feature_states = clip.state_indices(
             config.vision_feature_layer, config.vision_config.num_hidden_layers
         )
         self.select_strategy = config.vision_feature_select_strategy
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str, dtype: torch.dtype, device: str) -> LlavaVision:
-        config = AutoConfig.from_pretrained(checkpoint)
-        model = cls(config)
+    def from_checkpoint(cls, checkpoint: str, dtype: torch.dtype, device: str):
+        model = cls(AutoConfig.from_pretrained(checkpoint))
         tower_prefix = first_prefix_present(checkpoint, ["model.vision_tower.", "vision_tower."])
-        projector_prefix = tower_prefix.replace("vision_tower.", "multi_modal_projector.")
+        root = tower_prefix[: -len("vision_tower.")]  # "model." (transformers 5 layout) or "" (Hub layout)
         clip.load_tower(
             model.vision_tower,
             load_weights(checkpoint, {tower_prefix: ""}),
@@ -38,11 +38,15 @@ class LlavaVision(torch.nn.Module):
         )
         load_strict(
             model.multi_modal_projector,
-            load_weights(checkpoint, {projector_prefix: ""}),
-            f"{checkpoint}: projector ({projector_prefix}*)",
+            load_weights(checkpoint, {root + "multi_modal_projector.": ""}),
+            f"{checkpoint}: projector ({root}multi_modal_projector.*)",
         )
+        model._load_extra(checkpoint, root)
         clip.drop_unused_layers(model.vision_tower, model.feature_states)
         return model.to(device=device, dtype=dtype).eval()
+
+    def _load_extra(self, checkpoint: str, root: str) -> None:
+        """Weights a variant has beyond the tower and the projector (none here)."""
 
     @staticmethod
     def load_processor(checkpoint: str):

@@ -11,55 +11,28 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextModel,
     LlavaNextMultiModalProjector,
     image_size_to_num_patches,
 )
 
-from mmserve.checkpoint import first_prefix_present, load_strict, load_weights
+from mmserve.checkpoint import load_strict, load_weights
 from vision_service.models import clip
+from vision_service.models.llava import LlavaVision
 
 
-class LlavaNextVision(torch.nn.Module):
+class LlavaNextVision(LlavaVision):
     family = "llava_next"
+    projector_class = LlavaNextMultiModalProjector
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = LlavaNextMultiModalProjector(config)
+        super().__init__(config)
         self.image_newline = torch.nn.Parameter(torch.empty(config.text_config.hidden_size))
-        self.feature_states = clip.state_indices(
-            config.vision_feature_layer, config.vision_config.num_hidden_layers
-        )
-        self.select_strategy = config.vision_feature_select_strategy
 
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str, dtype: torch.dtype, device: str) -> LlavaNextVision:
-        config = AutoConfig.from_pretrained(checkpoint)
-        model = cls(config)
-        tower_prefix = first_prefix_present(checkpoint, ["model.vision_tower.", "vision_tower."])
-        root = tower_prefix[: -len("vision_tower.")]  # "model." (transformers 5 layout) or "" (Hub layout)
-        clip.load_tower(
-            model.vision_tower,
-            load_weights(checkpoint, {tower_prefix: ""}),
-            f"{checkpoint}: vision tower ({tower_prefix}*)",
-        )
-        load_strict(
-            model.multi_modal_projector,
-            load_weights(checkpoint, {root + "multi_modal_projector.": ""}),
-            f"{checkpoint}: projector ({root}multi_modal_projector.*)",
-        )
+    def _load_extra(self, checkpoint: str, root: str) -> None:
         newline = load_weights(checkpoint, {root + "image_newline": "image_newline"})
-        load_strict(_Newline(model), newline, f"{checkpoint}: {root}image_newline")
-        clip.drop_unused_layers(model.vision_tower, model.feature_states)
-        return model.to(device=device, dtype=dtype).eval()
-
-    @staticmethod
-    def load_processor(checkpoint: str):
-        return AutoImageProcessor.from_pretrained(checkpoint)
+        load_strict(_Newline(self), newline, f"{checkpoint}: {root}image_newline")
 
     @staticmethod
     def preprocess_one(processor, image: Image.Image) -> dict[str, np.ndarray]:
@@ -77,7 +50,7 @@ class LlavaNextVision(torch.nn.Module):
         }
 
     @torch.inference_mode()
-    def forward(
+    def forward(  # type: ignore[override]  # its inputs come from this class's collate
         self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, num_patches: torch.Tensor
     ) -> list[torch.Tensor]:
         """(sum P_i, 3, H, W) crops of B images -> B tensors of (N_i, text_hidden)."""
