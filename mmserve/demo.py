@@ -120,36 +120,21 @@ DEMO_SHAPE = LlavaShape(
 )
 
 
-def build_llava_checkpoint(
-    path: str | Path, shape: LlavaShape | None = None, seed: int = 0, dtype: str = "float32"
-) -> Path:
-    """Write a random-weight `LlavaForConditionalGeneration` checkpoint with tokenizer and processor."""
-    shape = shape or LlavaShape()
-    import torch
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def tower_and_text_configs(shape: LlavaShape, tokenizer, image_size: int | None = None) -> dict:
+    """The CLIP tower and Llama text configs of `shape`, as LlavaConfig / LlavaNextConfig keywords."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(shape.vocab_size)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
+    return {
+        "vision_config": CLIPVisionConfig(
             hidden_size=shape.vision_hidden,
             intermediate_size=shape.vision_intermediate,
             num_hidden_layers=shape.vision_layers,
             num_attention_heads=shape.vision_heads,
-            image_size=shape.image_size,
+            image_size=image_size or shape.image_size,
             patch_size=shape.patch_size,
             projection_dim=shape.vision_hidden,
         ),
-        text_config=LlamaConfig(
+        "text_config": LlamaConfig(
             vocab_size=max(len(tokenizer), shape.model_vocab_size or 0),
             hidden_size=shape.text_hidden,
             intermediate_size=shape.text_intermediate,
@@ -161,6 +146,28 @@ def build_llava_checkpoint(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
+    }
+
+
+def build_llava_checkpoint(
+    path: str | Path, shape: LlavaShape | None = None, seed: int = 0, dtype: str = "float32"
+) -> Path:
+    """Write a random-weight `LlavaForConditionalGeneration` checkpoint with tokenizer and processor."""
+    shape = shape or LlavaShape()
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(shape.vocab_size)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(
+        **tower_and_text_configs(shape, tokenizer),
         image_token_index=image_token_id,
         image_seq_length=(shape.image_size // shape.patch_size) ** 2,
     )

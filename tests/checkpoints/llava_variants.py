@@ -16,7 +16,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from mmserve.demo import LLAVA_CHAT_TEMPLATE, LlavaShape, build_llava_checkpoint, build_tokenizer
+from mmserve.demo import (
+    LLAVA_CHAT_TEMPLATE,
+    LlavaShape,
+    build_llava_checkpoint,
+    build_tokenizer,
+    tower_and_text_configs,
+)
 
 # The vicuna_v1 system line of the original LLaVA conversation templates.
 VICUNA_SYSTEM = (
@@ -54,8 +60,6 @@ def build_llava_next_checkpoint(
     shape = shape or LlavaShape()
     import torch
     from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessorPil,
@@ -68,27 +72,7 @@ def build_llava_next_checkpoint(
     side = shape.image_size
     pinpoints = grid_pinpoints or default_grid_pinpoints(side)
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=shape.vision_hidden,
-            intermediate_size=shape.vision_intermediate,
-            num_hidden_layers=shape.vision_layers,
-            num_attention_heads=shape.vision_heads,
-            image_size=side,
-            patch_size=shape.patch_size,
-            projection_dim=shape.vision_hidden,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=max(len(tokenizer), shape.model_vocab_size or 0),
-            hidden_size=shape.text_hidden,
-            intermediate_size=shape.text_intermediate,
-            num_hidden_layers=shape.text_layers,
-            num_attention_heads=shape.text_heads,
-            num_key_value_heads=shape.text_kv_heads,
-            max_position_embeddings=shape.max_position_embeddings,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        **tower_and_text_configs(shape, tokenizer, image_size=side),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints,
         image_seq_length=(side // shape.patch_size) ** 2,
