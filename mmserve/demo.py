@@ -53,20 +53,28 @@ def _corpus() -> list[str]:
     return lines + _EXTRA * 5
 
 
-def build_tokenizer(vocab_size: int = 400):
-    """A Llama-style (BOS-prefixing) byte-level BPE tokenizer with an `<image>` special token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_byte_bpe(vocab_size: int, special_tokens: list[str], unk_token: str | None = None):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on the built-in corpus, special tokens first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def build_tokenizer(vocab_size: int = 400):
+    """A Llama-style (BOS-prefixing) byte-level BPE tokenizer with an `<image>` special token."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_byte_bpe(vocab_size, SPECIAL_TOKENS, unk_token="<unk>")
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]

@@ -85,6 +85,20 @@ def openai_client(stack: Stack):
     return openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
+def greedy_chat(client, text: str, urls: list[str], max_tokens: int, **kwargs):
+    """One user turn (images first, then text), greedy, with the prompt and output token ids."""
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    content.append({"type": "text", "text": text})
+    return client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": content}],
+        temperature=0,
+        max_tokens=max_tokens,
+        extra_body={"return_token_ids": True},
+        **kwargs,
+    )
+
+
 class Stack:
     """vision_service + llm_service + gateway as three real processes on loopback."""
 

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mmserve.demo import _corpus
+from mmserve.demo import train_byte_bpe
 
 # Qwen2-VL Instruct's template, reduced to images: a default system turn, typed content parts,
 # `<|vision_start|><|image_pad|><|vision_end|>` per image.
@@ -46,18 +46,9 @@ MAX_PIXELS = 28 * 28 * 16
 
 def build_tokenizer(vocab_size: int = 400):
     """A Qwen-style byte-level BPE tokenizer (no BOS) with the Qwen2-VL special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok = train_byte_bpe(vocab_size, SPECIAL_TOKENS)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 
-import openai
 import pytest
 import torch
 from PIL import Image
@@ -13,7 +12,7 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from gateway.pipeline import ModelFactory, Pipeline
 from tests.checkpoints.llava_variants import build_llava_next_checkpoint
-from tests.helpers import Stack, data_url, make_image
+from tests.helpers import Stack, data_url, greedy_chat, make_image, openai_client
 
 MAX_TOKENS = 16
 # (width, height): wide, tall, square, very wide (a 3x1 grid), exactly one crop.
@@ -105,22 +104,14 @@ def test_vision_adapter_equals_transformers(next_checkpoint, reference, images):
 def client(next_checkpoint, tmp_path_factory):
     stack = Stack(next_checkpoint, tmp_path_factory.mktemp("logs")).start()
     try:
-        yield openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        yield openai_client(stack)
     finally:
         stack.stop()
 
 
 @pytest.mark.parametrize("text,names", CASES, ids=IDS)
 def test_stack_greedy_equals_reference(client, reference, images, text, names):
-    content = [{"type": "image_url", "image_url": {"url": data_url(images[n])}} for n in names]
-    content.append({"type": "text", "text": text})
-    response = client.chat.completions.create(
-        model=client.models.list().data[0].id,
-        messages=[{"role": "user", "content": content}],
-        temperature=0,
-        max_tokens=MAX_TOKENS,
-        extra_body={"return_token_ids": True},
-    )
+    response = greedy_chat(client, text, [data_url(images[n]) for n in names], MAX_TOKENS)
     ref_prompt, ref_new = reference.greedy(
         reference.chat_prompt(text, len(names)), [images[n] for n in names], MAX_TOKENS
     )
@@ -157,21 +148,7 @@ def test_pipeline_greedy_equals_reference(pipeline, reference, images, names, tm
 
 def test_images_change_the_answer(client, images):
     def answer(name: str) -> list[int]:
-        response = client.chat.completions.create(
-            model=client.models.list().data[0].id,
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": data_url(images[name])}},
-                        {"type": "text", "text": "What is this?"},
-                    ],
-                }
-            ],
-            temperature=0,
-            max_tokens=MAX_TOKENS,
-            extra_body={"return_token_ids": True},
-        )
+        response = greedy_chat(client, "What is this?", [data_url(images[name])], MAX_TOKENS)
         return response.choices[0].model_extra["token_ids"]
 
     assert len({tuple(answer(name)) for name in ("wide", "tall", "square")}) > 1

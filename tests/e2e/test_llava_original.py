@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import numpy as np
-import openai
 import pytest
 import torch
 from PIL import Image
@@ -20,7 +19,7 @@ from gateway.pipeline import ModelFactory, Pipeline
 from gateway.prompt_llava_original import VICUNA_V1_SYSTEM
 from mmserve.errors import CheckpointError
 from tests.checkpoints.llava_variants import build_llava_original_checkpoint
-from tests.helpers import ROOT, Stack, data_url, free_ports, make_image
+from tests.helpers import ROOT, Stack, data_url, free_ports, greedy_chat, make_image, openai_client
 from tests.reference import LlavaReference
 
 MAX_TOKENS = 16
@@ -82,7 +81,7 @@ def reference_inputs(images, names):
 def client(checkpoints, tmp_path_factory):
     stack = Stack(checkpoints[0], tmp_path_factory.mktemp("logs")).start()
     try:
-        yield openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        yield openai_client(stack)
     finally:
         stack.stop()
 
@@ -100,15 +99,7 @@ def client(checkpoints, tmp_path_factory):
     ids=["square", "small-square", "two-images", "wide-padded", "tall-padded", "no-image"],
 )
 def test_stack_greedy_equals_llava_hf_reference(client, reference, images, text, names):
-    content = [{"type": "image_url", "image_url": {"url": data_url(images[n])}} for n in names]
-    content.append({"type": "text", "text": text})
-    response = client.chat.completions.create(
-        model=client.models.list().data[0].id,
-        messages=[{"role": "user", "content": content}],
-        temperature=0,
-        max_tokens=MAX_TOKENS,
-        extra_body={"return_token_ids": True},
-    )
+    response = greedy_chat(client, text, [data_url(images[n]) for n in names], MAX_TOKENS)
     ref_prompt, ref_new = reference.greedy(
         vicuna_prompt(text, len(names)), reference_inputs(images, names), MAX_TOKENS
     )
