@@ -77,6 +77,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     repetition_penalty: float = 1.0
+    min_p: float = 0.0  # 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # top-n alternatives per token; None = no logprobs
 
 
 @dataclass
@@ -101,12 +105,21 @@ class Usage:
 
 
 @dataclass
+class TokenLogprobs:
+    """Log-probability of one sampled token and the top alternatives at its step."""
+
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass
 class GenerateOutput:
     """One message of a generation stream; the last one has finish_reason and usage."""
 
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when requested
 
 
 # ---- vision ------------------------------------------------------------------------------------
@@ -176,6 +189,10 @@ def sampling_to_pb(params: SamplingParams) -> llm_pb2.SamplingParams:
         stop_token_ids=params.stop_token_ids,
         seed=params.seed,
         repetition_penalty=params.repetition_penalty,
+        min_p=params.min_p,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logprobs=params.logprobs,
     )
 
 
@@ -190,6 +207,10 @@ def sampling_from_pb(message: llm_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=list(message.stop_token_ids),
         seed=message.seed if message.HasField("seed") else None,
         repetition_penalty=message.repetition_penalty or 1.0,
+        min_p=message.min_p,
+        presence_penalty=message.presence_penalty,
+        frequency_penalty=message.frequency_penalty,
+        logprobs=message.logprobs if message.HasField("logprobs") else None,
     )
 
 
@@ -231,7 +252,16 @@ def generate_request_from_pb(message: llm_pb2.GenerateRequest) -> GenerateReques
 
 def generate_output_to_pb(output: GenerateOutput) -> llm_pb2.GenerateResponse:
     message = llm_pb2.GenerateResponse(
-        token_ids=output.token_ids, finish_reason=_FINISH_TO_PB[output.finish_reason]
+        token_ids=output.token_ids,
+        finish_reason=_FINISH_TO_PB[output.finish_reason],
+        logprobs=[
+            llm_pb2.TokenLogprobs(
+                logprob=lp.logprob,
+                top_token_ids=[t for t, _ in lp.top],
+                top_logprobs=[v for _, v in lp.top],
+            )
+            for lp in output.logprobs or []
+        ],
     )
     if output.usage is not None:
         message.usage.CopyFrom(
@@ -252,10 +282,15 @@ def generate_output_from_pb(message: llm_pb2.GenerateResponse) -> GenerateOutput
             completion_tokens=message.usage.completion_tokens,
             cached_tokens=message.usage.cached_tokens,
         )
+    logprobs = [
+        TokenLogprobs(lp.logprob, list(zip(lp.top_token_ids, lp.top_logprobs, strict=True)))
+        for lp in message.logprobs
+    ]
     return GenerateOutput(
         token_ids=list(message.token_ids),
         finish_reason=_FINISH_FROM_PB[message.finish_reason],
         usage=usage,
+        logprobs=logprobs or None,
     )
 
 
