@@ -79,12 +79,7 @@ class ModelFactory:
             VisionConfig(checkpoint=path, model_type=model_type, dtype=dtype, device=device)
         )
         llm_config = LLMConfig(checkpoint=path, model_type=model_type, dtype=dtype, device=device)
-        engine = Engine(
-            load_language_model(llm_config),
-            llm_config.max_waiting,
-            llm_config.max_model_len,
-            llm_config.max_running,
-        )
+        engine = Engine(load_language_model(llm_config), llm_config.engine_config())
         return MultimodalModel(path, family, prompt, vision, engine)
 
 

@@ -14,7 +14,7 @@ from mmserve.proto import llm_pb2, llm_pb2_grpc
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s llm %(levelname)s %(message)s")
     config = LLMConfig.from_args(argv)
-    engine = Engine(load_language_model(config), config.max_waiting, config.max_model_len, config.max_running)
+    engine = Engine(load_language_model(config), config.engine_config())
     if config.metrics_port:
         serve_metrics(config.metrics_port, config.host, engine.metrics.registry)
     servicer = LLMServicer(engine)

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_service.engine.llm_engine import EngineConfig
 from mmserve.checkpoint import check_model_dtype
 from mmserve.cli import EnvFlags
 from mmserve.grpc_util import DEFAULT_MAX_MESSAGE_BYTES
@@ -21,8 +22,13 @@ class LLMConfig:
     device: str = "cpu"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send/receive limit
     max_waiting: int = 256  # requests queued beyond this get RESOURCE_EXHAUSTED
-    max_running: int = 8  # sequences generating at once (each holds its own KV cache)
-    max_model_len: int = 0  # prompt + output cap per sequence; 0 = the model's max_position_embeddings
+    max_running: int = 128  # sequences in the running batch at once
+    max_model_len: int = 0  # prompt + output cap per sequence; 0 = the model's (and the KV cache's) limit
+    max_num_batched_tokens: int = 2048  # tokens computed per step: the chunked-prefill budget
+    kv_cache_bytes: int = 0  # paged KV cache budget; 0 = 2 GiB on CPU, 90% of free memory on CUDA
+    block_size: int = 16  # tokens per KV block (the flash_attn backend uses 256)
+    disable_prefix_caching: bool = False
+    attention_backend: str = "auto"  # auto (flash_attn on CUDA when installed, else sdpa) | sdpa | flash_attn
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     threads: int = 0  # torch intra-op threads for the engine; 0 = torch's default (all cores)
 
@@ -32,8 +38,19 @@ class LLMConfig:
         check_model_dtype(self.dtype)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
-        if self.max_waiting < 1 or self.max_running < 1 or self.max_model_len < 0:
-            raise ValueError("max_waiting and max_running must be >= 1, max_model_len >= 0")
+        self.engine_config()  # validates the engine's fields
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_waiting=self.max_waiting,
+            max_running=self.max_running,
+            max_model_len=self.max_model_len,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            kv_cache_bytes=self.kv_cache_bytes,
+            block_size=self.block_size,
+            enable_prefix_caching=not self.disable_prefix_caching,
+            attention_backend=self.attention_backend,
+        )
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> LLMConfig:
@@ -49,6 +66,16 @@ class LLMConfig:
         flags.add("max_waiting", "LLM_MAX_WAITING", int, "queue bound before RESOURCE_EXHAUSTED")
         flags.add("max_running", "LLM_MAX_RUNNING", int, "sequences generating at once")
         flags.add("max_model_len", "MAX_MODEL_LEN", int, "tokens per sequence, 0 = model default")
+        flags.add(
+            "max_num_batched_tokens",
+            "LLM_MAX_NUM_BATCHED_TOKENS",
+            int,
+            "tokens per step (prefill chunk budget)",
+        )
+        flags.add("kv_cache_bytes", "LLM_KV_CACHE_BYTES", int, "KV cache budget in bytes, 0 = auto")
+        flags.add("block_size", "LLM_BLOCK_SIZE", int, "tokens per KV block")
+        flags.switch("disable_prefix_caching", "LLM_DISABLE_PREFIX_CACHING", "turn the prefix cache off")
+        flags.add("attention_backend", "LLM_ATTENTION_BACKEND", help="auto|sdpa|flash_attn")
         flags.add("threads", "LLM_THREADS", int, "torch threads, 0 = all cores")
         flags.add("metrics_port", "LLM_METRICS_PORT", int, "Prometheus /metrics port, 0 = off")
         args = p.parse_args(argv)

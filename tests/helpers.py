@@ -66,12 +66,14 @@ def image_server(folder: Path):
 
 
 @contextmanager
-def serving(checkpoint: Path, image_dir: Path, log_dir: Path, extra_args: list[str] = ()):
+def serving(
+    checkpoint: Path, image_dir: Path, log_dir: Path, extra_args: list[str] = (), llm_args: list[str] = ()
+):
     """The three-process stack, allowed to read `image_dir` both as local files and over loopback
-    http; yields (stack, http base url of image_dir)."""
+    http; yields (stack, http base url of image_dir). `extra_args` go to the gateway."""
     with image_server(image_dir) as http_base:
         args = ["--allow-private-urls", "--allowed-local-media-path", str(image_dir), *extra_args]
-        stack = Stack(checkpoint, log_dir, args).start()
+        stack = Stack(checkpoint, log_dir, args, llm_args).start()
         try:
             yield stack, http_base
         finally:
@@ -102,13 +104,16 @@ def greedy_chat(client, text: str, urls: list[str], max_tokens: int, **kwargs):
 class Stack:
     """vision_service + llm_service + gateway as three real processes on loopback."""
 
-    def __init__(self, checkpoint: Path, log_dir: Path, gateway_args: list[str] = ()):
+    def __init__(
+        self, checkpoint: Path, log_dir: Path, gateway_args: list[str] = (), llm_args: list[str] = ()
+    ):
         self.checkpoint = checkpoint
         self.log_dir = log_dir
         self.vision_port, self.llm_port, self.port, self.llm_metrics_port, self.vision_metrics_port = (
             free_ports(5)
         )
         self.gateway_args = list(gateway_args)
+        self.llm_args = list(llm_args)
         self.procs: dict[str, subprocess.Popen] = {}
 
     @property
@@ -146,6 +151,7 @@ class Stack:
                 str(self.llm_port),
                 "--metrics-port",
                 str(self.llm_metrics_port),
+                *self.llm_args,
             ],
         )
         self._spawn(

@@ -1,10 +1,11 @@
-"""What every language adapter gives the engine: the facts about its model, embeddings and a forward."""
+"""What every language adapter gives the engine: the decoder, the facts about it, and positions."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+
+from llm_service.models.decoder import DecoderConfig, DecoderLM, pack_hf_weights
+from mmserve.checkpoint import load_strict
 
 
 def eos_list(eos) -> list[int]:
@@ -12,39 +13,63 @@ def eos_list(eos) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-class CausalLMAdapter:
-    """A loaded transformers causal LM (`self.model`, with its lm_head) plus the facts the engine needs.
-
-    Subclasses load the weights, then call `_serve` with the facts.
-    """
+class LanguageModel:
+    """A loaded `DecoderLM` plus the facts the engine needs. Subclasses read the checkpoint and call
+    `_load` with transformers-named weights (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`)."""
 
     family = ""
-    model: Any  # a transformers PreTrainedModel with an lm_head
+    position_dims = 1  # 3 for M-RoPE models, which override `positions`
+    decoder: DecoderLM
 
-    def _serve(
+    def _load(
         self,
+        config: DecoderConfig,
+        state: dict[str, torch.Tensor],
+        what: str,
         device: str,
         dtype: torch.dtype,
         *,
         image_token_id: int,
-        vocab_size: int,
-        hidden_size: int,
-        max_model_len: int,
         eos_token_ids: list[int],
+        tie_word_embeddings: bool = False,
+        max_model_len: int | None = None,
     ) -> None:
-        self.model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
+        state = pack_hf_weights(state, config.num_layers)
+        if "lm_head.weight" not in state and tie_word_embeddings and "embed_tokens.weight" in state:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        self.decoder = DecoderLM(config)
+        load_strict(self.decoder, state, what)
+        self.decoder.to(device=device, dtype=dtype).eval()
         self.device = torch.device(device)
         self.dtype = dtype
         self.image_token_id = int(image_token_id)
-        self.vocab_size = int(vocab_size)
-        self.hidden_size = int(hidden_size)
-        self.max_model_len = int(max_model_len)
+        self.vocab_size = config.vocab_size
+        self.hidden_size = config.hidden_size
+        self.max_model_len = int(max_model_len or config.max_position_embeddings)
         self.eos_token_ids = eos_token_ids
 
-    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(token_ids.to(self.device))
+    @classmethod
+    def random(
+        cls, config: DecoderConfig, device: str, dtype: torch.dtype, *, image_token_id: int = 0, seed: int = 0
+    ) -> LanguageModel:
+        """A random-weight model of `config` built on `device` (benchmarks: no checkpoint to read)."""
+        model = cls.__new__(cls)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model.decoder = DecoderLM(config).to(dtype)
+        for name, param in model.decoder.named_parameters():
+            if "norm" not in name:
+                torch.nn.init.normal_(param, std=0.02)
+        model.decoder.eval()
+        model.device, model.dtype = torch.device(device), dtype
+        model.image_token_id, model.eos_token_ids = image_token_id, []
+        model.vocab_size, model.hidden_size = config.vocab_size, config.hidden_size
+        model.max_model_len = config.max_position_embeddings
+        return model
 
-    def forward(self, inputs_embeds: torch.Tensor, cache) -> torch.Tensor:
-        """(1, T, hidden) new positions after `cache` -> (vocab,) float32 logits of the last one."""
-        out = self.model(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float()
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(token_ids.to(self.device))
+
+    def positions(self, seq, start: int, end: int) -> torch.Tensor:
+        """(end - start,) RoPE positions of tokens [start, end) of `seq` (M-RoPE models: (3, n))."""
+        return torch.arange(start, end)

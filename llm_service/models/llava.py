@@ -3,31 +3,29 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
-from llm_service.models.base import CausalLMAdapter, eos_list
-from mmserve.checkpoint import first_prefix_present, load_strict, load_weights
+from llm_service.models.base import LanguageModel, eos_list
+from llm_service.models.decoder import DecoderConfig
+from mmserve.checkpoint import first_prefix_present, load_weights
 
 
-class LlavaLanguageModel(CausalLMAdapter):
+class LlavaLanguageModel(LanguageModel):
     family = "llava"
 
     def __init__(self, checkpoint: str, dtype: torch.dtype, device: str):
         config = AutoConfig.from_pretrained(checkpoint)
         text_config = config.text_config
-        self.model = AutoModelForCausalLM.from_config(text_config)
         decoder_prefix = first_prefix_present(checkpoint, ["model.language_model.", "language_model.model."])
         head_prefix = "lm_head." if decoder_prefix == "model.language_model." else "language_model.lm_head."
         state = load_weights(checkpoint, {decoder_prefix: "model.", head_prefix: "lm_head."})
-        if "lm_head.weight" not in state and (text_config.tie_word_embeddings or config.tie_word_embeddings):
-            state["lm_head.weight"] = state.get("model.embed_tokens.weight")
-        load_strict(self.model, state, f"{checkpoint}: language model ({decoder_prefix}*)")
-        self._serve(
+        self._load(
+            DecoderConfig.from_hf(text_config),
+            state,
+            f"{checkpoint}: language model ({decoder_prefix}*)",
             device,
             dtype,
             image_token_id=getattr(config, "image_token_id", None) or config.image_token_index,
-            vocab_size=text_config.vocab_size,
-            hidden_size=text_config.hidden_size,
-            max_model_len=text_config.max_position_embeddings,
             eos_token_ids=eos_list(text_config.eos_token_id),
+            tie_word_embeddings=bool(text_config.tie_word_embeddings or config.tie_word_embeddings),
         )

@@ -4,35 +4,33 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from llm_service.models.base import CausalLMAdapter, eos_list
-from mmserve.checkpoint import load_strict, load_weights
+from llm_service.models.base import LanguageModel, eos_list
+from llm_service.models.decoder import DecoderConfig
+from mmserve.checkpoint import load_weights
 from mmserve.llava_original import OriginalLlavaConfig, image_placeholder_id
 
 _NOT_LM = ("model.mm_projector.", "model.vision_tower.", "model.vision_resampler.")
 
 
-class LlavaOriginalLanguageModel(CausalLMAdapter):
+class LlavaOriginalLanguageModel(LanguageModel):
     family = "llava_original"
 
     def __init__(self, checkpoint: str, dtype: torch.dtype, device: str):
         mm = OriginalLlavaConfig.from_checkpoint(checkpoint)
         text_config = mm.text_config()
-        self.model = AutoModelForCausalLM.from_config(text_config)
         # The multimodal tensors also start with "model."; they are mapped aside and dropped.
         rename = {prefix: "__skip__." for prefix in _NOT_LM}
         rename.update({"model.": "model.", "lm_head.": "lm_head."})
         state = {k: v for k, v in load_weights(checkpoint, rename).items() if not k.startswith("__skip__.")}
-        if "lm_head.weight" not in state and text_config.tie_word_embeddings:
-            state["lm_head.weight"] = state.get("model.embed_tokens.weight")
-        load_strict(self.model, state, f"{checkpoint}: language model (model.*, lm_head.*)")
-        self._serve(
+        self._load(
+            DecoderConfig.from_hf(text_config),
+            state,
+            f"{checkpoint}: language model (model.*, lm_head.*)",
             device,
             dtype,
             image_token_id=image_placeholder_id(AutoTokenizer.from_pretrained(checkpoint)),
-            vocab_size=text_config.vocab_size,
-            hidden_size=text_config.hidden_size,
-            max_model_len=text_config.max_position_embeddings,
             eos_token_ids=eos_list(text_config.eos_token_id),
+            tie_word_embeddings=bool(text_config.tie_word_embeddings),
         )

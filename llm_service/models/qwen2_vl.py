@@ -1,8 +1,9 @@
 """Qwen2-VL / Qwen2.5-VL language half: the text decoder + lm_head, with M-RoPE (3-D) positions.
 
-The positions are computed here from the prompt ids, the image spans and each image's grid, for one
-request at a time, and passed to the decoder explicitly; nothing about a request is stored on the
-model object (HF's `Qwen2VLModel.rope_deltas` is instance state, unsafe with concurrent requests).
+The positions are computed here from the prompt ids, the image spans and each image's grid, once per
+sequence, and kept on the sequence; nothing about a request is stored on the model object (HF's
+`Qwen2VLModel.rope_deltas` is instance state, unsafe with concurrent requests). Qwen2.5-VL's text
+model is the same decoder.
 """
 
 from __future__ import annotations
@@ -12,20 +13,11 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoConfig
 
-from llm_service.models.base import eos_list
-from mmserve.checkpoint import first_prefix_present, load_strict, load_weights
+from llm_service.models.base import LanguageModel, eos_list
+from llm_service.models.decoder import DecoderConfig
+from mmserve.checkpoint import first_prefix_present, load_weights
 from mmserve.errors import InvalidInputError
 from mmserve.wire import GenerateRequest, ImageSpan
-
-
-def _text_model_class(model_type: str):
-    if model_type == "qwen2_5_vl":
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
-
-        return Qwen2_5_VLTextModel
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
-
-    return Qwen2VLTextModel
 
 
 def mrope_positions(num_tokens: int, spans: Sequence[ImageSpan], merge: int) -> tuple[torch.Tensor, int]:
@@ -54,39 +46,33 @@ def mrope_positions(num_tokens: int, spans: Sequence[ImageSpan], merge: int) -> 
     return positions, delta
 
 
-class Qwen2VLLanguageModel:
-    """Owns the text decoder + lm_head and the facts the engine needs about them."""
+class Qwen2VLLanguageModel(LanguageModel):
+    """The text decoder + lm_head, with positions from the prompt's images (M-RoPE)."""
 
     family = "qwen2_vl"
+    position_dims = 3
 
     def __init__(self, checkpoint: str, dtype: torch.dtype, device: str):
         config = AutoConfig.from_pretrained(checkpoint)
         text_config = config.text_config
-        self.model = _text_model_class(config.model_type)._from_config(text_config)
-        self.lm_head = torch.nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
         prefix = first_prefix_present(checkpoint, ["model.language_model.", "model."])
         if prefix == "model.language_model.":
-            rename = {prefix: ""}
+            rename = {prefix: "", "lm_head.": "lm_head."}
         else:  # Hub layout: model.{embed_tokens,layers,norm}.* next to visual.*
             rename = {f"model.{name}.": f"{name}." for name in ("embed_tokens", "layers", "norm")}
-        state = load_weights(checkpoint, rename)
-        load_strict(self.model, state, f"{checkpoint}: language model ({prefix}*)")
-        head = load_weights(checkpoint, {"lm_head.": ""})
+            rename["lm_head."] = "lm_head."
         tied = bool(getattr(config, "tie_word_embeddings", False) or text_config.tie_word_embeddings)
-        if "weight" not in head and tied:
-            head["weight"] = state["embed_tokens.weight"]
-        load_strict(self.lm_head, head, f"{checkpoint}: lm_head")
-        self.model.to(device=device, dtype=dtype).eval()
-        self.lm_head.to(device=device, dtype=dtype).eval()
-
-        self.device = torch.device(device)
-        self.dtype = dtype
+        self._load(
+            DecoderConfig.from_hf(text_config),
+            load_weights(checkpoint, rename),
+            f"{checkpoint}: language model ({prefix}*, lm_head.*)",
+            device,
+            dtype,
+            image_token_id=int(config.image_token_id),
+            eos_token_ids=eos_list(text_config.eos_token_id),
+            tie_word_embeddings=tied,
+        )
         self.merge = int(config.vision_config.spatial_merge_size)
-        self.image_token_id = int(config.image_token_id)
-        self.vocab_size = int(text_config.vocab_size)
-        self.hidden_size = int(text_config.hidden_size)
-        self.max_model_len = int(text_config.max_position_embeddings)
-        self.eos_token_ids = eos_list(text_config.eos_token_id)
 
     def validate_request(self, request: GenerateRequest) -> None:
         """Every image span needs its grid, and the grid must account for the span's length."""
@@ -104,28 +90,18 @@ class Qwen2VLLanguageModel:
                     f"tokens but the span has {span.length}"
                 )
 
-    def prompt_positions(self, request: GenerateRequest) -> tuple[torch.Tensor, int]:
-        """(3, T) positions of the prompt and the rope delta of its decode steps."""
-        return mrope_positions(len(request.token_ids), request.images, self.merge)
+    def positions(self, seq, start: int, end: int) -> torch.Tensor:
+        """(3, end - start) M-RoPE positions: the prompt's from its images, then index + rope delta.
 
-    @staticmethod
-    def decode_positions(position: int) -> torch.Tensor:
-        """(3, 1) positions of one decode step: the same position on the t, h and w axes."""
-        return torch.full((3, 1), position)
-
-    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(token_ids.to(self.device))
-
-    def forward(
-        self, inputs_embeds: torch.Tensor, cache, positions: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(1, T, hidden) new tokens after `cache` at (3, T) `positions` -> (vocab,) float32 logits of the last."""
-        if positions is None:  # a cache position alone would miss the image's rope delta
-            raise ValueError("Qwen2-VL needs explicit M-RoPE positions (prompt_positions / decode_positions)")
-        out = self.model(
-            inputs_embeds=inputs_embeds,
-            position_ids=positions.to(self.device)[:, None, :],
-            cache=cache,
-            use_cache=True,
-        )
-        return self.lm_head(out.last_hidden_state[0, -1]).float()
+        The prompt's positions are computed once per sequence and kept on it (`seq.model_state`),
+        never on this shared object."""
+        if seq.model_state is None:
+            seq.model_state = mrope_positions(seq.num_prompt_tokens, seq.request.images, self.merge)
+        prompt_positions, delta = seq.model_state
+        prompt_end = min(end, seq.num_prompt_tokens)
+        parts = []
+        if start < prompt_end:
+            parts.append(prompt_positions[:, start:prompt_end])
+        if end > prompt_end:
+            parts.append(torch.arange(max(start, prompt_end), end).expand(3, -1) + delta)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]

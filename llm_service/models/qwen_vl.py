@@ -10,10 +10,11 @@ service's rows (the original overwrote all positions between the tags: the same 
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config
 
-from llm_service.models.base import CausalLMAdapter
-from mmserve.checkpoint import load_strict, load_weights, read_config
+from llm_service.models.base import LanguageModel
+from llm_service.models.decoder import DecoderConfig
+from mmserve.checkpoint import load_weights, read_config
 from mmserve.errors import CheckpointError
 
 IMG_PAD_ID = 151859  # <imgpad>
@@ -47,7 +48,7 @@ def qwen2_config(config: dict) -> Qwen2Config:
 
 
 def map_weights(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Qwen v1 keys (`transformer.` stripped) -> Qwen2ForCausalLM keys."""
+    """Qwen v1 keys (`transformer.` stripped) -> transformers Qwen2ForCausalLM keys."""
     out: dict[str, torch.Tensor] = {}
     take = state.pop
 
@@ -77,24 +78,23 @@ def map_weights(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, to
     return out
 
 
-class QwenVLLanguageModel(CausalLMAdapter):
+class QwenVLLanguageModel(LanguageModel):
     family = "qwen_vl"
 
     def __init__(self, checkpoint: str, dtype: torch.dtype, device: str):
         config = read_config(checkpoint)
         self.config = qwen2_config(config)
-        self.model = Qwen2ForCausalLM(self.config)
         prefixes = {"transformer.h.": "h.", "transformer.wte.": "wte.", "transformer.ln_f.": "ln_f."}
         state = load_weights(checkpoint, {**prefixes, "lm_head.": "lm_head."})
         state = map_weights(state, self.config.num_hidden_layers)
-        load_strict(self.model, state, f"{checkpoint}: Qwen-VL language model (transformer.*, lm_head)")
-        self._serve(
+        self._load(
+            DecoderConfig.from_hf(self.config),
+            state,
+            f"{checkpoint}: Qwen-VL language model (transformer.*, lm_head)",
             device,
             dtype,
             image_token_id=IMG_PAD_ID,
-            vocab_size=self.config.vocab_size,
-            hidden_size=self.config.hidden_size,
+            eos_token_ids=[ENDOFTEXT_ID, IM_END_ID, IM_START_ID],
             # Exact only up to seq_length: beyond it Qwen v1 switches on logn attention and dynamic NTK.
             max_model_len=int(config.get("seq_length", 2048)),
-            eos_token_ids=[ENDOFTEXT_ID, IM_END_ID, IM_START_ID],
         )

@@ -1,0 +1,5 @@
+"""The LLM engine: sequences, KV block manager, scheduler, model runner, and the engine loop."""
+
+from llm_service.engine.llm_engine import Engine, EngineConfig
+
+__all__ = ["Engine", "EngineConfig"]
