@@ -62,3 +62,52 @@ def assert_greedy_close(ours: list[int], reference: list[int], logprobs: torch.T
         )
         return
     assert len(ours) == len(reference), f"{what}: {len(ours)} tokens, the reference {len(reference)}"
+
+
+def qwen_vl_reference_lm(checkpoint) -> torch.nn.Module:
+    """Qwen-VL v1's language model as transformers' own Qwen2ForCausalLM (weights mapped by
+    reference/models.md section 5; the mapping itself is checked against Qwen v1's math in
+    tests/test_qwen_vl.py)."""
+    from transformers import Qwen2ForCausalLM
+
+    from llm_service.models.qwen_vl import map_weights, qwen2_config
+    from mmserve.checkpoint import load_weights, read_config
+
+    config = qwen2_config(read_config(checkpoint))
+    prefixes = {"transformer.h.": "h.", "transformer.wte.": "wte.", "transformer.ln_f.": "ln_f."}
+    state = map_weights(
+        load_weights(checkpoint, {**prefixes, "lm_head.": "lm_head."}), config.num_hidden_layers
+    )
+    model = Qwen2ForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def decoder_logits(language_model, embeds: torch.Tensor) -> torch.Tensor:
+    """(T, vocab) float32 logits of every position of `embeds` (T, hidden) through our decoder alone,
+    as one prefill over a fresh KV cache (one slot per block)."""
+    from llm_service.attention import AttentionMetadata, PrefillChunk, sdpa_attention
+
+    decoder, length = language_model.decoder, embeds.shape[0]
+    config = decoder.config
+    shape = (length, 1, config.num_kv_heads, config.head_dim)
+    caches = [(embeds.new_zeros(shape), embeds.new_zeros(shape)) for _ in range(config.num_layers)]
+    meta = AttentionMetadata(torch.arange(length), prefills=[PrefillChunk(0, length, length, None, None)])
+    with torch.inference_mode():
+        return decoder.logits(decoder(embeds, torch.arange(length), caches, meta, sdpa_attention))
+
+
+def engine_greedy(language_model, request) -> list[int]:
+    """Our engine's greedy tokens for one GenerateRequest."""
+    import asyncio
+
+    from llm_service.engine import Engine
+
+    async def run(engine):
+        return [t async for out in engine.generate(request) for t in out.token_ids]
+
+    engine = Engine(language_model)
+    try:
+        return asyncio.run(run(engine))
+    finally:
+        engine.stop()

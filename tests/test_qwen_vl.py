@@ -310,34 +310,44 @@ def language_model(qwen_ckpt):
     return QwenVLLanguageModel(str(qwen_ckpt), torch.float32, "cpu")
 
 
-def test_lm_mapping_matches_qwen_v1(language_model, state, config, prompt):
-    from transformers import DynamicCache, Qwen2ForCausalLM
+def test_lm_mapping_matches_qwen_v1(language_model, state, config, prompt, qwen_ckpt):
+    from mmserve.wire import GenerateRequest, ImageSpan, SamplingParams
+    from tests.reference import decoder_logits, engine_greedy, qwen_vl_reference_lm
 
-    assert isinstance(language_model.model, Qwen2ForCausalLM)
     ids = prompt.tokenize(
         "<|im_start|>user\nPicture 1: <img><imgpad></img>\n这是什么<|im_end|>\n<|im_start|>assistant\n"
     )
     embeds = state["transformer.wte.weight"][ids]
-    embeds[ids.index(IMG_PAD)] = torch.randn(
-        config["hidden_size"], generator=torch.Generator().manual_seed(3)
-    )
+    pad = ids.index(IMG_PAD)
+    embeds[pad] = torch.randn(config["hidden_size"], generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ours = language_model.model(inputs_embeds=embeds[None]).logits[0]
+        ours = decoder_logits(language_model, embeds)
         ref = ref_qwen_logits(state, config, embeds)
         assert (ours - ref).abs().max() < 1e-3 * ref.abs().max()
-        # Greedy: the engine's path (prefill, then one token at a time through the KV cache) vs the reference.
-        cache, seq, ref_tokens, our_tokens = DynamicCache(), embeds, [], []
-        logits = language_model.forward(embeds[None], cache)
+        # Greedy through the engine (prefill, then one token at a time through the paged KV cache),
+        # against Qwen v1's math re-run over the whole sequence at every step.
+        seq, ref_tokens = embeds, []
         for _ in range(10):
-            our_tokens.append(int(logits.argmax()))
             ref_tokens.append(int(ref_qwen_logits(state, config, seq)[-1].argmax()))
             seq = torch.cat([seq, state["transformer.wte.weight"][ref_tokens[-1]][None]])
-            logits = language_model.forward(
-                language_model.embed_tokens(torch.tensor([our_tokens[-1]]))[None], cache
-            )
-        generated = language_model.model.generate(
-            inputs_embeds=embeds[None], max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
-        )[0].tolist()
+        generated = (
+            qwen_vl_reference_lm(qwen_ckpt)
+            .generate(
+                inputs_embeds=embeds[None],
+                max_new_tokens=10,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0]
+            .tolist()
+        )
+    request = GenerateRequest(
+        "r",
+        ids,
+        [ImageSpan(pad, embeds[pad : pad + 1].clone(), "x")],
+        SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True),
+    )
+    our_tokens = engine_greedy(language_model, request)
     assert our_tokens == ref_tokens == generated
     assert len(set(our_tokens)) > 2
 

@@ -59,12 +59,12 @@ def client(served):
 
 
 class Direct:
-    """The same checkpoint computed directly: tiktoken ids, QwenVLVision, Qwen2ForCausalLM.generate."""
+    """The same checkpoint computed directly: tiktoken ids, QwenVLVision, transformers'
+    Qwen2ForCausalLM.generate on the mapped weights."""
 
     def __init__(self, checkpoint):
         tiktoken = pytest.importorskip("tiktoken")
         from gateway.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS, load_ranks
-        from llm_service.models.qwen_vl import QwenVLLanguageModel
         from vision_service.models.qwen_vl import QwenVLVision
 
         ranks = load_ranks(checkpoint / "qwen.tiktoken")
@@ -74,7 +74,7 @@ class Direct:
         )
         self.vision = QwenVLVision.from_checkpoint(str(checkpoint), torch.float32, "cpu")
         self.processor = QwenVLVision.load_processor(str(checkpoint))
-        self.lm = QwenVLLanguageModel(str(checkpoint), torch.float32, "cpu").model
+        self.lm = qwen_vl_reference_lm(checkpoint)
 
     def ids(self, pieces: list) -> list[int]:
         """Text pieces and None (an image) -> ids: each image is <img> + 256 <imgpad> + </img>."""

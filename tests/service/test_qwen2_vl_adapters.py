@@ -55,7 +55,7 @@ def test_tied_word_embeddings(tmp_path):
     checkpoint = build_qwen2_vl_checkpoint(tmp_path / "tied", "qwen2_5_vl", seed=1, tie_word_embeddings=True)
     assert "lm_head.weight" not in load_file(checkpoint / "model.safetensors")
     model = Qwen2VLLanguageModel(str(checkpoint), torch.float32, "cpu")
-    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    assert torch.equal(model.decoder.lm_head.weight, model.decoder.embed_tokens.weight)
 
 
 def test_per_request_pixels_change_n_and_the_cache_key(qwen_checkpoint):

@@ -98,4 +98,4 @@ def test_a_missing_language_weight_stops_startup(tiny_checkpoint, tmp_path):
 def test_each_half_loads_only_its_weights(encoder, tiny_checkpoint):
     assert not any("language_model" in n or "lm_head" in n for n, _ in encoder.model.named_parameters())
     lm = load_language_model(LLMConfig(checkpoint=str(tiny_checkpoint)))
-    assert not any("vision" in n or "projector" in n for n, _ in lm.model.named_parameters())
+    assert not any("vision" in n or "projector" in n for n, _ in lm.decoder.named_parameters())
