@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -19,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from gateway.serving import GenerationSettings, ServingCore, TextDelta, new_request_id
+from gateway.serving import GenerationSettings, ServingCore, TextDelta, TokenLogprob, new_request_id
 from mmserve.errors import MMServeError, NotFoundError
 from mmserve.wire import PixelLimits, SamplingParams, Usage
 
@@ -63,6 +64,10 @@ def sampling_params(body: SamplingFields) -> SamplingParams:
         ignore_eos=bool(body.ignore_eos),
         seed=None if body.seed is None else body.seed % (1 << 64),  # the wire carries uint64
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logprobs=body.num_logprobs,
     )
 
 
@@ -225,15 +230,19 @@ def create_app(
     async def complete(route: str, body, deltas, prepared, render, started: float) -> Response:
         parts: list[str] = []
         ids: list[int] = []
+        logprobs: list[TokenLogprob] | None = None if body.num_logprobs is None else []
         last: TextDelta | None = None
         async for delta in deltas:
             if not ids:
                 metrics.ttft.observe(time.monotonic() - started)
             parts.append(delta.text)
             ids.extend(delta.token_ids)
+            if logprobs is not None:
+                logprobs.extend(delta.logprobs or [])
             last = delta
         assert last is not None, "a generation always ends with a finishing delta"
-        return JSONResponse(render.full("".join(parts), ids, last, prepared.token_ids, body.return_token_ids))
+        full = render.full("".join(parts), ids, last, prepared.token_ids, body.return_token_ids, logprobs)
+        return JSONResponse(full)
 
     async def run(request: Request, route: str, body, text: str, urls: list[str], request_id: str, render):
         started = time.monotonic()
@@ -303,6 +312,15 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+def _logprob(value: float) -> float:
+    """JSON has no -inf (a token the model rules out): vLLM's stand-in."""
+    return value if math.isfinite(value) else -9999.0
+
+
+def _token_json(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": _logprob(logprob), "bytes": list(token.encode("utf-8"))}
+
+
 class _Render:
     """Builds response bodies of one route; subclasses say how a choice and a delta look."""
 
@@ -320,6 +338,14 @@ class _Render:
     def chunk_choice(self, text: str) -> dict:
         raise NotImplementedError
 
+    def logprobs_json(self, entries: list[TokenLogprob]) -> dict:
+        raise NotImplementedError
+
+    def choice(self, body: dict, logprobs: list[TokenLogprob] | None, finish_reason: str | None) -> dict:
+        """A choice: its route-specific `body`, then `logprobs` (null when not requested), finish_reason."""
+        lp = None if logprobs is None else self.logprobs_json(logprobs)
+        return {"index": 0, **body, "logprobs": lp, "finish_reason": finish_reason}
+
     def envelope(self, obj: str, choices: list, **extra) -> dict:
         return {
             "id": self.request_id,
@@ -330,9 +356,17 @@ class _Render:
             **extra,
         }
 
-    def full(self, text: str, ids: list[int], last: TextDelta, prompt_ids: list[int], with_ids: bool) -> dict:
+    def full(
+        self,
+        text: str,
+        ids: list[int],
+        last: TextDelta,
+        prompt_ids: list[int],
+        with_ids: bool,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> dict:
         assert last.usage is not None, "the last delta carries usage"
-        choice: dict[str, Any] = {"index": 0, **self.full_choice(text), "finish_reason": last.finish_reason}
+        choice = self.choice(self.full_choice(text), logprobs, last.finish_reason)
         extra: dict[str, Any] = {"usage": usage_json(last.usage)}
         if with_ids:
             choice["token_ids"] = ids
@@ -350,15 +384,11 @@ class _Render:
         try:
             head = self.stream_head()
             if head is not None:
-                yield _sse(self.envelope(self.object_chunk, [{"index": 0, **head, "finish_reason": None}]))
+                yield _sse(self.envelope(self.object_chunk, [self.choice(head, None, None)]))
             delta: TextDelta | None = first
             usage = None
             while delta is not None:
-                choice: dict[str, Any] = {
-                    "index": 0,
-                    **self.chunk_choice(delta.text),
-                    "finish_reason": delta.finish_reason,
-                }
+                choice = self.choice(self.chunk_choice(delta.text), delta.logprobs, delta.finish_reason)
                 if with_ids:
                     choice["token_ids"] = delta.token_ids
                 yield _sse(self.envelope(self.object_chunk, [choice]))
@@ -386,6 +416,15 @@ class _ChatRender(_Render):
     def chunk_choice(self, text):
         return {"delta": {"content": text} if text else {}}
 
+    def logprobs_json(self, entries):
+        """OpenAI chat's shape: per token its string, bytes, logprob and the top alternatives."""
+        return {
+            "content": [
+                {**_token_json(e.token, e.logprob), "top_logprobs": [_token_json(t, v) for t, v in e.top]}
+                for e in entries
+            ]
+        }
+
 
 class _TextRender(_Render):
     object_full = object_chunk = "text_completion"
@@ -398,3 +437,20 @@ class _TextRender(_Render):
 
     def chunk_choice(self, text):
         return {"text": text}
+
+    def logprobs_json(self, entries):
+        """Legacy completions' shape: parallel lists; each top_logprobs dict holds the alternatives and,
+        as OpenAI documents, always the sampled token (so up to n + 1 entries; tokens whose strings
+        coincide share one key, the likelier one's)."""
+        top_logprobs = []
+        for e in entries:
+            top: dict[str, float] = {}
+            for token, value in [*e.top, (e.token, e.logprob)]:
+                top.setdefault(token, _logprob(value))
+            top_logprobs.append(top)
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [_logprob(e.logprob) for e in entries],
+            "top_logprobs": top_logprobs,
+            "text_offset": [e.text_offset for e in entries],
+        }

@@ -1,6 +1,11 @@
-"""Streaming text: UTF-8-safe incremental detokenization and stop strings."""
+"""Streaming text: UTF-8-safe incremental detokenization, stop strings, and per-token data (logprobs)
+released together with its text."""
 
 from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
 class IncrementalDetokenizer:
@@ -53,6 +58,7 @@ class StopStrings:
         self._hold = max((len(s) for s in self.stops), default=1) - 1
         self._pending = ""
         self.stopped = False
+        self.released = 0  # characters let through so far; once stopped, where the text was cut
 
     def feed(self, delta: str) -> str:
         """Text safe to emit now; sets `stopped` when a stop string was found (it is not emitted)."""
@@ -63,11 +69,47 @@ class StopStrings:
         if cut >= 0:
             self.stopped = True
             out, self._pending = self._pending[:cut], ""
-            return out
-        keep = max(0, len(self._pending) - self._hold)
-        out, self._pending = self._pending[:keep], self._pending[keep:]
+        else:
+            keep = max(0, len(self._pending) - self._hold)
+            out, self._pending = self._pending[:keep], self._pending[keep:]
+        self.released += len(out)
         return out
 
     def flush(self) -> str:
         out, self._pending = ("" if self.stopped else self._pending), ""
+        self.released += len(out)
+        return out
+
+
+class HeldTokens(Generic[T]):
+    """Per-token items (logprobs) held back until their token's text has passed the stop strings.
+
+    Each item is added with its token's [start, end) character span in the completion text (the
+    detokenizer's output). An item goes out once the released text reaches its end; after a stop
+    string cut the text, items of tokens starting before the cut go out and the rest are dropped
+    (best effort: a token straddling the cut is kept; a token whose bytes end mid-character has an
+    empty span and goes out with the text before it).
+    """
+
+    def __init__(self) -> None:
+        self._held: list[tuple[int, int, T]] = []  # (start, end, item), in token order
+
+    def add(self, start: int, end: int, item: T) -> None:
+        self._held.append((start, end, item))
+
+    def release(self, released: int, stopped: bool = False, final: bool = False) -> list[T]:
+        """Items whose text is out, given `released` characters out so far (StopStrings.released)."""
+        if stopped:
+            out = [item for start, _, item in self._held if start < released]
+            self._held = []
+            return out
+        if final:
+            out = [item for _, _, item in self._held]
+            self._held = []
+            return out
+        ready = 0
+        while ready < len(self._held) and self._held[ready][1] <= released:
+            ready += 1
+        out = [item for _, _, item in self._held[:ready]]
+        del self._held[:ready]
         return out

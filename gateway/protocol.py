@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat limit; vLLM's default cap)
 
 
 class _Body(BaseModel):
@@ -65,12 +67,13 @@ class SamplingFields(_Body):
     stop: str | list[str] | None = None
     ignore_eos: bool | None = None
     repetition_penalty: float | None = Field(default=None, gt=0)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    # vLLM's extension: drop tokens less likely than min_p times the most likely one.
+    min_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
     # vLLM's extension: echo prompt and completion token ids in the response.
     return_token_ids: bool | None = None
     # vLLM's extension: image preprocessing options of this request (Qwen2-VL's min/max pixels).
@@ -80,12 +83,6 @@ class SamplingFields(_Body):
     def _supported(self):
         if self.n not in (None, 1):
             raise ValueError("n must be 1 (several choices per request are not supported)")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError(
-                "presence_penalty and frequency_penalty are not supported yet; use repetition_penalty"
-            )
-        if self.logprobs:
-            raise ValueError("logprobs are not supported yet")
         if isinstance(self.stop, list) and len(self.stop) > 16:
             raise ValueError("at most 16 stop strings")
         return self
@@ -96,10 +93,28 @@ class SamplingFields(_Body):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token the LLM should return (SamplingParams.logprobs); None: no logprobs."""
+        return None
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -111,6 +126,12 @@ class CompletionRequest(SamplingFields):
 
     prompt: str
     urls: list[str] = Field(default_factory=list)
+    # Legacy completions: logprobs is the number of alternatives (OpenAI allows 5; vLLM, like us, 20).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @property
     def token_limit(self) -> int | None:

@@ -1,7 +1,7 @@
 """The gateway's serving core, shared by the HTTP API and the in-process Pipeline.
 
 prompt text + image urls -> fetch -> vision Embed -> tokenize + expand image tags -> LLM Generate
--> incremental detokenization + stop strings -> text deltas.
+-> incremental detokenization + stop strings -> text deltas (with the logprobs of their tokens).
 """
 
 from __future__ import annotations
@@ -13,12 +13,22 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from gateway.detokenizer import IncrementalDetokenizer, StopStrings
+from gateway.detokenizer import HeldTokens, IncrementalDetokenizer, StopStrings
 from gateway.media import MediaError, MediaFetcher
 from gateway.prompts import expand_image_tokens
 from mmserve.errors import InvalidInputError, UnavailableError
 from mmserve.images import content_hash, probe_image
-from mmserve.wire import GenerateRequest, ImageInput, ImageSpan, LLMInfo, PixelLimits, SamplingParams, Usage
+from mmserve.wire import (
+    GenerateOutput,
+    GenerateRequest,
+    ImageInput,
+    ImageSpan,
+    LLMInfo,
+    PixelLimits,
+    SamplingParams,
+    TokenLogprobs,
+    Usage,
+)
 
 
 @dataclass
@@ -36,11 +46,24 @@ class GenerationSettings:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's logprob and its step's top alternatives, as token strings."""
+
+    token: str  # the tokenizer's decode of this token alone (special tokens kept)
+    logprob: float
+    top: list[tuple[str, float]]  # (token, logprob), best first
+    text_offset: int  # where the token's text starts in the completion text
+
+
+@dataclass
 class TextDelta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last delta
     usage: Usage | None = None  # on the last delta
+    # Logprobs of the tokens whose text this delta carries (not of `token_ids`: text is held back at
+    # partial characters and possible stop strings); None when the request asked for none.
+    logprobs: list[TokenLogprob] | None = None
 
 
 def new_request_id(prefix: str) -> str:
@@ -62,6 +85,7 @@ class ServingCore:
         # Longest first, so that a token containing another is reported whole.
         pattern = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True) if t)
         self._special_tokens = re.compile(pattern or r"(?!x)x")
+        self._token_strings: dict[int, str] = {}  # token id -> its decode alone (logprobs)
 
     async def llm_info(self) -> LLMInfo:
         if self._llm_info is None:
@@ -163,10 +187,11 @@ class ServingCore:
         request = GenerateRequest(request_id, prepared.token_ids, prepared.images, sampling)
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(settings.stop)
+        held: HeldTokens[TokenLogprob] | None = HeldTokens() if sampling.logprobs is not None else None
         cached = 0
         async with aclosing(self.llm.generate(request)) as outputs:
             async for output in outputs:
-                text = stops.feed(detokenizer.push(output.token_ids))
+                text = self._push(output, detokenizer, stops, held)
                 finish = output.finish_reason.value if output.finish_reason else None
                 if output.usage is not None:
                     cached = output.usage.cached_tokens
@@ -176,11 +201,50 @@ class ServingCore:
                     text += stops.feed(detokenizer.finish())
                     text += stops.flush()
                     finish = "stop" if stops.stopped else finish
+                logprobs = None
+                if held is not None:
+                    logprobs = held.release(stops.released, stops.stopped, final=finish is not None)
                 if finish is None:
                     if text or output.token_ids:
-                        yield TextDelta(text, output.token_ids)
+                        yield TextDelta(text, output.token_ids, logprobs=logprobs)
                     continue
                 usage = Usage(prompt_len, len(detokenizer.ids), cached)
-                yield TextDelta(text, output.token_ids, finish, usage)
+                yield TextDelta(text, output.token_ids, finish, usage, logprobs)
                 return
         raise UnavailableError("the llm stream ended without a finish reason")
+
+    def _push(
+        self,
+        output: GenerateOutput,
+        detokenizer: IncrementalDetokenizer,
+        stops: StopStrings,
+        held: HeldTokens[TokenLogprob] | None,
+    ) -> str:
+        """Detokenize one LLM message token by token (so that each token's text span is known for
+        its logprobs); returns the text that passed the stop strings."""
+        if held is None or not output.logprobs:
+            return stops.feed(detokenizer.push(output.token_ids))
+        text = ""
+        for k, token_id in enumerate(output.token_ids):
+            start = len(detokenizer.emitted)
+            text += stops.feed(detokenizer.push([token_id]))
+            if k < len(output.logprobs):  # one per token, by contract
+                held.add(
+                    start, len(detokenizer.emitted), self._token_logprob(token_id, output.logprobs[k], start)
+                )
+        return text
+
+    def _token_logprob(self, token_id: int, logprobs: TokenLogprobs, text_offset: int) -> TokenLogprob:
+        top = [(self.token_string(t), value) for t, value in logprobs.top]
+        return TokenLogprob(self.token_string(token_id), logprobs.logprob, top, text_offset)
+
+    def token_string(self, token_id: int) -> str:
+        """A token's text alone, as logprobs report it (vLLM's choice: one-token decode, special tokens
+        kept; a byte-level token that ends mid-character decodes to U+FFFD)."""
+        text = self._token_strings.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode(
+                [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+            self._token_strings[token_id] = text
+        return text

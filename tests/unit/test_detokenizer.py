@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from gateway.detokenizer import IncrementalDetokenizer, StopStrings
+from gateway.detokenizer import HeldTokens, IncrementalDetokenizer, StopStrings
 from mmserve.demo import build_tokenizer
 
 
@@ -49,3 +49,34 @@ def test_stop_strings_release_held_text_at_the_end():
     assert out == "abc"  # "ST" might begin a stop string
     assert out + stops.flush() == "abc ST" and not stops.stopped
     assert StopStrings([]).feed("x") == "x"
+
+
+def test_stop_strings_count_released_characters():
+    stops = StopStrings(["STOP"])
+    assert stops.feed("abc ST") == "abc" and stops.released == 3
+    assert stops.feed("OP tail") == " " and stops.stopped and stops.released == 4  # the cut
+    unstopped = StopStrings(["STOP"])
+    unstopped.feed("abc ST")
+    unstopped.flush()
+    assert unstopped.released == 6
+
+
+def test_held_tokens_go_out_with_their_text():
+    held: HeldTokens[str] = HeldTokens()
+    held.add(0, 3, "abc")
+    held.add(3, 3, "partial")  # ends mid-character: no text of its own yet
+    held.add(3, 5, "de")
+    assert held.release(2) == []
+    assert held.release(3) == ["abc", "partial"]
+    assert held.release(5) == ["de"]
+    held.add(5, 9, "fghi")
+    assert held.release(6, final=True) == ["fghi"]
+
+
+def test_held_tokens_after_a_stop_cut_are_dropped():
+    held: HeldTokens[str] = HeldTokens()
+    for start, end, token in [(0, 5, "Hello"), (5, 7, " S"), (7, 9, "TO"), (9, 10, "P")]:
+        held.add(start, end, token)
+    # "STOP" starts at 6: " S" straddles the cut and stays, the rest goes
+    assert held.release(6, stopped=True) == ["Hello", " S"]
+    assert held.release(10, final=True) == []
