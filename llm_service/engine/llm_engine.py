@@ -259,7 +259,7 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for seq, stream in list(self._streams.items()):
             if stream.closed:
-                self._finish(seq, "aborted")
+                self._finish(seq, FinishReason.ABORT.value)
 
     def _step(self) -> None:
         plan = self.scheduler.schedule()
