@@ -1,14 +1,17 @@
 """Attention over the paged KV cache: the per-step metadata and the two backends.
 
-The KV cache of one layer is a pair of tensors (num_blocks, block_size, kv_heads, head_dim); a token
-at logical index i of a sequence lives in slot block_table[i // block_size] * block_size + i % block_size.
-The flat batch of a step puts single-token sequences (decodes) first, then the multi-token chunks.
+A token at logical index i of a sequence lives in block block_table[i // block_size], row
+i % block_size. The flat batch of a step puts single-token sequences (decodes) first, then the
+multi-token chunks (prefill, or recompute after preemption).
 
-- `sdpa`: torch's scaled_dot_product_attention (CPU, and the GPU fallback). Decodes are one batched
-  call over their gathered, padded contexts; each prefill chunk is one call (plain causal when the
-  chunk is the whole context).
-- `flash_attn`: flash-attn's varlen kernel with block tables for the chunks and `flash_attn_with_kvcache`
-  for the decodes, reading the paged cache in place (CUDA only; block_size must be a multiple of 256).
+- `sdpa` (CPU, and the GPU fallback). Cache layout (kv_heads, num_blocks, block_size, head_dim), so
+  that gathering a sequence's blocks gives each head's keys as one contiguous (tokens, head_dim)
+  matrix. Decodes are one batched matmul-softmax-matmul over their gathered blocks (GQA without
+  repeating keys), gathered into a reused workspace: on CPU a fresh multi-megabyte tensor per layer
+  costs more in page faults than the copy itself. Each prefill chunk is one torch SDPA call.
+- `flash_attn` (CUDA, when flash-attn is installed). Cache layout (num_blocks, block_size, kv_heads,
+  head_dim), read in place through block tables by `flash_attn_varlen_func` (chunks) and
+  `flash_attn_with_kvcache` (decodes); blocks must hold a multiple of 256 tokens.
 """
 
 from __future__ import annotations
@@ -48,18 +51,19 @@ class PrefillChunk:
     q_start: int  # first row of the chunk in the flat batch
     q_len: int
     ctx_len: int  # tokens attended to: the cached ones plus the chunk itself
-    ctx_slots: torch.Tensor | None  # (ctx_len,) cache slots; None when the chunk is the whole context
-    mask: torch.Tensor | None  # (q_len, ctx_len) bool, True = attend; None when plain causal
+    ctx_blocks: torch.Tensor | None = None  # (n,) blocks of the context; None when the chunk is all of it
+    mask: torch.Tensor | None = None  # (q_len, n * block_size) bool, True = attend; with ctx_blocks
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # (T,) cache slot of each new token
+    slot_mapping: torch.Tensor  # (T,) cache slot (block * block_size + row) of each new token
     num_decodes: int = 0  # the first rows of the batch, one token each
-    decode_slots: torch.Tensor | None = None  # (D, L) padded context slots of the decodes
-    decode_mask: torch.Tensor | None = None  # (D, 1, 1, L) bool; None when all contexts are L long
     prefills: list[PrefillChunk] = field(default_factory=list)
-    # flash-attn only
+    # sdpa decodes
+    decode_blocks: torch.Tensor | None = None  # (D * n,) each decode's first n blocks, padded with block 0
+    decode_valid: torch.Tensor | None = None  # (D, n * block_size) bool; None when every row is valid
+    # flash_attn
     block_tables: torch.Tensor | None = None  # (B, max_blocks) int32, decodes first
     context_lens: torch.Tensor | None = None  # (B,) int32
     cu_seqlens_q: torch.Tensor | None = None  # (P + 1,) int32 over the prefill chunks
@@ -68,79 +72,117 @@ class AttentionMetadata:
     max_seqlen_k: int = 0
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots) -> None:
-    """Store the new tokens' keys and values (T, kv_heads, head_dim) at their slots."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+class SdpaAttention:
+    name = "sdpa"
+
+    def __init__(self):
+        self._workspace: torch.Tensor | None = None  # reused gather buffer, grown on demand
+
+    @staticmethod
+    def cache_shape(num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return (kv_heads, num_blocks, block_size, head_dim)
+
+    def _gather(self, k_cache, v_cache, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kv_heads, n, block_size, d) keys and values of `blocks`, in the workspace."""
+        heads, _, size, dim = k_cache.shape
+        need = 2 * heads * blocks.numel() * size * dim
+        ws = self._workspace
+        if ws is None or ws.numel() < need or ws.dtype != k_cache.dtype or ws.device != k_cache.device:
+            ws = self._workspace = k_cache.new_empty(max(need, 2 * (ws.numel() if ws is not None else 0)))
+        keys = ws[: need // 2].view(heads, blocks.numel(), size, dim)
+        values = ws[need // 2 : need].view(heads, blocks.numel(), size, dim)
+        torch.index_select(k_cache, 1, blocks, out=keys)
+        torch.index_select(v_cache, 1, blocks, out=values)
+        return keys, values
+
+    def __call__(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """(T, heads, d) queries and the new (T, kv_heads, d) keys/values -> (T, heads, d)."""
+        kv_heads, _, size, dim = k_cache.shape
+        slots = meta.slot_mapping
+        k_cache.view(kv_heads, -1, dim).index_copy_(1, slots, k.transpose(0, 1))
+        v_cache.view(kv_heads, -1, dim).index_copy_(1, slots, v.transpose(0, 1))
+        out = torch.empty_like(q)
+        n = meta.num_decodes
+        if n:
+            out[:n] = self._decode(q[:n], k_cache, v_cache, meta, scale)
+        for chunk in meta.prefills:
+            rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+            if chunk.ctx_blocks is None:
+                ctx_k, ctx_v = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # (kv_heads, q_len, d)
+            else:
+                ctx_k, ctx_v = self._gather(k_cache, v_cache, chunk.ctx_blocks)
+                ctx_k, ctx_v = ctx_k.view(kv_heads, -1, dim), ctx_v.view(kv_heads, -1, dim)
+            o = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1)[None],  # (1, heads, q_len, d)
+                ctx_k[None],
+                ctx_v[None],
+                attn_mask=chunk.mask,
+                is_causal=chunk.mask is None,
+                scale=scale,
+                enable_gqa=q.shape[1] != kv_heads,
+            )
+            out[rows] = o[0].transpose(0, 1)
+        return out
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """One query per sequence: (D, heads, d) -> (D, heads, d)."""
+        assert meta.decode_blocks is not None
+        decodes, heads, dim = q.shape
+        kv_heads, _, size, _ = k_cache.shape
+        keys, values = self._gather(k_cache, v_cache, meta.decode_blocks)
+        keys = keys.view(kv_heads, decodes, -1, dim)  # (kv_heads, D, L, d)
+        values = values.view(kv_heads, decodes, -1, dim)
+        group = heads // kv_heads
+        queries = q.view(decodes, kv_heads, group, dim).transpose(0, 1)  # (kv_heads, D, group, d)
+        scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * scale  # (kv_heads, D, group, L)
+        if meta.decode_valid is not None:
+            scores.masked_fill_(~meta.decode_valid[None, :, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values)  # (kv_heads, D, group, d)
+        return out.transpose(0, 1).reshape(decodes, heads, dim)
 
 
-def sdpa_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """(T, heads, d) queries and the new (T, kv_heads, d) keys/values -> (T, heads, d)."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    keys = k_cache.view(-1, *k.shape[1:])  # (slots, kv_heads, d)
-    values = v_cache.view(-1, *v.shape[1:])
-    gqa = q.shape[1] != k.shape[1]
-    out = torch.empty_like(q)
-    n = meta.num_decodes
-    if n:
-        assert meta.decode_slots is not None
-        ctx_k = keys[meta.decode_slots].transpose(1, 2)  # (D, kv_heads, L, d)
-        ctx_v = values[meta.decode_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q[:n, :, None, :], ctx_k, ctx_v, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
-        )  # (D, heads, 1, d)
-        out[:n] = o[:, :, 0]
-    for chunk in meta.prefills:
-        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
-        if chunk.ctx_slots is None:
-            ctx_k, ctx_v = k[rows], v[rows]
-        else:
-            ctx_k, ctx_v = keys[chunk.ctx_slots], values[chunk.ctx_slots]
-        o = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1)[None],  # (1, heads, q_len, d)
-            ctx_k.transpose(0, 1)[None],
-            ctx_v.transpose(0, 1)[None],
-            attn_mask=chunk.mask,
-            is_causal=chunk.mask is None,
-            scale=scale,
-            enable_gqa=gqa,
-        )
-        out[rows] = o[0].transpose(0, 1)
-    return out
+class FlashAttention:
+    name = "flash_attn"
+
+    @staticmethod
+    def cache_shape(num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return (num_blocks, block_size, kv_heads, head_dim)
+
+    def __call__(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+        _, _, kv_heads, dim = k_cache.shape
+        k_cache.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, v)
+        assert meta.block_tables is not None and meta.context_lens is not None
+        out = torch.empty_like(q)
+        n = meta.num_decodes
+        if n:
+            out[:n] = flash_attn_with_kvcache(
+                q[:n, None],  # (D, 1, heads, d)
+                k_cache,
+                v_cache,
+                cache_seqlens=meta.context_lens[:n],
+                block_table=meta.block_tables[:n],
+                softmax_scale=scale,
+                causal=True,
+            )[:, 0]
+        if meta.prefills:
+            out[n:] = flash_attn_varlen_func(
+                q[n:],
+                k_cache,
+                v_cache,
+                cu_seqlens_q=meta.cu_seqlens_q,
+                cu_seqlens_k=meta.cu_seqlens_k,
+                max_seqlen_q=meta.max_seqlen_q,
+                max_seqlen_k=meta.max_seqlen_k,
+                softmax_scale=scale,
+                causal=True,
+                block_table=meta.block_tables[n:],
+            )
+        return out
 
 
-def flash_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The same contract as sdpa_attention, with flash-attn's paged kernels (CUDA)."""
-    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
-
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    assert meta.block_tables is not None and meta.context_lens is not None
-    out = torch.empty_like(q)
-    n = meta.num_decodes
-    if n:
-        out[:n] = flash_attn_with_kvcache(
-            q[:n, None],  # (D, 1, heads, d)
-            k_cache,
-            v_cache,
-            cache_seqlens=meta.context_lens[:n],
-            block_table=meta.block_tables[:n],
-            softmax_scale=scale,
-            causal=True,
-        )[:, 0]
-    if meta.prefills:
-        out[n:] = flash_attn_varlen_func(
-            q[n:],
-            k_cache,
-            v_cache,
-            cu_seqlens_q=meta.cu_seqlens_q,
-            cu_seqlens_k=meta.cu_seqlens_k,
-            max_seqlen_q=meta.max_seqlen_q,
-            max_seqlen_k=meta.max_seqlen_k,
-            softmax_scale=scale,
-            causal=True,
-            block_table=meta.block_tables[n:],
-        )
-    return out
-
-
-ATTENTION = {"sdpa": sdpa_attention, "flash_attn": flash_attention}
+def make_backend(name: str):
+    return {"sdpa": SdpaAttention, "flash_attn": FlashAttention}[name]()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from llm_service.attention import ATTENTION, AttentionMetadata, PrefillChunk
+from llm_service.attention import AttentionMetadata, PrefillChunk, make_backend
 from llm_service.engine.scheduler import ScheduledSequence, SchedulerOutput
 
 
@@ -25,9 +25,9 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.backend = backend
-        self.attend = ATTENTION[backend]
+        self.attend = make_backend(backend)
         config = model.decoder.config
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        shape = self.attend.cache_shape(num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [
             (
                 torch.zeros(shape, dtype=model.dtype, device=model.device),
@@ -102,32 +102,30 @@ class ModelRunner:
             self._decode_metadata(decodes, meta)
         row = len(decodes)
         for item in items[len(decodes) :]:
-            chunk = PrefillChunk(row, item.num_tokens, item.end, None, None)
-            if item.start > 0 and self.backend == "sdpa":  # attends to cached tokens too
-                chunk.ctx_slots = torch.tensor(self._slots(item.seq.block_table, 0, item.end), device=device)
+            chunk = PrefillChunk(row, item.num_tokens, item.end)
+            if item.start > 0 and self.backend == "sdpa":  # it attends to cached tokens too
+                num_blocks = -(-item.end // self.block_size)
+                chunk.ctx_blocks = torch.tensor(item.seq.block_table[:num_blocks], device=device)
                 q = torch.arange(item.start, item.end, device=device)[:, None]
-                chunk.mask = torch.arange(item.end, device=device)[None, :] <= q  # (q_len, ctx_len)
+                chunk.mask = torch.arange(num_blocks * self.block_size, device=device)[None, :] <= q
             meta.prefills.append(chunk)
             row += item.num_tokens
         return meta
 
     def _decode_metadata(self, decodes: list[ScheduledSequence], meta: AttentionMetadata) -> None:
-        """Padded (D, L) context slots of the decodes, and their mask when lengths differ."""
-        device, size = self.model.device, self.block_size
+        """Each decode's blocks, padded to the longest with block 0, and which rows are real."""
+        size = self.block_size
         lengths = [d.end for d in decodes]
-        longest = max(lengths)
-        num_blocks = -(-longest // size)
-        tables = torch.tensor(
-            [
-                d.seq.block_table[:num_blocks] + [0] * (num_blocks - len(d.seq.block_table[:num_blocks]))
-                for d in decodes
-            ]
-        )
-        slots = (tables[:, :, None] * size + torch.arange(size)).view(len(decodes), -1)[:, :longest]
-        meta.decode_slots = slots.to(device)
-        if min(lengths) != longest:
-            valid = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # (D, L)
-            meta.decode_mask = valid[:, None, None, :].to(device)
+        width = -(-max(lengths) // size)
+        blocks: list[int] = []
+        for d in decodes:
+            table = d.seq.block_table[:width]
+            blocks.extend(table)
+            blocks.extend([0] * (width - len(table)))
+        meta.decode_blocks = torch.tensor(blocks, device=self.model.device)
+        if any(length != width * size for length in lengths):
+            valid = torch.arange(width * size)[None, :] < torch.tensor(lengths)[:, None]  # (D, width * size)
+            meta.decode_valid = valid.to(self.model.device)
 
     def _flash_metadata(self, items: list[ScheduledSequence], meta: AttentionMetadata) -> None:
         device = self.model.device
