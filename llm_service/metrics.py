@@ -32,11 +32,11 @@ class EngineMetrics:
         )
         self.prefix_queries = Gauge(
             "mmserve_llm_prefix_cache_queries_tokens",
-            "Prompt tokens looked up in the prefix cache",
+            "Tokens looked up in the prefix cache on admission (and re-admission after preemption)",
             registry=r,
         )
         self.prefix_hits = Gauge(
-            "mmserve_llm_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache", registry=r
+            "mmserve_llm_prefix_cache_hits_tokens", "Looked-up tokens found in the prefix cache", registry=r
         )
         self.step_tokens = Histogram(
             "mmserve_llm_step_tokens",

@@ -265,6 +265,13 @@ class Engine:
         plan = self.scheduler.schedule()
         self._observe_schedule(plan)
         if not plan.scheduled:
+            # Cannot happen while max_model_len <= the cache's tokens (a lone sequence always fits);
+            # if it ever does, fail the head of the queue rather than spin.
+            if self.scheduler.waiting and not self.scheduler.running:
+                seq = self.scheduler.waiting[0]
+                log.error("request %s cannot be scheduled on an empty engine", seq.request_id)
+                self._streams[seq].put(UnavailableError("the request does not fit in the KV cache"))
+                self._finish(seq, "error")
             return
         try:
             sampling, logits = self.runner.execute(plan)

@@ -63,7 +63,7 @@ class Sequence:
         self.prompt_token_ids = list(request.token_ids)
         self.output_token_ids: list[int] = []
         self.token_ids = list(request.token_ids)  # prompt + output
-        self.image_keys = keys if keys is not None else []
+        self.image_keys = keys if keys is not None else image_keys(request)
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache (first admission)
