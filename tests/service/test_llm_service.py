@@ -111,18 +111,22 @@ def test_cancelling_the_stream_aborts_the_sequence_and_the_engine_keeps_serving(
             if got >= 3:
                 break
         assert engine.num_running() == 1
+        held = engine.block_manager.num_blocks - engine.num_free_blocks()
         call.cancel()
         for _ in range(100):
             if engine.num_running() == 0:
                 break
             await asyncio.sleep(0.05)
-        running_after_cancel = engine.num_running()
+        after_cancel = engine.num_running(), engine.num_free_blocks()
         follow_up, _ = request(engine, max_new_tokens=3, ignore_eos=True)
         tail = [m async for m in stub.Generate(follow_up)]
-        return running_after_cancel, tail
+        return held, after_cancel, tail
 
-    running, tail = with_server(engine, body)
-    assert running == 0  # the cancelled sequence (and its KV cache) is gone
+    held, (running, free), tail = with_server(engine, body)
+    assert held > 0
+    assert running == 0  # the cancelled sequence is gone, and every KV block it held is free again
+    assert free == engine.block_manager.num_blocks
+    assert engine.metrics.kv_usage._value.get() == 0
     assert tail[-1].usage.completion_tokens == 3
 
 
