@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mmserve-installed
 PROTO_STUBS := mmserve/proto/tensor_pb2.py mmserve/proto/vision_pb2.py mmserve/proto/llm_pb2.py
 
 .DEFAULT_GOAL := help
-.PHONY: help install protos run demo test bench lint format compose-config compose-test clean
+.PHONY: help install protos run demo test bench bench-vision bench-engine lint format compose-config compose-test clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -37,8 +37,13 @@ demo: install ## build the random-weight demo checkpoint (done by `make run` whe
 test: install protos ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: install protos ## benchmarks (results print and go to benchmarks/results/; see benchmarks/RESULTS.md)
+bench: bench-vision bench-engine ## all benchmarks (results print and go to benchmarks/results/; see benchmarks/RESULTS.md)
+
+bench-vision: install protos ## vision service benchmark only
 	$(PY) -m benchmarks.bench_vision
+
+bench-engine: install protos ## LLM engine benchmark only (ENGINE_BENCH_ARGS='--llm-args "--max-running 64"')
+	$(PY) -m benchmarks.bench_engine $(ENGINE_BENCH_ARGS)
 
 lint: install protos ## ruff lint + format check + mypy
 	$(PY) -m ruff check .
