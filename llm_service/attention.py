@@ -6,9 +6,15 @@ multi-token chunks (prefill, or recompute after preemption).
 
 - `sdpa` (CPU, and the GPU fallback). Cache layout (kv_heads, num_blocks, block_size, head_dim), so
   that gathering a sequence's blocks gives each head's keys as one contiguous (tokens, head_dim)
-  matrix. Decodes are one batched matmul-softmax-matmul over their gathered blocks (GQA without
-  repeating keys), gathered into a reused workspace: on CPU a fresh multi-megabyte tensor per layer
-  costs more in page faults than the copy itself. Each prefill chunk is one torch SDPA call.
+  matrix. Decodes are one batched matmul-softmax-matmul (GQA without repeating keys) over contiguous
+  copies of their KV: either the decode staging rows (below) or, when those would not fit their memory
+  budget, the decodes' blocks gathered afresh into a reused workspace. Each prefill chunk is one torch
+  SDPA call.
+- Decode staging (sdpa): every decoding sequence owns a row of a per-layer (rows, kv_heads, length,
+  head_dim) buffer holding a contiguous copy of its KV. A row is filled from the paged cache once, when
+  the sequence starts decoding (or comes back after a preemption), and then grows by the one new token
+  of each step; re-gathering every sequence's whole context every step cost more than the rest of a
+  decode step on CPU. The paged cache stays the source of truth (prefix sharing, preemption).
 - `flash_attn` (CUDA, when flash-attn is installed). Cache layout (num_blocks, block_size, kv_heads,
   head_dim), read in place through block tables by `flash_attn_varlen_func` (chunks) and
   `flash_attn_with_kvcache` (decodes); blocks must hold a multiple of 256 tokens.
@@ -56,6 +62,26 @@ class PrefillChunk:
 
 
 @dataclass
+class LayerCache:
+    """One layer's paged KV cache, and its decode staging buffers (sdpa backend, when enabled)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    stage_k: torch.Tensor | None = None  # (rows, kv_heads, length, head_dim)
+    stage_v: torch.Tensor | None = None
+
+
+@dataclass
+class DecodeStage:
+    """This step's use of the staging rows."""
+
+    rows: torch.Tensor  # (D,) the row of each decode
+    positions: torch.Tensor  # (D,) index of each decode's new token in its row
+    fills: list[tuple[int, torch.Tensor]]  # (row, blocks): copy these cached blocks into the row first
+    valid: torch.Tensor  # (R, L) bool: the rows and columns attended; R rows, L columns in use
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) cache slot (block * block_size + row) of each new token
     num_decodes: int = 0  # the first rows of the batch, one token each
@@ -63,6 +89,7 @@ class AttentionMetadata:
     # sdpa decodes
     decode_blocks: torch.Tensor | None = None  # (D * n,) each decode's first n blocks, padded with block 0
     decode_valid: torch.Tensor | None = None  # (D, n * block_size) bool; None when every row is valid
+    stage: DecodeStage | None = None  # decodes read the staging rows instead of gathering blocks
     # flash_attn
     block_tables: torch.Tensor | None = None  # (B, max_blocks) int32, decodes first
     context_lens: torch.Tensor | None = None  # (B,) int32
@@ -95,15 +122,18 @@ class SdpaAttention:
         torch.index_select(v_cache, 1, blocks, out=values)
         return keys, values
 
-    def __call__(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def __call__(self, q, k, v, cache: LayerCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """(T, heads, d) queries and the new (T, kv_heads, d) keys/values -> (T, heads, d)."""
+        k_cache, v_cache = cache.k, cache.v
         kv_heads, _, size, dim = k_cache.shape
         slots = meta.slot_mapping
         k_cache.view(kv_heads, -1, dim).index_copy_(1, slots, k.transpose(0, 1))
         v_cache.view(kv_heads, -1, dim).index_copy_(1, slots, v.transpose(0, 1))
         out = torch.empty_like(q)
         n = meta.num_decodes
-        if n:
+        if n and meta.stage is not None:
+            out[:n] = self._decode_staged(q[:n], k[:n], v[:n], cache, meta.stage, scale)
+        elif n:
             out[:n] = self._decode(q[:n], k_cache, v_cache, meta, scale)
         for chunk in meta.prefills:
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
@@ -141,6 +171,31 @@ class SdpaAttention:
         out = torch.matmul(probs, values)  # (kv_heads, D, group, d)
         return out.transpose(0, 1).reshape(decodes, heads, dim)
 
+    @staticmethod
+    def _decode_staged(q, k, v, cache: LayerCache, stage: DecodeStage, scale: float) -> torch.Tensor:
+        """(D, heads, d) queries with their new (D, kv_heads, d) keys/values -> (D, heads, d), over the
+        staging rows; rows without a decode this step are computed and thrown away."""
+        assert cache.stage_k is not None and cache.stage_v is not None
+        stage_k, stage_v = cache.stage_k, cache.stage_v
+        decodes, heads, dim = q.shape
+        kv_heads = k.shape[1]
+        for row, blocks in stage.fills:
+            columns = blocks.numel() * cache.k.shape[2]
+            stage_k[row, :, :columns] = cache.k.index_select(1, blocks).view(kv_heads, columns, dim)
+            stage_v[row, :, :columns] = cache.v.index_select(1, blocks).view(kv_heads, columns, dim)
+        stage_k[stage.rows, :, stage.positions] = k
+        stage_v[stage.rows, :, stage.positions] = v
+        rows, length = stage.valid.shape
+        keys, values = stage_k[:rows, :, :length], stage_v[:rows, :, :length]  # (R, kv_heads, L, d)
+        group = heads // kv_heads
+        queries = q.new_zeros(rows, kv_heads, group, dim)
+        queries[stage.rows] = q.view(decodes, kv_heads, group, dim)
+        scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * scale  # (R, kv_heads, group, L)
+        scores.masked_fill_(~stage.valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values)  # (R, kv_heads, group, d)
+        return out[stage.rows].reshape(decodes, heads, dim)
+
 
 class FlashAttention:
     name = "flash_attn"
@@ -149,9 +204,10 @@ class FlashAttention:
     def cache_shape(num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_blocks, block_size, kv_heads, head_dim)
 
-    def __call__(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def __call__(self, q, k, v, cache: LayerCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
+        k_cache, v_cache = cache.k, cache.v
         _, _, kv_heads, dim = k_cache.shape
         k_cache.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, v)

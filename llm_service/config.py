@@ -29,6 +29,9 @@ class LLMConfig:
     block_size: int = 16  # tokens per KV block (the flash_attn backend uses 256)
     disable_prefix_caching: bool = False
     attention_backend: str = "auto"  # auto (flash_attn on CUDA when installed, else sdpa) | sdpa | flash_attn
+    decode_staging_bytes: int = (
+        512 << 20
+    )  # sdpa backend: contiguous copies of decoding sequences' KV; 0 = off
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     threads: int = 0  # torch intra-op threads for the engine; 0 = torch's default (all cores)
 
@@ -50,6 +53,7 @@ class LLMConfig:
             block_size=self.block_size,
             enable_prefix_caching=not self.disable_prefix_caching,
             attention_backend=self.attention_backend,
+            decode_staging_bytes=self.decode_staging_bytes,
         )
 
     @classmethod
@@ -76,6 +80,9 @@ class LLMConfig:
         flags.add("block_size", "LLM_BLOCK_SIZE", int, "tokens per KV block")
         flags.switch("disable_prefix_caching", "LLM_DISABLE_PREFIX_CACHING", "turn the prefix cache off")
         flags.add("attention_backend", "LLM_ATTENTION_BACKEND", help="auto|sdpa|flash_attn")
+        flags.add(
+            "decode_staging_bytes", "LLM_DECODE_STAGING_BYTES", int, "sdpa decode staging budget, 0 = off"
+        )
         flags.add("threads", "LLM_THREADS", int, "torch threads, 0 = all cores")
         flags.add("metrics_port", "LLM_METRICS_PORT", int, "Prometheus /metrics port, 0 = off")
         args = p.parse_args(argv)

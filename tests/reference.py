@@ -86,13 +86,13 @@ def qwen_vl_reference_lm(checkpoint) -> torch.nn.Module:
 def decoder_logits(language_model, embeds: torch.Tensor) -> torch.Tensor:
     """(T, vocab) float32 logits of every position of `embeds` (T, hidden) through our decoder alone,
     as one prefill over a fresh KV cache (one slot per block)."""
-    from llm_service.attention import AttentionMetadata, PrefillChunk, SdpaAttention
+    from llm_service.attention import AttentionMetadata, LayerCache, PrefillChunk, SdpaAttention
 
     decoder, length = language_model.decoder, embeds.shape[0]
     config = decoder.config
     attend = SdpaAttention()
     shape = attend.cache_shape(length, 1, config.num_kv_heads, config.head_dim)
-    caches = [(embeds.new_zeros(shape), embeds.new_zeros(shape)) for _ in range(config.num_layers)]
+    caches = [LayerCache(embeds.new_zeros(shape), embeds.new_zeros(shape)) for _ in range(config.num_layers)]
     meta = AttentionMetadata(torch.arange(length), prefills=[PrefillChunk(0, length, length)])
     with torch.inference_mode():
         return decoder.logits(decoder(embeds, torch.arange(length), caches, meta, attend))

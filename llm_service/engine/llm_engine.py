@@ -45,12 +45,13 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block (flash-attn raises it to 256)
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | sdpa | flash_attn
+    decode_staging_bytes: int = 512 << 20  # sdpa: contiguous copies of the decodes' KV; 0 = off
 
     def __post_init__(self):
         if min(self.max_waiting, self.max_running, self.max_num_batched_tokens, self.block_size) < 1:
             raise ValueError("max_waiting, max_running, max_num_batched_tokens and block_size must be >= 1")
-        if self.max_model_len < 0 or self.kv_cache_bytes < 0:
-            raise ValueError("max_model_len and kv_cache_bytes must be >= 0")
+        if min(self.max_model_len, self.kv_cache_bytes, self.decode_staging_bytes) < 0:
+            raise ValueError("max_model_len, kv_cache_bytes and decode_staging_bytes must be >= 0")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
 
@@ -83,7 +84,7 @@ class Engine:
         )
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_running, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size, backend)
+        self.runner = ModelRunner(model, num_blocks, block_size, backend, config.decode_staging_bytes)
         log.info(
             "engine: %s attention, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d",
             backend,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from llm_service.attention import AttentionMetadata, PrefillChunk, make_backend
+from llm_service.attention import AttentionMetadata, LayerCache, PrefillChunk, make_backend
+from llm_service.engine.decode_staging import DecodeStaging
 from llm_service.engine.scheduler import ScheduledSequence, SchedulerOutput
 
 
@@ -21,7 +22,7 @@ def kv_cache_bytes_per_block(model, block_size: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, backend: str):
+    def __init__(self, model, num_blocks: int, block_size: int, backend: str, staging_bytes: int = 0):
         self.model = model
         self.block_size = block_size
         self.backend = backend
@@ -29,12 +30,13 @@ class ModelRunner:
         config = model.decoder.config
         shape = self.attend.cache_shape(num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [
-            (
+            LayerCache(
                 torch.zeros(shape, dtype=model.dtype, device=model.device),
                 torch.zeros(shape, dtype=model.dtype, device=model.device),
             )
             for _ in range(config.num_layers)
         ]
+        self.staging = DecodeStaging(self.kv_caches, block_size, staging_bytes) if backend == "sdpa" else None
         self.mrope = getattr(model, "position_dims", 1) == 3
 
     @torch.inference_mode()
@@ -98,8 +100,10 @@ class ModelRunner:
         meta.num_decodes = len(decodes)
         if self.backend == "flash_attn":
             self._flash_metadata(items, meta)
-        elif decodes:
-            self._decode_metadata(decodes, meta)
+        else:
+            meta.stage = self.staging.plan(decodes) if self.staging and self.staging.max_bytes else None
+            if decodes and meta.stage is None:
+                self._decode_metadata(decodes, meta)
         row = len(decodes)
         for item in items[len(decodes) :]:
             chunk = PrefillChunk(row, item.num_tokens, item.end)

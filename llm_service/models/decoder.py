@@ -150,7 +150,7 @@ class Attention(nn.Module):
         q = rotate(q.view(-1, self.num_heads, self.head_dim), cos, sin)  # (T, heads, d)
         k = rotate(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)  # (T, kv_heads, d)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = attend(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # (T, heads, d)
+        out = attend(q, k, v, kv_cache, meta, self.scale)  # (T, heads, d)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -194,7 +194,7 @@ class DecoderLM(nn.Module):
         self,
         embeds: torch.Tensor,  # (T, hidden)
         positions: torch.Tensor,  # (T,) or (3, T)
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list,  # one LayerCache per layer
         meta: AttentionMetadata,
         attend: AttentionFn,
     ) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""Which staging row each decoding sequence uses, and when a row must be (re)filled from the cache.
+
+Bookkeeping for the sdpa backend's decode staging (llm_service/attention.py): rows are handed to
+sequences as they start decoding and taken back when they stop (finished, aborted, preempted); the
+buffers grow by doubling and are compacted when most rows are idle; past `max_bytes` staging is off
+for the step and decodes gather their blocks instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llm_service.attention import DecodeStage, LayerCache
+from llm_service.engine.scheduler import ScheduledSequence
+from llm_service.engine.sequence import Sequence
+
+
+class DecodeStaging:
+    def __init__(self, layers: list[LayerCache], block_size: int, max_bytes: int):
+        self.layers = layers
+        self.block_size = block_size
+        self.max_bytes = max_bytes
+        self.rows: dict[Sequence, int] = {}
+        self.staged: dict[Sequence, int] = {}  # tokens of the sequence already in its row
+        self.num_rows = 0  # allocated rows
+        self.length = 0  # allocated columns
+        self.peak_rows = 0
+        self.fallbacks = 0  # steps whose decodes gathered blocks because staging did not fit
+
+    def plan(self, decodes: list[ScheduledSequence]) -> DecodeStage | None:
+        """Rows for this step's decodes (in their order), or None when staging would not fit."""
+        active = {d.seq for d in decodes}
+        for seq in [s for s in self.rows if s not in active]:
+            del self.rows[seq], self.staged[seq]
+        if not decodes:
+            return None
+        if len(self.rows) + 8 < max(self.rows.values(), default=-1) // 2:  # mostly idle rows: compact
+            self.rows.clear()
+            self.staged.clear()
+        free = sorted(set(range(len(active) + len(self.rows))) - set(self.rows.values()), reverse=True)
+        fills = []
+        for d in decodes:
+            seq = d.seq
+            if seq not in self.rows:
+                self.rows[seq] = free.pop()
+                self.staged[seq] = 0
+            if self.staged[seq] != d.start:  # the row must hold tokens [0, start) before this step
+                num_blocks = -(-d.start // self.block_size)
+                fills.append((self.rows[seq], torch.tensor(seq.block_table[:num_blocks])))
+            self.staged[seq] = d.end
+        num_rows = max(self.rows.values()) + 1
+        length = -(-max(d.end for d in decodes) // self.block_size) * self.block_size
+        if not self._reserve(num_rows, length):
+            self.rows.clear()
+            self.staged.clear()
+            self.fallbacks += 1
+            return None
+        self.peak_rows = max(self.peak_rows, num_rows)
+        device = self.layers[0].k.device
+        lengths = torch.zeros(num_rows, dtype=torch.long)
+        for seq, row in self.rows.items():
+            lengths[row] = self.staged[seq]
+        # All allocated columns are attended (masked past each row's length): a (rows, kv_heads, L, d)
+        # slice with L short of the allocation is not dense, and matmul would copy it whole.
+        valid = torch.arange(self.length)[None, :] < lengths[:, None]  # (R, L)
+        valid[:, 0] = True  # idle rows attend to something (their output is discarded), never to nothing
+        return DecodeStage(
+            rows=torch.tensor([self.rows[d.seq] for d in decodes], device=device),
+            positions=torch.tensor([d.start for d in decodes], device=device),
+            fills=[(row, blocks.to(device)) for row, blocks in fills],
+            valid=valid.to(device),
+        )
+
+    def _reserve(self, num_rows: int, length: int) -> bool:
+        """Grow every layer's buffers (by doubling, keeping their content) to hold rows x length."""
+        if num_rows <= self.num_rows and length <= self.length:
+            return True
+        new_rows = max(num_rows, min(2 * self.num_rows, num_rows + 64))
+        if length > self.length:  # columns are all attended to: grow them by a quarter, not double
+            length = max(length, self.length + max(self.length // 4, 4 * self.block_size))
+        new_length = max(length, self.length)
+        sample = self.layers[0].k
+        kv_heads, _, _, dim = sample.shape
+        size = 2 * len(self.layers) * new_rows * kv_heads * new_length * dim * sample.element_size()
+        if size > self.max_bytes:
+            for layer in self.layers:
+                layer.stage_k = layer.stage_v = None
+            self.num_rows = self.length = 0
+            return False
+        for layer in self.layers:
+            for name in ("stage_k", "stage_v"):
+                old = getattr(layer, name)
+                new = sample.new_empty(new_rows, kv_heads, new_length, dim)
+                if old is not None:
+                    new[: old.shape[0], :, : old.shape[2]] = old
+                setattr(layer, name, new)
+        self.num_rows, self.length = new_rows, new_length
+        return True
