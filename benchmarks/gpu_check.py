@@ -1,11 +1,12 @@
 """GPU checks of the LLM engine, for a lent H100/H200 (`bash benchmarks/gpu_check.sh`).
 
-1. Parity on the GPU: a tiny random-weight LLaVA checkpoint in bfloat16; each request's greedy tokens
-   from our engine (every attention backend available) against transformers' `generate` on the same
-   request alone, on the same GPU. bf16 is not float32: a divergence is accepted only where the
-   reference's logprob gap is under BF16_NEAR_TIE, and the first-step logits' largest difference is
-   printed.
-2. flash_attn against sdpa on the same requests (tokens and first-step logits).
+1. Parity on the GPU, tiny random-weight LLaVA checkpoint, 16 requests (text-only and with an image)
+   sent at once, against transformers' `generate` on each request alone on the same GPU:
+   - float32 (sdpa): token-identical, except at a near-tie (tests.reference.assert_greedy_close);
+   - bfloat16 (every backend available): bf16 greedy output drifts from float32 within a few tokens on
+     random weights, for transformers too, so the check is that ours drifts no sooner than theirs:
+     the mean first divergence from transformers' float32 output, ours against transformers' bf16.
+2. flash_attn against sdpa: the same bf16 numbers side by side.
 3. Decode throughput of a LLaVA-1.5-7B-shaped language model (random weights, bf16) at 1, 16 and 64
    concurrent sequences, per backend, against the memory-bandwidth floor: each decode step must read
    every weight and each sequence's KV once, so tok/s <= concurrency * bandwidth / bytes per step.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import tempfile
 import time
@@ -30,7 +32,6 @@ from llm_service.models.base import LanguageModel
 from llm_service.models.decoder import DecoderConfig, _rope_frequencies
 from mmserve.wire import GenerateRequest, ImageSpan, SamplingParams
 
-BF16_NEAR_TIE = 0.1
 # Peak HBM bandwidth by device name (bytes/s); the floor assumes all of it.
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 LLAVA_7B = dict(
@@ -81,70 +82,80 @@ def parity(device: str, backends: list[str], report: dict) -> bool:
     from llm_service.models.llava import LlavaLanguageModel
     from mmserve.demo import build_llava_checkpoint
     from tests.helpers import make_image
-    from tests.reference import greedy_with_logprobs
+    from tests.reference import assert_greedy_close, greedy_with_logprobs
 
     folder = Path(tempfile.mkdtemp()) / "tiny-llava"
-    build_llava_checkpoint(folder, seed=0, dtype="bfloat16")
+    build_llava_checkpoint(folder, seed=0)
     processor = AutoProcessor.from_pretrained(folder)
-    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16)
-    hf = hf.to(device).eval()  # type: ignore[arg-type]
-    cases, requests = [], []
-    for i in range(16):
-        images = [Image.open(__import__("io").BytesIO(make_image(60 + i, 50, seed=i))).convert("RGB")] * (
-            i % 2
-        )
-        content = [{"type": "image"} for _ in images] + [
-            {"type": "text", "text": "describe the picture " * (1 + i % 5)}
-        ]
-        prompt = processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True
-        )
-        inputs = processor(text=prompt, images=images or None, return_tensors="pt").to(device)
-        expected, logprobs = greedy_with_logprobs(hf, inputs, 16)
-        ids = inputs["input_ids"][0].tolist()
-        spans = []
-        if images:
-            with torch.inference_mode():
-                feats = hf.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
-            start = ids.index(hf.config.image_token_id)
-            spans.append(ImageSpan(start, feats.cpu(), f"img{i}"))
-        sampling = SamplingParams(temperature=0, max_new_tokens=16, logprobs=1)
-        requests.append(GenerateRequest(f"r{i}", ids, spans, sampling))
-        cases.append((expected, logprobs.cpu()))
-    ok = True
-    first_logits = {}
-    for backend in backends:
-        model = LlavaLanguageModel(str(folder), torch.bfloat16, device)
+    steps = 16
+
+    def reference(dtype):
+        hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+        hf = hf.to(device).eval()  # type: ignore[arg-type]
+        cases, requests = [], []
+        for i in range(16):
+            images = [Image.open(io.BytesIO(make_image(60 + i, 50, seed=i))).convert("RGB")] * (i % 2)
+            text = "describe the picture " * (1 + i % 5)
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+            prompt = processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True
+            )
+            inputs = processor(text=prompt, images=images or None, return_tensors="pt").to(device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            expected, logprobs = greedy_with_logprobs(hf, inputs, steps)
+            ids = inputs["input_ids"][0].tolist()
+            spans = []
+            if images:
+                with torch.inference_mode():
+                    feats = hf.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+                spans.append(ImageSpan(ids.index(hf.config.image_token_id), feats.cpu(), f"img{i}"))
+            sampling = SamplingParams(temperature=0, max_new_tokens=steps, ignore_eos=True)
+            requests.append(GenerateRequest(f"r{i}", ids, spans, sampling))
+            cases.append((expected, logprobs.cpu()))
+        return cases, requests
+
+    def ours(dtype, backend, requests):
+        model = LlavaLanguageModel(str(folder), dtype, device)
         engine = Engine(model, EngineConfig(attention_backend=backend, kv_cache_bytes=1 << 28))
-        results = asyncio.run(run_requests(engine, requests))
-        engine.stop()
-        exact = near = bad = 0
-        for (ours, _, _), (expected, logprobs) in zip(results, cases, strict=True):
-            diverged = next((s for s, (a, b) in enumerate(zip(ours, expected, strict=False)) if a != b), None)
-            if diverged is None:
-                exact += 1
-            elif (
-                float(logprobs[diverged, expected[diverged]] - logprobs[diverged, ours[diverged]])
-                <= BF16_NEAR_TIE
-            ):
-                near += 1
-            else:
-                bad += 1
-        ok &= bad == 0
-        first_logits[backend] = [r[0][:1] for r in results]
-        report[f"parity_{backend}"] = {
-            "exact": exact,
-            "near_tie": near,
-            "mismatch": bad,
-            "requests": len(requests),
-        }
-        print(
-            f"parity [{backend}]: {exact} exact, {near} near-tie divergences, {bad} mismatches of {len(requests)}"
+        try:
+            return [r[0] for r in asyncio.run(run_requests(engine, requests))]
+        finally:
+            engine.stop()
+
+    def first_divergence(a, b):
+        return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), steps)
+
+    ok = True
+    f32_cases, f32_requests = reference(torch.float32)
+    try:
+        for i, (tokens, (expected, logprobs)) in enumerate(
+            zip(ours(torch.float32, "sdpa", f32_requests), f32_cases, strict=True)
+        ):
+            assert_greedy_close(tokens, expected, logprobs, f"request {i}")
+        print("parity float32 [sdpa]: every request equals transformers (near-ties allowed)")
+        report["parity_float32"] = "pass"
+    except AssertionError as exc:
+        ok = False
+        print(f"parity float32 [sdpa]: FAILED: {exc}")
+        report["parity_float32"] = str(exc)
+    truth = [c[0] for c in f32_cases]
+    bf16_cases, bf16_requests = reference(torch.bfloat16)
+    theirs = sum(first_divergence(c[0], t) for c, t in zip(bf16_cases, truth, strict=True)) / len(truth)
+    print(f"bf16: transformers' first divergence from float32 at token {theirs:.1f} on average")
+    report["bf16_first_divergence_transformers"] = theirs
+    for backend in backends:
+        mine = sum(
+            first_divergence(o, t)
+            for o, t in zip(ours(torch.bfloat16, backend, bf16_requests), truth, strict=True)
         )
-    if len(backends) == 2:
-        same = sum(a == b for a, b in zip(*first_logits.values(), strict=True))
-        report["flash_vs_sdpa_first_token_equal"] = same
-        print(f"flash_attn vs sdpa: first token equal in {same}/{len(requests)} requests")
+        mine /= len(truth)
+        good = mine >= 0.5 * theirs
+        ok &= good
+        print(
+            f"bf16 [{backend}]: ours at token {mine:.1f} on average ({'ok' if good else 'FAILED: drifts much sooner'})"
+        )
+        report[f"bf16_first_divergence_{backend}"] = mine
     return ok
 
 

@@ -90,7 +90,7 @@ class DecodeStaging:
         for layer in self.layers:
             for name in ("stage_k", "stage_v"):
                 old = getattr(layer, name)
-                new = sample.new_empty(new_rows, kv_heads, new_length, dim)
+                new = sample.new_zeros(new_rows, kv_heads, new_length, dim)  # masked columns: 0, never NaN
                 if old is not None:
                     new[: old.shape[0], :, : old.shape[2]] = old
                 setattr(layer, name, new)

@@ -71,3 +71,19 @@ def test_staging_equals_gathering_blocks(model, staging_bytes):
     for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(staged, gathered, strict=True):
         assert tokens == ref_tokens
         assert torch.allclose(torch.tensor(logprobs), torch.tensor(ref_logprobs), atol=1e-5)
+
+
+def test_staging_rows_start_as_zeros_never_garbage():
+    """Masked columns still go through probs @ values: 0 x NaN is NaN, so fresh rows must be zeros."""
+    from llm_service.attention import LayerCache
+    from llm_service.engine.decode_staging import DecodeStaging
+
+    for _ in range(3):  # a freed allocation of the same size is the likeliest to come back dirty
+        garbage = torch.full((2, 3, 32, 8), float("nan"))
+        del garbage
+        layers = [LayerCache(torch.zeros(2, 10, 4, 8), torch.zeros(2, 10, 4, 8))]
+        staging = DecodeStaging(layers, block_size=4, max_bytes=1 << 20)
+        assert staging._reserve(3, 32)
+        assert layers[0].stage_k is not None and layers[0].stage_v is not None
+        assert torch.equal(layers[0].stage_v, torch.zeros_like(layers[0].stage_v))
+        assert torch.equal(layers[0].stage_k, torch.zeros_like(layers[0].stage_k))
