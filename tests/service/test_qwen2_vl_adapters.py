@@ -139,3 +139,42 @@ def test_the_llm_checks_each_span_grid(qwen_checkpoint):
             engine.validate(request(()))
     finally:
         engine.stop()
+
+
+def test_mrope_through_chunked_prefill_and_the_prefix_cache(qwen_checkpoint):
+    """M-RoPE positions survive a prompt split into chunks that cut through the image, and a second
+    request that reuses the first one's KV (image included) from the prefix cache: the same tokens and
+    logprobs as one engine step per prompt with no cache."""
+    model = Qwen2VLLanguageModel(str(qwen_checkpoint), torch.float32, "cpu")
+    embedding = torch.randn(6, model.hidden_size, generator=torch.Generator().manual_seed(4))
+    text = [t for t in range(1, 40) if t != model.image_token_id]
+    prefix = text[:3] + [model.image_token_id] * 6 + text[3:7]
+
+    def request(name: str, tail: list[int]) -> GenerateRequest:
+        span = ImageSpan(offset=3, embedding=embedding, content_hash="img", grid_thw=(1, 4, 6))
+        params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True, logprobs=0)
+        return GenerateRequest(name, prefix + tail, [span], params)
+
+    async def generate(engine, req):
+        tokens, logprobs = [], []
+        async for out in engine.generate(req):
+            tokens += out.token_ids
+            logprobs += [lp.logprob for lp in out.logprobs or []]
+        return tokens, logprobs, out.usage.cached_tokens
+
+    def run(**config):
+        engine = Engine(model, **config)
+        try:  # one after the other, so that the second can find the first's blocks
+            return [
+                asyncio.run(generate(engine, request(n, t))) for n, t in (("a", [8, 9]), ("b", [10, 11, 12]))
+            ]
+        finally:
+            engine.stop()
+
+    plain = run(max_num_batched_tokens=4096, enable_prefix_caching=False)
+    chunked = run(max_num_batched_tokens=5, block_size=4)
+    assert chunked[1][2] == 12  # the second request found 3 full blocks: text, the image and text
+    assert plain[1][2] == 0
+    for (tokens, logprobs, _), (ref_tokens, ref_logprobs, _) in zip(chunked, plain, strict=True):
+        assert tokens == ref_tokens
+        assert torch.allclose(torch.tensor(logprobs), torch.tensor(ref_logprobs), atol=1e-5)
