@@ -98,10 +98,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # transformers' order: normalise in float32, cast back, then scale (bit-identical to it).
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -146,9 +144,11 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata, attend: AttentionFn) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotate(q.view(-1, self.num_heads, self.head_dim), cos, sin)  # (T, heads, d)
-        k = rotate(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)  # (T, kv_heads, d)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = rotate(
+            qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin
+        )  # q and k at once
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # (T, heads, d), (T, kv_heads, d)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         out = attend(q, k, v, kv_cache, meta, self.scale)  # (T, heads, d)
         return self.o_proj(out.reshape(-1, self.q_size))
