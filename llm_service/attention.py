@@ -56,7 +56,6 @@ def resolve_backend(name: str, device: torch.device) -> str:
 class PrefillChunk:
     q_start: int  # first row of the chunk in the flat batch
     q_len: int
-    ctx_len: int  # tokens attended to: the cached ones plus the chunk itself
     ctx_blocks: torch.Tensor | None = None  # (n,) blocks of the context; None when the chunk is all of it
     mask: torch.Tensor | None = None  # (q_len, n * block_size) bool, True = attend; with ctx_blocks
 

@@ -93,7 +93,7 @@ def decoder_logits(language_model, embeds: torch.Tensor) -> torch.Tensor:
     attend = SdpaAttention()
     shape = attend.cache_shape(length, 1, config.num_kv_heads, config.head_dim)
     caches = [LayerCache(embeds.new_zeros(shape), embeds.new_zeros(shape)) for _ in range(config.num_layers)]
-    meta = AttentionMetadata(torch.arange(length), prefills=[PrefillChunk(0, length, length)])
+    meta = AttentionMetadata(torch.arange(length), prefills=[PrefillChunk(0, length)])
     with torch.inference_mode():
         return decoder.logits(decoder(embeds, torch.arange(length), caches, meta, attend))
 

@@ -295,8 +295,7 @@ class Engine:
     def _append(self, seq: Sequence, token: int, token_logprobs, now: float) -> None:
         """The output loop for one sequence: record the token, decide whether it ends, stream it."""
         seq.append_token(token)
-        if seq.first_token_at is None:
-            seq.first_token_at = now
+        if len(seq.output_token_ids) == 1:
             self.metrics.ttft.observe(now - seq.arrival)
         else:
             self.metrics.itl.observe(now - (seq.last_token_at or now))
@@ -328,7 +327,7 @@ class Engine:
             with self._lock:
                 self._num_waiting -= 1
         self.metrics.finished.labels(outcome).inc()
-        self._observe_state()
+        self._observe_state()  # at once, not at the next step: an idle engine has no next step
 
     def _observe_schedule(self, plan: SchedulerOutput) -> None:
         now = time.monotonic()

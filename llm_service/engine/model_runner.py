@@ -36,15 +36,16 @@ class ModelRunner:
             )
             for _ in range(config.num_layers)
         ]
-        self.staging = DecodeStaging(self.kv_caches, block_size, staging_bytes) if backend == "sdpa" else None
+        staged = backend == "sdpa" and staging_bytes > 0
+        self.staging = DecodeStaging(self.kv_caches, block_size, staging_bytes) if staged else None
         self.mrope = getattr(model, "position_dims", 1) == 3
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> tuple[list[ScheduledSequence], torch.Tensor]:
         """Run one step -> (the items that sample, their (N, vocab) float32 logits, in that order)."""
-        items = [s for s in plan.scheduled if s.num_tokens == 1] + [
-            s for s in plan.scheduled if s.num_tokens > 1
-        ]
+        decodes = [s for s in plan.scheduled if s.num_tokens == 1]
+        chunks = [s for s in plan.scheduled if s.num_tokens > 1]
+        items = decodes + chunks
         device = self.model.device
         ids: list[int] = []
         for item in items:
@@ -52,7 +53,11 @@ class ModelRunner:
         embeds = self.model.embed_tokens(torch.tensor(ids))  # (T, hidden)
         self._write_images(items, embeds)
         hidden = self.model.decoder(
-            embeds, self._positions(items).to(device), self.kv_caches, self._metadata(items), self.attend
+            embeds,
+            self._positions(items).to(device),
+            self.kv_caches,
+            self._metadata(decodes, chunks),
+            self.attend,
         )
         rows, sampling = [], []
         row = 0
@@ -90,23 +95,24 @@ class ModelRunner:
         size = self.block_size
         return [block_table[i // size] * size + i % size for i in range(start, end)]
 
-    def _metadata(self, items: list[ScheduledSequence]) -> AttentionMetadata:
+    def _metadata(
+        self, decodes: list[ScheduledSequence], chunks: list[ScheduledSequence]
+    ) -> AttentionMetadata:
         device = self.model.device
         slot_mapping: list[int] = []
-        for item in items:
+        for item in decodes + chunks:
             slot_mapping.extend(self._slots(item.seq.block_table, item.start, item.end))
         meta = AttentionMetadata(slot_mapping=torch.tensor(slot_mapping, device=device))
-        decodes = [i for i in items if i.num_tokens == 1]
         meta.num_decodes = len(decodes)
         if self.backend == "flash_attn":
-            self._flash_metadata(items, meta)
+            self._flash_metadata(decodes, chunks, meta)
         else:
-            meta.stage = self.staging.plan(decodes) if self.staging and self.staging.max_bytes else None
+            meta.stage = self.staging.plan(decodes) if self.staging else None
             if decodes and meta.stage is None:
                 self._decode_metadata(decodes, meta)
         row = len(decodes)
-        for item in items[len(decodes) :]:
-            chunk = PrefillChunk(row, item.num_tokens, item.end)
+        for item in chunks:
+            chunk = PrefillChunk(row, item.num_tokens)
             if item.start > 0 and self.backend == "sdpa":  # it attends to cached tokens too
                 num_blocks = -(-item.end // self.block_size)
                 chunk.ctx_blocks = torch.tensor(item.seq.block_table[:num_blocks], device=device)
@@ -131,8 +137,11 @@ class ModelRunner:
             valid = torch.arange(width * size)[None, :] < torch.tensor(lengths)[:, None]  # (D, width * size)
             meta.decode_valid = valid.to(self.model.device)
 
-    def _flash_metadata(self, items: list[ScheduledSequence], meta: AttentionMetadata) -> None:
+    def _flash_metadata(
+        self, decodes: list[ScheduledSequence], chunks: list[ScheduledSequence], meta: AttentionMetadata
+    ) -> None:
         device = self.model.device
+        items = decodes + chunks
         width = max(len(i.seq.block_table) for i in items)
         meta.block_tables = torch.tensor(
             [i.seq.block_table + [0] * (width - len(i.seq.block_table)) for i in items],
@@ -140,7 +149,6 @@ class ModelRunner:
             device=device,
         )
         meta.context_lens = torch.tensor([i.end for i in items], dtype=torch.int32, device=device)
-        chunks = [i for i in items if i.num_tokens > 1]
         if chunks:
             q_lens = torch.tensor([0] + [i.num_tokens for i in chunks])
             k_lens = torch.tensor([0] + [i.end for i in chunks])

@@ -74,7 +74,6 @@ class Sequence:
         self.arrival = time.monotonic()
         self.generator: torch.Generator | None = None  # per-request RNG when a seed is given
         self.first_scheduled_at: float | None = None
-        self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.model_state: object = None  # what the model adapter keeps per sequence (M-RoPE positions)
 
