@@ -9,6 +9,7 @@ import uvicorn
 from gateway.api import create_app
 from gateway.clients import GrpcLLMClient, GrpcVisionClient
 from gateway.config import GatewayConfig
+from gateway.generation_defaults import GenerationDefaults
 from gateway.media import MediaFetcher
 from gateway.serving import ServingCore
 from mmserve.families import adapter, detect_family
@@ -16,10 +17,15 @@ from mmserve.families import adapter, detect_family
 
 def build_app(config: GatewayConfig):
     family = detect_family(config.checkpoint, config.model_type)
-    prompt = adapter(family, "prompt")(config.checkpoint, config.tokenizer_path or config.checkpoint)
+    prompt = adapter(family, "prompt")(
+        config.checkpoint, config.tokenizer_path or config.checkpoint, chat_template=config.chat_template
+    )
     vision = GrpcVisionClient(config.vision_addr, config.max_message_bytes, config.backend_timeout_s)
     llm = GrpcLLMClient(config.llm_addr, config.max_message_bytes, config.backend_timeout_s)
-    core = ServingCore(prompt, vision, llm, MediaFetcher(config.media), config.max_images_per_request)
+    defaults = GenerationDefaults.from_checkpoint(config.checkpoint)
+    core = ServingCore(
+        prompt, vision, llm, MediaFetcher(config.media), config.max_images_per_request, defaults
+    )
     backends = {"vision": vision._channel, "llm": llm._channel}
     return create_app(
         core, config.model_name or "mmserve", config.api_key, backends, config.max_request_bytes

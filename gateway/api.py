@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.generation_defaults import GenerationDefaults
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from gateway.serving import GenerationSettings, ServingCore, TextDelta, TokenLogprob, new_request_id
 from mmserve.errors import MMServeError, NotFoundError
@@ -55,16 +56,21 @@ class Metrics:
         self.ttft = Histogram("mmserve_gateway_ttft_seconds", "Time to first token", registry=self.registry)
 
 
-def sampling_params(body: SamplingFields) -> SamplingParams:
+def sampling_params(body: SamplingFields, defaults: GenerationDefaults) -> SamplingParams:
+    """The request's sampling fields; those it leaves unset come from the checkpoint's defaults."""
+
+    def pick(value, default):
+        return default if value is None else value
+
     return SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=0 if body.top_k in (None, -1) else body.top_k,
+        temperature=pick(body.temperature, defaults.temperature),
+        top_p=pick(body.top_p, defaults.top_p),
+        top_k=0 if body.top_k == -1 else pick(body.top_k, defaults.top_k),
         min_new_tokens=body.min_tokens or 0,
         ignore_eos=bool(body.ignore_eos),
         seed=None if body.seed is None else body.seed % (1 << 64),  # the wire carries uint64
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        min_p=body.min_p or 0.0,
+        repetition_penalty=pick(body.repetition_penalty, defaults.repetition_penalty),
+        min_p=pick(body.min_p, defaults.min_p),
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         logprobs=body.num_logprobs,
@@ -214,10 +220,13 @@ def create_app(
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mmserve"}],
-        }
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "mmserve"}
+        try:  # vLLM's extra fields, when the LLM service answers
+            info = await core.llm_info()
+            card.update(max_model_len=info.max_model_len, dtype=info.dtype)
+        except MMServeError:
+            pass
+        return {"object": "list", "data": [card]}
 
     def check_model(body: SamplingFields) -> None:
         if body.model and body.model != model_name:
@@ -246,7 +255,7 @@ def create_app(
 
     async def run(request: Request, route: str, body, text: str, urls: list[str], request_id: str, render):
         started = time.monotonic()
-        settings = GenerationSettings(sampling_params(body), body.token_limit, body.stop_list)
+        settings = GenerationSettings(sampling_params(body, core.defaults), body.token_limit, body.stop_list)
         if body.mm_processor_kwargs is not None:
             kwargs = body.mm_processor_kwargs
             settings.pixels = PixelLimits(kwargs.min_pixels, kwargs.max_pixels)
@@ -280,7 +289,8 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body)
         request_id = new_request_id("chatcmpl")
-        # Content is always passed as typed parts: real chat templates (llava-hf's) only read those.
+        # Content is passed as typed parts; the prompt adapter turns them into a string for a chat
+        # template that reads string content (gateway/chat_template.py).
         messages = [
             {
                 "role": m.role,
@@ -293,7 +303,7 @@ def create_app(
             }
             for m in body.messages
         ]
-        text, urls = await asyncio.to_thread(core.chat_prompt, messages)
+        text, urls = await asyncio.to_thread(core.chat_prompt, messages, body.chat_template_kwargs)
         return await run(request, "chat", body, text, urls, request_id, _ChatRender(request_id, model_name))
 
     @app.post("/v1/completions")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from gateway.clients import InProcessLLMClient, InProcessVisionClient
 from gateway.config import MediaConfig
+from gateway.generation_defaults import GenerationDefaults
 from gateway.media import MediaFetcher
 from gateway.serving import GenerationSettings, ServingCore, new_request_id
 from mmserve.families import adapter, detect_family
@@ -58,10 +59,11 @@ class ModelFactory:
         name_or_path: str,
         model_type: str | None = None,
         tokenizer_path: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "cpu",
     ) -> MultimodalModel:
-        """Load a local checkpoint folder (or a hub id, where a network exists)."""
+        """Load a local checkpoint folder (or a hub id, where a network exists); dtype "auto" is the
+        checkpoint's own (float16 becomes bfloat16 on CPU)."""
         from llm_service.config import LLMConfig
         from llm_service.engine import Engine
         from llm_service.models import load_language_model
@@ -117,8 +119,12 @@ _CONFIG_KEYS = {
 }
 
 
-def settings_from_generate_config(config: dict | None) -> GenerationSettings:
+def settings_from_generate_config(
+    config: dict | None, defaults: GenerationDefaults | None = None
+) -> GenerationSettings:
+    """rtp-llm's generate_config; keys it leaves unset come from the checkpoint's generation_config.json."""
     config = dict(config or {})
+    defaults = defaults or GenerationDefaults()
     unknown = sorted(set(config) - _CONFIG_KEYS)
     if unknown:
         raise ValueError(f"unknown generate_config keys {unknown}; supported: {sorted(_CONFIG_KEYS)}")
@@ -128,14 +134,15 @@ def settings_from_generate_config(config: dict | None) -> GenerationSettings:
             raise ValueError("stop_words_list entries must be single token ids, e.g. [[151645]]")
         stop_ids.append(int(words[0]))
     sampling = SamplingParams(
-        temperature=float(config.get("temperature", 1.0)),
-        top_p=float(config.get("top_p", 1.0)),
-        top_k=int(config.get("top_k", 0)),
+        temperature=float(config.get("temperature", defaults.temperature)),
+        top_p=float(config.get("top_p", defaults.top_p)),
+        top_k=int(config.get("top_k", defaults.top_k)),
+        min_p=defaults.min_p,
         min_new_tokens=int(config.get("min_new_tokens", 0)),
         ignore_eos=bool(config.get("ignore_eos", False)),
         stop_token_ids=stop_ids,
         seed=config.get("random_seed", config.get("seed")),
-        repetition_penalty=float(config.get("repetition_penalty", 1.0)),
+        repetition_penalty=float(config.get("repetition_penalty", defaults.repetition_penalty)),
     )
     pixel_config = {**config, **dict(config.get("mm_processor_kwargs") or {})}
     unknown = sorted(set(config.get("mm_processor_kwargs") or {}) - {"min_pixels", "max_pixels"})
@@ -151,7 +158,7 @@ def settings_from_generate_config(config: dict | None) -> GenerationSettings:
     )
     return GenerationSettings(
         sampling,
-        int(config.get("max_new_tokens", 256)),
+        int(config.get("max_new_tokens", defaults.max_tokens or 256)),
         list(config.get("stop_words_str", [])),
         pixels if pixels else None,
     )
@@ -175,6 +182,7 @@ class Pipeline:
                 InProcessLLMClient(model.engine),
                 MediaFetcher(media),
                 max_images_per_request=64,
+                defaults=GenerationDefaults.from_checkpoint(model.checkpoint),
             )
 
         self.core = asyncio.run_coroutine_threadsafe(build(), self._loop).result()
@@ -189,7 +197,7 @@ class Pipeline:
             url_lists = [list(u or []) for u in urls] if urls is not None else [[] for _ in prompts]
             if len(url_lists) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(url_lists)} url lists")
-        settings = settings_from_generate_config(generate_config)
+        settings = settings_from_generate_config(generate_config, self.core.defaults)
         return self._stream(prompts, url_lists, settings)
 
     def _stream(self, prompts, url_lists, settings) -> Iterator[PipelineResponse]:

@@ -14,6 +14,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from gateway.detokenizer import HeldTokens, IncrementalDetokenizer, StopStrings
+from gateway.generation_defaults import GenerationDefaults
 from gateway.media import MediaError, MediaFetcher
 from gateway.prompts import expand_image_tokens
 from mmserve.errors import InvalidInputError, UnavailableError
@@ -71,8 +72,17 @@ def new_request_id(prefix: str) -> str:
 
 
 class ServingCore:
-    def __init__(self, prompt, vision_client, llm_client, fetcher: MediaFetcher, max_images_per_request: int):
+    def __init__(
+        self,
+        prompt,
+        vision_client,
+        llm_client,
+        fetcher: MediaFetcher,
+        max_images_per_request: int,
+        defaults: GenerationDefaults | None = None,
+    ):
         self.prompt = prompt
+        self.defaults = defaults or GenerationDefaults()  # the checkpoint's generation_config.json
         self.tokenizer = prompt.tokenizer
         self.vision = vision_client
         self.llm = llm_client
@@ -110,8 +120,12 @@ class ServingCore:
                 "images go in image_url parts, roles in messages"
             )
 
-    def chat_prompt(self, messages: list[dict]) -> tuple[str, list[str]]:
-        """OpenAI chat messages -> (rendered prompt, image urls in prompt order)."""
+    def chat_prompt(
+        self, messages: list[dict], chat_template_kwargs: dict | None = None
+    ) -> tuple[str, list[str]]:
+        """OpenAI chat messages -> (rendered prompt, image urls in prompt order). The user's text is
+        checked here, before the prompt adapter renders it (for a "string" chat template the adapter also
+        writes each image's placeholder text into the message: that text is ours, not the user's)."""
         converted, urls = [], []
         for message in messages:
             content = message.get("content")
@@ -128,6 +142,8 @@ class ServingCore:
                     parts.append({"type": "image"})
                     urls.append(part["url"])
             converted.append({"role": message["role"], "content": parts})
+        if chat_template_kwargs:
+            return self.prompt.render_chat(converted, chat_template_kwargs=chat_template_kwargs), urls
         return self.prompt.render_chat(converted), urls
 
     async def prepare(
@@ -176,7 +192,9 @@ class ServingCore:
         info = await self.llm_info()
         prompt_len = len(prepared.token_ids)
         room = info.max_model_len - prompt_len
-        max_tokens = settings.max_tokens if settings.max_tokens is not None else room
+        max_tokens = settings.max_tokens
+        if max_tokens is None:  # the checkpoint's max_new_tokens when it has one, within the context
+            max_tokens = min(room, self.defaults.max_tokens or room)
         if room < 1 or max_tokens > room:
             raise InvalidInputError(
                 f"this model's maximum context length is {info.max_model_len} tokens; the prompt has {prompt_len} "

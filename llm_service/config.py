@@ -18,7 +18,7 @@ class LLMConfig:
     model_type: str | None = None  # family override (MODEL_TYPE); None = decide from config.json
     host: str = "127.0.0.1"
     port: int = 50052
-    dtype: str = "float32"  # weights and activations
+    dtype: str = "auto"  # weights and activations; auto = the checkpoint's (float16 -> bfloat16 on CPU)
     device: str = "cpu"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send/receive limit
     max_waiting: int = 256  # requests queued beyond this get RESOURCE_EXHAUSTED
@@ -64,7 +64,7 @@ class LLMConfig:
         flags.add("model_type", "MODEL_TYPE", help="family override, e.g. llava")
         flags.add("host", "LLM_HOST", help="bind address")
         flags.add("port", "LLM_PORT", int, "gRPC port")
-        flags.add("dtype", "LLM_DTYPE", help="float32|bfloat16|float16")
+        flags.add("dtype", "LLM_DTYPE", help="auto|float32|bfloat16|float16 (auto: the checkpoint's)")
         flags.add("device", "LLM_DEVICE", help="torch device")
         flags.add("max_message_bytes", "GRPC_MAX_MESSAGE_BYTES", int, "gRPC message size limit")
         flags.add("max_waiting", "LLM_MAX_WAITING", int, "queue bound before RESOURCE_EXHAUSTED")

@@ -303,6 +303,7 @@ class LLMInfo:
     image_token_id: int
     hidden_size: int
     eos_token_ids: tuple[int, ...]
+    dtype: str = ""  # of the served weights
 
 
 def llm_info_from_pb(message: llm_pb2.LLMModelInfo) -> LLMInfo:
@@ -312,6 +313,7 @@ def llm_info_from_pb(message: llm_pb2.LLMModelInfo) -> LLMInfo:
         image_token_id=message.image_token_id,
         hidden_size=message.hidden_size,
         eos_token_ids=tuple(message.eos_token_ids),
+        dtype=message.dtype,
     )
 
 
@@ -322,4 +324,5 @@ def llm_info_to_pb(info: LLMInfo) -> llm_pb2.LLMModelInfo:
         image_token_id=info.image_token_id,
         hidden_size=info.hidden_size,
         eos_token_ids=list(info.eos_token_ids),
+        dtype=info.dtype,
     )

@@ -67,13 +67,18 @@ def image_server(folder: Path):
 
 @contextmanager
 def serving(
-    checkpoint: Path, image_dir: Path, log_dir: Path, extra_args: list[str] = (), llm_args: list[str] = ()
+    checkpoint: Path,
+    image_dir: Path,
+    log_dir: Path,
+    extra_args: list[str] = (),
+    llm_args: list[str] = (),
+    dtype: str | None = "float32",
 ):
     """The three-process stack, allowed to read `image_dir` both as local files and over loopback
     http; yields (stack, http base url of image_dir). `extra_args` go to the gateway."""
     with image_server(image_dir) as http_base:
         args = ["--allow-private-urls", "--allowed-local-media-path", str(image_dir), *extra_args]
-        stack = Stack(checkpoint, log_dir, args, llm_args).start()
+        stack = Stack(checkpoint, log_dir, args, llm_args, dtype).start()
         try:
             yield stack, http_base
         finally:
@@ -105,9 +110,17 @@ class Stack:
     """vision_service + llm_service + gateway as three real processes on loopback."""
 
     def __init__(
-        self, checkpoint: Path, log_dir: Path, gateway_args: list[str] = (), llm_args: list[str] = ()
+        self,
+        checkpoint: Path,
+        log_dir: Path,
+        gateway_args: list[str] = (),
+        llm_args: list[str] = (),
+        dtype: str | None = "float32",
     ):
+        """`dtype` of both services: float32 by default (parity with transformers is checked in
+        float32); None leaves the services' own default (auto: the checkpoint's dtype)."""
         self.checkpoint = checkpoint
+        self.dtype_args = ["--dtype", dtype] if dtype else []
         self.log_dir = log_dir
         self.vision_port, self.llm_port, self.port, self.llm_metrics_port, self.vision_metrics_port = (
             free_ports(5)
@@ -139,6 +152,7 @@ class Stack:
                 str(self.vision_port),
                 "--metrics-port",
                 str(self.vision_metrics_port),
+                *self.dtype_args,
             ],
         )
         self._spawn(
@@ -151,6 +165,7 @@ class Stack:
                 str(self.llm_port),
                 "--metrics-port",
                 str(self.llm_metrics_port),
+                *self.dtype_args,
                 *self.llm_args,
             ],
         )

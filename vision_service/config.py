@@ -19,7 +19,9 @@ class VisionConfig:
     model_type: str | None = None  # family override (MODEL_TYPE); None = decide from config.json
     host: str = "127.0.0.1"
     port: int = 50051
-    dtype: str = "float32"  # dtype of the tower and of the embeddings it returns
+    dtype: str = (
+        "auto"  # of the tower and its embeddings; auto = the checkpoint's (float16 -> bfloat16 on CPU)
+    )
     device: str = "cpu"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send/receive limit
     max_images_per_request: int = 32
@@ -74,7 +76,7 @@ class VisionConfig:
         flags.add("model_type", "MODEL_TYPE", help="family override, e.g. llava")
         flags.add("host", "VISION_HOST", help="bind address")
         flags.add("port", "VISION_PORT", int, "gRPC port")
-        flags.add("dtype", "VISION_DTYPE", help="float32|bfloat16|float16")
+        flags.add("dtype", "VISION_DTYPE", help="auto|float32|bfloat16|float16 (auto: the checkpoint's)")
         flags.add("device", "VISION_DEVICE", help="torch device")
         flags.add("max_message_bytes", "GRPC_MAX_MESSAGE_BYTES", int, "gRPC message size limit")
         flags.add("max_images_per_request", "VISION_MAX_IMAGES_PER_REQUEST", int, "images per Embed call")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mmserve.checkpoint import parse_dtype
+from mmserve.checkpoint import parse_dtype, resolve_dtype
 from mmserve.errors import DeadlineError, InvalidInputError, NotFoundError
 from mmserve.families import adapter, detect_family
 from mmserve.images import content_hash
@@ -42,11 +42,12 @@ class VisionEncoder:
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         self.family = detect_family(config.checkpoint, config.model_type)
-        self.dtype = parse_dtype(config.dtype)
+        dtype_name = resolve_dtype(config.dtype, config.checkpoint, config.device, "vision")
+        self.dtype = parse_dtype(dtype_name)
         self.adapter = adapter(self.family, "vision")
         self.model = self.adapter.from_checkpoint(config.checkpoint, self.dtype, config.device)
         self.hidden_size = self.model.config.text_config.hidden_size
-        self.model_key = model_fingerprint(config.checkpoint, self.family, config.dtype)
+        self.model_key = model_fingerprint(config.checkpoint, self.family, dtype_name)
         self.metrics = VisionMetrics()
         self.cache = EmbeddingCache(config.cache_bytes, self.metrics)
         self.preprocess = Preprocessor(
@@ -65,7 +66,7 @@ class VisionEncoder:
         self._batcher: EncodeBatcher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: dict[str, EncodeJob] = {}
-        log.info("vision model %s loaded from %s (%s)", self.family, config.checkpoint, config.dtype)
+        log.info("vision model %s loaded from %s (dtype %s)", self.family, config.checkpoint, dtype_name)
 
     def _compile(self) -> None:
         """torch.compile the tower, and compile now (batch sizes 1 and 2, dynamic) rather than on a request."""

@@ -86,7 +86,8 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_running, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, block_size, backend, config.decode_staging_bytes)
         log.info(
-            "engine: %s attention, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d",
+            "engine: %s weights, %s attention, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d",
+            str(model.dtype).removeprefix("torch."),
             backend,
             num_blocks,
             block_size,
@@ -155,6 +156,7 @@ class Engine:
             model.image_token_id,
             model.hidden_size,
             tuple(model.eos_token_ids),
+            str(model.dtype).removeprefix("torch."),
         )
 
     def num_running(self) -> int:

@@ -7,10 +7,11 @@ def load_language_model(config):
     """The language half of `config.checkpoint` (an LLMConfig), with the family's adapter."""
     import torch
 
-    from mmserve.checkpoint import parse_dtype
+    from mmserve.checkpoint import parse_dtype, resolve_dtype
     from mmserve.families import adapter, detect_family
 
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     family = detect_family(config.checkpoint, config.model_type)
-    return adapter(family, "language")(config.checkpoint, parse_dtype(config.dtype), config.device)
+    dtype = resolve_dtype(config.dtype, config.checkpoint, config.device, "llm")
+    return adapter(family, "language")(config.checkpoint, parse_dtype(dtype), config.device)

@@ -5,12 +5,19 @@ from __future__ import annotations
 import torch
 
 from llm_service.models.decoder import DecoderConfig, DecoderLM, pack_hf_weights
-from mmserve.checkpoint import load_strict
+from mmserve.checkpoint import generation_config, load_strict
 
 
 def eos_list(eos) -> list[int]:
     """A config's eos_token_id (an int, a list or None) as a list."""
     return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def checkpoint_eos(checkpoint: str, config_eos) -> list[int]:
+    """End-of-sequence ids: config.json's, then generation_config.json's (Qwen2-VL Instruct lists
+    <|im_end|> and <|endoftext|> there, config.json only the first), without repeats."""
+    ids = eos_list(config_eos) + eos_list(generation_config(checkpoint).get("eos_token_id"))
+    return list(dict.fromkeys(int(i) for i in ids))
 
 
 class LanguageModel:
@@ -37,7 +44,8 @@ class LanguageModel:
         state = pack_hf_weights(state, config.num_layers)
         if "lm_head.weight" not in state and tie_word_embeddings and "embed_tokens.weight" in state:
             state["lm_head.weight"] = state["embed_tokens.weight"]
-        self.decoder = DecoderLM(config)
+        with torch.device("meta"):  # no random init: the checkpoint's tensors are assigned as they are
+            self.decoder = DecoderLM(config)
         load_strict(self.decoder, state, what)
         self.decoder.to(device=device, dtype=dtype).eval()
         self.device = torch.device(device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig
 
-from llm_service.models.base import LanguageModel, eos_list
+from llm_service.models.base import LanguageModel, checkpoint_eos
 from llm_service.models.decoder import DecoderConfig
 from mmserve.checkpoint import first_prefix_present, load_weights
 
@@ -15,7 +15,7 @@ class LlavaLanguageModel(LanguageModel):
 
     def __init__(self, checkpoint: str, dtype: torch.dtype, device: str):
         config = AutoConfig.from_pretrained(checkpoint)
-        text_config = config.text_config
+        text_config = config.get_text_config()
         decoder_prefix = first_prefix_present(checkpoint, ["model.language_model.", "language_model.model."])
         head_prefix = "lm_head." if decoder_prefix == "model.language_model." else "language_model.lm_head."
         state = load_weights(checkpoint, {decoder_prefix: "model.", head_prefix: "lm_head."})
@@ -26,6 +26,7 @@ class LlavaLanguageModel(LanguageModel):
             device,
             dtype,
             image_token_id=getattr(config, "image_token_id", None) or config.image_token_index,
-            eos_token_ids=eos_list(text_config.eos_token_id),
-            tie_word_embeddings=bool(text_config.tie_word_embeddings or config.tie_word_embeddings),
+            eos_token_ids=checkpoint_eos(checkpoint, text_config.eos_token_id),
+            # transformers ties by the top-level config's flag (PreTrainedModel.tie_weights)
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )

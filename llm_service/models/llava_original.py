@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer
 
-from llm_service.models.base import LanguageModel, eos_list
+from llm_service.models.base import LanguageModel, checkpoint_eos
 from llm_service.models.decoder import DecoderConfig
 from mmserve.checkpoint import load_weights
 from mmserve.llava_original import OriginalLlavaConfig, image_placeholder_id
@@ -31,6 +31,6 @@ class LlavaOriginalLanguageModel(LanguageModel):
             device,
             dtype,
             image_token_id=image_placeholder_id(AutoTokenizer.from_pretrained(checkpoint)),
-            eos_token_ids=eos_list(text_config.eos_token_id),
+            eos_token_ids=checkpoint_eos(checkpoint, text_config.eos_token_id),
             tie_word_embeddings=bool(text_config.tie_word_embeddings),
         )

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoConfig
 
-from llm_service.models.base import LanguageModel, eos_list
+from llm_service.models.base import LanguageModel, checkpoint_eos
 from llm_service.models.decoder import DecoderConfig
 from mmserve.checkpoint import first_prefix_present, load_weights
 from mmserve.errors import InvalidInputError
@@ -54,14 +54,15 @@ class Qwen2VLLanguageModel(LanguageModel):
 
     def __init__(self, checkpoint: str, dtype: torch.dtype, device: str):
         config = AutoConfig.from_pretrained(checkpoint)
-        text_config = config.text_config
+        text_config = config.get_text_config()
         prefix = first_prefix_present(checkpoint, ["model.language_model.", "model."])
         if prefix == "model.language_model.":
             rename = {prefix: "", "lm_head.": "lm_head."}
         else:  # Hub layout: model.{embed_tokens,layers,norm}.* next to visual.*
             rename = {f"model.{name}.": f"{name}." for name in ("embed_tokens", "layers", "norm")}
             rename["lm_head."] = "lm_head."
-        tied = bool(getattr(config, "tie_word_embeddings", False) or text_config.tie_word_embeddings)
+        # Flat (Hub) and nested configs alike: transformers keeps the flag on the top-level config.
+        tied = bool(getattr(config, "tie_word_embeddings", False))
         self._load(
             DecoderConfig.from_hf(text_config),
             load_weights(checkpoint, rename),
@@ -69,7 +70,7 @@ class Qwen2VLLanguageModel(LanguageModel):
             device,
             dtype,
             image_token_id=int(config.image_token_id),
-            eos_token_ids=eos_list(text_config.eos_token_id),
+            eos_token_ids=checkpoint_eos(checkpoint, text_config.eos_token_id),
             tie_word_embeddings=tied,
         )
         self.merge = int(config.vision_config.spatial_merge_size)
