@@ -47,6 +47,7 @@ class LanguageModel:
         with torch.device("meta"):  # no random init: the checkpoint's tensors are assigned as they are
             self.decoder = DecoderLM(config)
         load_strict(self.decoder, state, what)
+        state.clear()  # the decoder holds the tensors now; a dtype cast below then frees each source
         self.decoder.to(device=device, dtype=dtype).eval()
         self.device = torch.device(device)
         self.dtype = dtype

@@ -212,8 +212,11 @@ class DecoderLM(nn.Module):
 
 def pack_hf_weights(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """transformers Llama/Qwen2 names (`model.` prefix optional) -> DecoderLM names, q/k/v and
-    gate/up concatenated. Keys it does not know pass through (load_strict reports them)."""
-    state = {k.removeprefix("model."): v for k, v in state.items()}
+    gate/up concatenated. Keys it does not know pass through (load_strict reports them).
+
+    `state` is emptied as it is read, so each source tensor is freed once packed: the weights are
+    held once, not twice, while loading."""
+    state = {k.removeprefix("model."): state.pop(k) for k in list(state)}
     for i in range(num_layers):
         attn, mlp = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
         for kind in ("weight", "bias"):
