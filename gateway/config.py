@@ -49,6 +49,9 @@ class GatewayConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     backend_timeout_s: float = 120.0  # deadline of each vision call (generation streams have none)
     max_request_bytes: int = 64 * 1024 * 1024  # HTTP request bodies over this get 413
+    # Chat template override: a file (.jinja, or .json with a chat_template key) or the Jinja text itself;
+    # None: the checkpoint's (tokenizer's, else chat_template.jinja, else chat_template.json).
+    chat_template: str | None = None
     media: MediaConfig = field(default_factory=MediaConfig)
 
     def __post_init__(self):
@@ -82,6 +85,11 @@ class GatewayConfig:
             "backend_timeout_s", "BACKEND_TIMEOUT", float, "seconds per vision call", flag="--backend-timeout"
         )
         flags.add("max_request_bytes", "MAX_REQUEST_BYTES", int, "HTTP request body limit")
+        flags.add(
+            "chat_template",
+            "CHAT_TEMPLATE",
+            help="chat template overriding the checkpoint's: a file path or the Jinja text itself",
+        )
         media = EnvFlags(p, MediaConfig)
         media.add(
             "fetch_timeout_s", "MEDIA_FETCH_TIMEOUT", float, "seconds per image url", flag="--fetch-timeout"

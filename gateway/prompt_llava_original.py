@@ -12,7 +12,7 @@ import re
 
 from transformers import AutoTokenizer
 
-from mmserve.errors import InvalidInputError
+from mmserve.errors import CheckpointError, InvalidInputError
 from mmserve.llava_original import IM_END, IM_START, IMAGE_TAG, OriginalLlavaConfig, image_placeholder_id
 
 # llava/conversation.py, conv_vicuna_v1 (SeparatorStyle.TWO, sep " ", sep2 "</s>").
@@ -28,15 +28,21 @@ class LlavaOriginalPrompt:
     image_tag = IMAGE_TAG
     tag_aliases = ("<img/>",)
 
-    def __init__(self, checkpoint: str, tokenizer_path: str):
+    def __init__(self, checkpoint: str, tokenizer_path: str, chat_template: str | None = None):
+        if chat_template:
+            raise CheckpointError(
+                "--chat-template / CHAT_TEMPLATE is not supported for original-format LLaVA checkpoints: their "
+                "chat format (vicuna_v1) is built in; unset it, or send raw prompts to /v1/completions"
+            )
         self.mm = OriginalLlavaConfig.from_checkpoint(checkpoint)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.image_token_id = image_placeholder_id(self.tokenizer)
         self.sep2 = self.tokenizer.eos_token or "</s>"
         self._image_text = f"{IM_START}{IMAGE_TAG}{IM_END}" if self.mm.use_im_start_end else IMAGE_TAG
 
-    def render_chat(self, messages: list[dict]) -> str:
-        """Messages in transformers' multimodal format ({"type": "image"} parts) -> vicuna_v1 prompt text."""
+    def render_chat(self, messages: list[dict], chat_template_kwargs: dict | None = None) -> str:
+        """Messages in transformers' multimodal format ({"type": "image"} parts) -> vicuna_v1 prompt text
+        (built in code: there is no template, so chat_template_kwargs have nothing to reach)."""
         system = VICUNA_V1_SYSTEM
         turns = []
         for message in messages:

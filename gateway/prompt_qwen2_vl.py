@@ -12,6 +12,11 @@ class Qwen2VLPrompt(LlavaPrompt):
     family = "qwen2_vl"
     image_tag = "<|image_pad|>"
     image_block = "<|vision_start|><|image_pad|><|vision_end|>"
+    # A "string" chat template sees each image's block where its part was, texts run together: what
+    # Qwen2-VL's own template writes for a user turn.
+    chat_image_text = image_block
+    chat_images_first = False
+    chat_text_separator = ""
     # Accepted as image placeholders in raw prompts (Pipeline, /v1/completions).
     raw_placeholders = ("<img/>", "<image>")
 

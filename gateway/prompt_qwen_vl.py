@@ -106,7 +106,12 @@ class QwenVLPrompt:
     family = "qwen_vl"
     image_tag = "<img>URL</img> or <img/>"
 
-    def __init__(self, checkpoint: str, tokenizer_path: str):
+    def __init__(self, checkpoint: str, tokenizer_path: str, chat_template: str | None = None):
+        if chat_template:
+            raise CheckpointError(
+                "--chat-template / CHAT_TEMPLATE is not supported for Qwen-VL (v1): its chat format "
+                "(make_context ChatML) is built in; unset it, or send raw prompts to /v1/completions"
+            )
         self.tokenizer = load_qwen_tokenizer(tokenizer_path)
         self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(IMG_PAD))
         from mmserve.checkpoint import read_config
@@ -120,8 +125,9 @@ class QwenVLPrompt:
 
     # ---- chat ----------------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict]) -> str:
-        """ChatML as Qwen's make_context writes it; image parts become `Picture N: <img/>\\n`."""
+    def render_chat(self, messages: list[dict], chat_template_kwargs: dict | None = None) -> str:
+        """ChatML as Qwen's make_context writes it; image parts become `Picture N: <img/>\\n` (built in
+        code: there is no template, so chat_template_kwargs have nothing to reach)."""
         system = DEFAULT_SYSTEM
         if messages and messages[0]["role"] == "system":
             system = self._content(messages[0], 0, None)

@@ -2,39 +2,32 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from gateway.chat_template import NO_TEMPLATE_MESSAGE, ChatTemplate, load_chat_template
 from mmserve.errors import CheckpointError, InvalidInputError
 from mmserve.wire import ImageFeatures, ImageSpan
 
 log = logging.getLogger(__name__)
 
 
-def load_chat_template(checkpoint: str, tokenizer) -> str | None:
-    """The checkpoint's chat template: the tokenizer's, else a processor-level file (llava-hf keeps it there)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.chat_template
-    folder = Path(checkpoint)
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
-    if (folder / "chat_template.json").is_file():
-        return json.loads((folder / "chat_template.json").read_text()).get("chat_template")
-    return None
-
-
 class LlavaPrompt:
-    """LLaVA: `<image>` marks each image; the chat template comes from the checkpoint."""
+    """LLaVA: `<image>` marks each image; the chat template comes from the checkpoint (or the
+    --chat-template override), in either content format (gateway/chat_template.py)."""
 
     family = "llava"
     image_tag = "<image>"
     # Also accepted in raw prompts (Pipeline, /v1/completions), as the seed's examples write them.
     tag_aliases = ("<img/>",)
+    # How a "string" chat template sees an image part: LLaVA's convention, every image's `<image>\n`
+    # ahead of the message's text (what llava-hf's own template writes); texts joined by newlines.
+    chat_image_text = "<image>\n"
+    chat_images_first = True
+    chat_text_separator = "\n"
 
-    def __init__(self, checkpoint: str, tokenizer_path: str):
+    def __init__(self, checkpoint: str, tokenizer_path: str, chat_template: str | None = None):
         from mmserve.checkpoint import read_config
 
         config = read_config(checkpoint)
@@ -45,17 +38,20 @@ class LlavaPrompt:
                 f"{tokenizer_path}: tokenizer maps {self.image_tag!r} to "
                 f"{self.tokenizer.convert_tokens_to_ids(self.image_tag)}, config.json says {self.image_token_id}"
             )
-        self.chat_template = load_chat_template(checkpoint, self.tokenizer)
-
-    def render_chat(self, messages: list[dict]) -> str:
-        """Messages in transformers' multimodal format ({"type": "image"} parts) -> prompt text."""
-        if not self.chat_template:
-            raise InvalidInputError("this model has no chat template; use /v1/completions with a raw prompt")
-        return str(
-            self.tokenizer.apply_chat_template(
-                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        self.chat_template = load_chat_template(checkpoint, self.tokenizer, chat_template)
+        self.template = None
+        if self.chat_template:
+            self.template = ChatTemplate(
+                self.chat_template, self.chat_image_text, self.chat_images_first, self.chat_text_separator
             )
-        )
+            log.info("chat template: %s content", self.template.content_format)
+
+    def render_chat(self, messages: list[dict], chat_template_kwargs: dict | None = None) -> str:
+        """Messages in transformers' multimodal format ({"type": "image"} parts) -> prompt text; for a
+        template that reads string content, each image part becomes `chat_image_text`."""
+        if self.template is None:
+            raise InvalidInputError(NO_TEMPLATE_MESSAGE)
+        return self.template.render(self.tokenizer, messages, chat_template_kwargs)
 
     def normalize_raw(self, prompt: str) -> str:
         for alias in self.tag_aliases:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from gateway.chat_template import RESERVED_TEMPLATE_KWARGS
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat limit; vLLM's default cap)
 
@@ -104,6 +106,16 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # vLLM's extension: extra variables for the chat template (e.g. Qwen2-VL's {"add_vision_id": true}).
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_clash(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        clash = sorted(RESERVED_TEMPLATE_KWARGS & (value or {}).keys())
+        if clash:
+            raise ValueError(f"may not set {', '.join(clash)} (the server sets those)")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
