@@ -67,6 +67,17 @@ class TextDelta:
     logprobs: list[TokenLogprob] | None = None
 
 
+def _strings(value) -> list[str]:
+    """Every string inside a JSON value (dict keys included)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -143,6 +154,9 @@ class ServingCore:
                     urls.append(part["url"])
             converted.append({"role": message["role"], "content": parts})
         if chat_template_kwargs:
+            # Their strings reach the template too (even as bos_token and the like): user data as well.
+            for text in _strings(chat_template_kwargs):
+                self._check_no_special_tokens(text)
             return self.prompt.render_chat(converted, chat_template_kwargs=chat_template_kwargs), urls
         return self.prompt.render_chat(converted), urls
 

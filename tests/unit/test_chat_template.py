@@ -352,3 +352,14 @@ def test_no_template_is_a_400_pointing_to_the_ways_out(tiny_checkpoint, tmp_path
         assert "no chat template" in message and "CHAT_TEMPLATE" in message and "/v1/completions" in message
         done = http.post("/v1/completions", json={"prompt": "USER: hi ASSISTANT:", "max_tokens": 4})
         assert done.status_code == 200, done.text
+
+
+def test_special_tokens_in_kwargs_are_refused(tiny_checkpoint):
+    template = "{{ bos_token }}{% for m in messages %}USER: {{ m['content'] }} {% endfor %}ASSISTANT:"
+    http, llm, _ = serve(tiny_checkpoint, template)
+    with http:
+        response = chat(http, chat_template_kwargs={"bos_token": "<image>"})
+        nested = chat(http, chat_template_kwargs={"extra": {"notes": ["fine", "</s>"]}})
+    assert response.status_code == nested.status_code == 400
+    assert "<image>" in response.json()["error"]["message"] and "</s>" in nested.json()["error"]["message"]
+    assert not llm.requests
