@@ -42,13 +42,16 @@ class LanguageModel:
         max_model_len: int | None = None,
     ) -> None:
         state = pack_hf_weights(state, config.num_layers)
-        if "lm_head.weight" not in state and tie_word_embeddings and "embed_tokens.weight" in state:
+        tied = "lm_head.weight" not in state and tie_word_embeddings and "embed_tokens.weight" in state
+        if tied:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         with torch.device("meta"):  # no random init: the checkpoint's tensors are assigned as they are
             self.decoder = DecoderLM(config)
         load_strict(self.decoder, state, what)
         state.clear()  # the decoder holds the tensors now; a dtype cast below then frees each source
         self.decoder.to(device=device, dtype=dtype).eval()
+        if tied:  # .to() casts each Parameter on its own: share the one tensor again
+            self.decoder.lm_head.weight = self.decoder.embed_tokens.weight
         self.device = torch.device(device)
         self.dtype = dtype
         self.image_token_id = int(image_token_id)

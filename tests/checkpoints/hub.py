@@ -15,8 +15,7 @@ the key names the real repo uses, in its format (sharded safetensors or `.bin` +
 Every addition or removal beyond shrinking sizes is listed in the spec (`added`, `removed`, `notes`), so
 tests/unit/test_hub_builders.py can check the built config against the real one key by key.
 
-The reference tree is looked up in $MMSERVE_HUB_REFERENCE, <repo>/shared/reference/configs, then
-<repo>/../shared/reference/configs; `reference_dir()` returns None when none exists (tests skip).
+The reference tree is tests/hub_configs/ (a copy of the team's shared/reference/configs).
 """
 
 from __future__ import annotations
@@ -45,27 +44,14 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def reference_dir() -> Path | None:
-    """The reference configs folder (one sub-folder per Hub repo), or None where this machine lacks it."""
-    candidates = [
-        os.environ.get("MMSERVE_HUB_REFERENCE"),
-        _REPO / "shared" / "reference" / "configs",
-        _REPO.parent / "shared" / "reference" / "configs",
-        "/work/shared/reference/configs",
-    ]
-    for c in candidates:
-        if c and (Path(c) / "SOURCES.md").is_file():
-            return Path(c)
-    return None
+# The real Hub files, copied byte for byte into the repository (tests/hub_configs/SOURCES.md says where
+# each came from), so that every machine running the tests has them.
+REFERENCE_DIR = _REPO / "tests" / "hub_configs"
 
 
-def _ref() -> Path:
-    ref = reference_dir()
-    if ref is None:
-        raise FileNotFoundError(
-            "the Hub reference configs (shared/reference/configs) are not on this machine"
-        )
-    return ref
+def reference_dir() -> Path:
+    """The reference configs folder (one sub-folder per Hub repo)."""
+    return REFERENCE_DIR
 
 
 @dataclass(frozen=True)
@@ -422,7 +408,7 @@ HUB_CONFIGS: dict[str, HubSpec] = {
 
 
 def _load_json(rel: str) -> Any:
-    with open(_ref() / rel, encoding="utf-8") as f:
+    with open(REFERENCE_DIR / rel, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -770,7 +756,7 @@ def _check_against_index(spec: HubSpec, keys) -> None:
 
 def _copy_files(spec: HubSpec, out: Path) -> None:
     for name, rel in spec.files.items():
-        shutil.copyfile(_ref() / rel, out / name)
+        shutil.copyfile(REFERENCE_DIR / rel, out / name)
     if spec.preprocessor:
         _write_json(
             out / "preprocessor_config.json", _shrunk_json(spec.preprocessor, spec.preprocessor_sizes)
@@ -835,7 +821,7 @@ def _build_llava_next(spec: HubSpec, out: Path, cfg: dict, seed: int, dtype) -> 
     _write_json(out / "tokenizer_config.json", tok_cfg)
     _write_json(out / "added_tokens.json", added)
     shutil.copyfile(
-        _ref() / "llava-hf__llava-1.5-7b-hf/special_tokens_map.json", out / "special_tokens_map.json"
+        REFERENCE_DIR / "llava-hf__llava-1.5-7b-hf/special_tokens_map.json", out / "special_tokens_map.json"
     )
     _write_json(
         out / "processor_config.json",

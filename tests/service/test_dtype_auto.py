@@ -14,6 +14,7 @@ import sys
 
 import grpc
 import pytest
+import torch
 
 from mmserve.checkpoint import checkpoint_dtype, resolve_dtype
 from mmserve.demo import LlavaShape, build_llava_checkpoint
@@ -115,3 +116,17 @@ def test_bf16_load_peak_is_half_of_float32(tmp_path):
     # What stays private to the process grows by the weights once, not twice, between the two (the
     # peak also counts the safetensors file's mmapped page cache, which the kernel can reclaim).
     assert f32["anon_kb"] - bf16["anon_kb"] < 1.4 * (f32["weights"] - bf16["weights"]) / 1024
+
+
+def test_tied_embeddings_stay_one_tensor_through_a_cast(tmp_path):
+    """Qwen2-VL-2B ties lm_head to the embeddings: casting its bf16 checkpoint to float32 must not
+    split them into two copies (one Parameter each, cast separately)."""
+    from llm_service.config import LLMConfig
+    from llm_service.models import load_language_model
+    from tests.checkpoints.hub import build_from_hub
+
+    checkpoint = build_from_hub("qwen2_vl_2b", tmp_path / "q2b")
+    model = load_language_model(LLMConfig(checkpoint=str(checkpoint), dtype="float32"))
+    decoder = model.decoder
+    assert decoder.lm_head.weight.dtype == torch.float32
+    assert decoder.lm_head.weight.data_ptr() == decoder.embed_tokens.weight.data_ptr()

@@ -4,7 +4,6 @@ string-content flattening per family, chat_template_kwargs, and the 400s of temp
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pydantic
@@ -27,9 +26,10 @@ from gateway.protocol import ChatCompletionRequest
 from gateway.serving import ServingCore
 from mmserve.demo import LLAVA_CHAT_TEMPLATE, build_tokenizer
 from mmserve.errors import CheckpointError, InvalidInputError
+from tests.checkpoints.hub import REFERENCE_DIR
 from tests.unit.test_api import ScriptedLLM
 
-REFERENCE = Path("/work/shared/reference/configs")
+REFERENCE = REFERENCE_DIR
 
 # The original llava-1.5 style: content rendered as a plain string.
 STRING_LLAVA = (
@@ -54,13 +54,9 @@ def reference_templates() -> list[tuple[str, str]]:
     return found
 
 
-needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference configs not present")
-
-
 # ---- detection -----------------------------------------------------------------------------------
 
 
-@needs_reference
 def test_the_reference_folders_hold_the_templates_we_mean_to_check():
     names = [name for name, _ in reference_templates()]
     assert "llava-hf__llava-1.5-7b-hf/chat_template.jinja" in names
@@ -69,7 +65,6 @@ def test_the_reference_folders_hold_the_templates_we_mean_to_check():
     assert sum("Qwen" in n and "tokenizer_config" in n for n in names) >= 4
 
 
-@needs_reference
 @pytest.mark.parametrize("name,template", [pytest.param(n, t, id=n) for n, t in reference_templates()])
 def test_every_reference_template_reads_parts(name, template):
     # llava-hf's uses {% generation %} blocks (a transformers tag): parsing must know it.
@@ -226,7 +221,6 @@ def test_a_string_template_renders_like_the_parts_template(tokenizer):
     assert string.render(tokenizer, messages) == "USER: <image>\nWhat is this? ASSISTANT:"
 
 
-@needs_reference
 def test_qwen2_vl_add_vision_id_reaches_the_template(tokenizer):
     template = json.loads((REFERENCE / "Qwen__Qwen2-VL-2B-Instruct/chat_template.json").read_text())
     qwen = ChatTemplate(template["chat_template"], Qwen2VLPrompt.chat_image_text, False, "")

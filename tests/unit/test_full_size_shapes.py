@@ -29,7 +29,9 @@ from typing import Any
 import pytest
 import torch
 
-CONFIGS = Path("/work/shared/reference/configs")
+from tests.checkpoints.hub import REFERENCE_DIR
+
+CONFIGS = REFERENCE_DIR
 BF16 = 2  # bytes per element of the shipped (bf16 / fp16) weights
 
 

@@ -15,17 +15,12 @@ import pytest
 
 from tests.checkpoints.hub import HUB_CONFIGS, collapse_layers, reference_dir
 
-pytestmark = pytest.mark.skipif(
-    reference_dir() is None, reason="shared/reference/configs not on this machine"
-)
-
 NAMES = sorted(HUB_CONFIGS)
 NATIVE = [n for n in NAMES if HUB_CONFIGS[n].hf_class]
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
-    pytest.importorskip("sentencepiece")
     from tests.checkpoints.hub import build_from_hub
 
     root = tmp_path_factory.mktemp("hub")
