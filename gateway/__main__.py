@@ -44,11 +44,17 @@ class _Server(uvicorn.Server):
 
 
 def main(argv=None) -> None:
+    from mmserve.cli import check_port_free, debug_requested, startup_errors
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
-    config = GatewayConfig.from_args(argv)
+    argv, debug = debug_requested(argv)
+    with startup_errors("gateway", debug):  # one line + exit 2, before the tokenizer loads
+        config = GatewayConfig.from_args(argv)
+        check_port_free(config.host, config.port, "PORT")
 
     async def serve():
-        app = build_app(config)  # inside the loop: grpc.aio channels bind to it
+        with startup_errors("gateway", debug):
+            app = build_app(config)  # inside the loop: grpc.aio channels bind to it
         server = _Server(
             uvicorn.Config(
                 app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mmserve.cli import StartupError
 from mmserve.errors import MMServeError
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,17 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 # Connections are recycled every few minutes (in-flight calls may finish for a day), so clients that
 # reach replicas through one DNS name re-resolve it and spread over replicas added since they connected.
+# SO_REUSEPORT is off: gRPC turns it on by default on Linux, which lets a second server (a second stack
+# started on the same ports) bind a port in use and silently take a share of its connections.
 SERVER_OPTIONS = [
     ("grpc.max_connection_age_ms", 5 * 60 * 1000),
     ("grpc.max_connection_age_grace_ms", 24 * 60 * 60 * 1000),
+    ("grpc.so_reuseport", 0),
 ]
+
+
+class BindError(StartupError, OSError):
+    """The server's port cannot be listened on (in use, or a bad address)."""
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -90,9 +98,12 @@ async def start_server(add_servicer, service_full_name: str, host: str, port: in
         ),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpc >= 1.6x raises where older versions returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+        raise BindError(f"cannot listen on {host}:{port} (in use by another process, or not a local address)")
     await server.start()
     for name in ("", service_full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
