@@ -28,11 +28,13 @@ class LlavaPrompt:
     chat_text_separator = "\n"
 
     def __init__(self, checkpoint: str, tokenizer_path: str, chat_template: str | None = None):
-        from mmserve.checkpoint import read_config
+        from transformers import AutoConfig
 
-        config = read_config(checkpoint)
+        # transformers' config class reads `image_token_index` (llava-hf) and `image_token_id` (Qwen2-VL)
+        # alike, with the family's defaults for what a sparse config.json leaves out.
+        config = AutoConfig.from_pretrained(checkpoint)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.image_token_id = int(config.get("image_token_id", config.get("image_token_index", -1)))
+        self.image_token_id = int(config.image_token_id)
         if self.tokenizer.convert_tokens_to_ids(self.image_tag) != self.image_token_id:
             raise CheckpointError(
                 f"{tokenizer_path}: tokenizer maps {self.image_tag!r} to "
