@@ -198,6 +198,18 @@ def test_llm_service_refuses_a_busy_port_before_loading(tmp_path, demo_checkpoin
     assert_one_line_error(result, f"LLM_PORT={port}", "in use", prog="llm_service")
 
 
+@pytest.mark.parametrize("service", ["llm_service", "vision_service"])
+def test_service_fails_clearly_when_its_bind_fails_after_loading(tmp_path, demo_checkpoint, service):
+    """The port taken while the model loaded (the pre-check skipped here): exit 2, one line, no hang."""
+    code = f"import {service}.__main__ as m; m.check_port_free = lambda *a: None; m.main()"
+    with listening_socket() as port:
+        args = [sys.executable, "-c", code, "--checkpoint", str(demo_checkpoint), "--port", str(port)]
+        result = run(args, clean_env(tmp_path), f"{service}: bind fails after loading")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert f"{service}: error: cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
 def test_vision_service_names_an_unservable_checkpoint(tmp_path):
     folder = tmp_path / "bert"
     folder.mkdir()
