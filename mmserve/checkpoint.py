@@ -8,11 +8,15 @@ import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING
 
 from mmserve.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch (and safetensors' torch side) are imported where tensors are read: the launcher and
+# `inspect` validate a checkpoint through this module in a fraction of a second without them.
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +71,12 @@ def weight_files(checkpoint: str | Path) -> list[Path]:
 
 
 @contextmanager
-def _open_shard(path: Path) -> Iterator[Mapping[str, torch.Tensor] | safe_open]:
+def _open_shard(path: Path) -> Iterator[_BinShard]:
     """A shard as a key -> tensor mapping that reads lazily: safetensors per key, `.bin` through an
     mmapped, weights-only torch.load (no code runs, and untouched tensors are never paged in)."""
+    import torch
+    from safetensors import safe_open
+
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
             yield f
@@ -84,7 +91,7 @@ def _open_shard(path: Path) -> Iterator[Mapping[str, torch.Tensor] | safe_open]:
 
 
 class _BinShard:
-    """torch.load's dict behind safe_open's two methods."""
+    """torch.load's dict behind safe_open's two methods (the type both kinds of shard are read as)."""
 
     def __init__(self, state: dict):
         self.state = state
@@ -176,8 +183,8 @@ def checkpoint_dtype(config: dict) -> str:
     for flag, name in (("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")):
         if config.get(flag) is True:
             return name
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    for source in (config, text):
+    text = config.get("text_config")
+    for source in (config, text if isinstance(text, dict) else {}):
         for key in ("torch_dtype", "dtype"):
             value = source.get(key)
             if isinstance(value, str) and value.removeprefix("torch.") in MODEL_DTYPES[1:]:
@@ -192,7 +199,7 @@ def resolve_dtype(requested: str, checkpoint: str | Path, device: str, what: str
     if requested != "auto":
         return requested
     name = checkpoint_dtype(read_config(checkpoint))
-    if name == "float16" and torch.device(device).type == "cpu":
+    if name == "float16" and device.split(":")[0] == "cpu":
         log.warning(
             "%s: the checkpoint is float16; serving bfloat16 on CPU (set the dtype to override)", what
         )
@@ -204,6 +211,8 @@ def parse_dtype(name: str) -> torch.dtype:
     check_model_dtype(name)
     if name == "auto":
         raise ValueError("resolve 'auto' with resolve_dtype() first")
+    import torch
+
     return getattr(torch, name)
 
 

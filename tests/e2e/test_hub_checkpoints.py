@@ -117,12 +117,13 @@ class _OriginalAsLlavaHF:
             vision_feature_select_strategy="default",
             projector_hidden_act="gelu",
         )
-        state = load_weights(checkpoint, {"model.mm_projector.0.": "multi_modal_projector.linear_1."})
-        state |= load_weights(checkpoint, {"model.mm_projector.2.": "multi_modal_projector.linear_2."})
+        projector = "model.multi_modal_projector."
+        state = load_weights(checkpoint, {"model.mm_projector.0.": projector + "linear_1."})
+        state |= load_weights(checkpoint, {"model.mm_projector.2.": projector + "linear_2."})
         skip = {"model.mm_projector.": "__skip__."}
         lm = load_weights(checkpoint, {**skip, "model.": "model.language_model.", "lm_head.": "lm_head."})
         state |= {k: v for k, v in lm.items() if not k.startswith("__skip__.")}
-        state |= load_weights(mm.vision_tower, {"vision_model.": "model.vision_tower.vision_model."})
+        state |= load_weights(mm.vision_tower, {"vision_model.": "model.vision_tower."})
         self.model = LlavaForConditionalGeneration(config).float().eval()
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
@@ -149,7 +150,15 @@ class _OriginalAsLlavaHF:
             pil = [Image.open(io.BytesIO(padded(b))).convert("RGB") for b in images]
             kwargs["pixel_values"] = self.processor(images=pil, return_tensors="pt")["pixel_values"]
         input_ids = torch.tensor([ids])
-        out = self.model.generate(input_ids=input_ids, do_sample=False, max_new_tokens=MAX_TOKENS, **kwargs)
+        # An explicit mask: the placeholder id is <unk> = pad_token_id 0 here, which generate() would
+        # otherwise mask out as padding.
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=MAX_TOKENS,
+            **kwargs,
+        )
         return ids, out[0, len(ids) :].tolist()
 
 
