@@ -132,11 +132,12 @@ def load_weights(checkpoint: str | Path, rename: Mapping[str, str], dtype: torch
     return state
 
 
-def load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
+def load_strict(module: torch.nn.Module, state: dict, what: str, assign: bool = False) -> None:
     """Load `state` into `module`, failing loudly on any missing or unexpected key.
 
     A module left partly at its random initialisation serves garbage without an error; a missing
-    key must stop the service at startup instead.
+    key must stop the service at startup instead. `assign` makes the module's parameters the state's
+    tensors themselves (a module built on the meta device has no storage to copy into).
     """
     expected = set(module.state_dict().keys())
     missing = sorted(expected - state.keys())
@@ -153,7 +154,7 @@ def load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
     ]
     if mismatched:
         raise CheckpointError(f"{what}: tensor shapes differ from config.json's: {mismatched[:4]}")
-    module.load_state_dict(state, strict=True, assign=True)
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 def first_prefix_present(checkpoint: str | Path, candidates: list[str]) -> str:

@@ -47,7 +47,7 @@ class LanguageModel:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         with torch.device("meta"):  # no random init: the checkpoint's tensors are assigned as they are
             self.decoder = DecoderLM(config)
-        load_strict(self.decoder, state, what)
+        load_strict(self.decoder, state, what, assign=True)
         state.clear()  # the decoder holds the tensors now; a dtype cast below then frees each source
         self.decoder.to(device=device, dtype=dtype).eval()
         if tied:  # .to() casts each Parameter on its own: share the one tensor again

@@ -182,3 +182,40 @@ def test_served_facts_follow_the_checkpoint(hub):
     card = openai_client(stack).models.list().data[0]
     assert card.model_extra["dtype"] == "float32"  # the stack pins float32 for parity
     assert 0 < card.model_extra["max_model_len"] <= 200_000, name
+
+
+def test_unset_sampling_fields_follow_generation_config(hub, hub_images):
+    """A request that sets no sampling field answers as transformers' `generate` with no sampling
+    arguments: both take the checkpoint's generation_config.json (Qwen2.5-VL's repetition_penalty
+    1.05 and near-zero temperature; Qwen2-VL-2B's top_k 1 and its two eos ids)."""
+    name, spec, checkpoint, stack = hub
+    config_file = checkpoint / "generation_config.json"
+    sampling = {"temperature", "top_k", "top_p", "repetition_penalty"}
+    if spec.family not in ("qwen2_vl", "qwen2_5_vl") or not config_file.is_file():
+        pytest.skip(f"{name}: only Qwen2(.5)-VL checkpoints carry sampling defaults here")
+    config = json.loads(config_file.read_text())
+    assert sampling & config.keys(), f"{name}: generation_config.json sets no sampling field"
+    from tests.e2e.test_qwen2_vl import QwenReference
+
+    reference = QwenReference(checkpoint, spec.family)
+    client = openai_client(stack)
+    reply = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": f"file://{hub_images / 'wide.png'}"}},
+                    {"type": "text", "text": TEXT},
+                ],
+            }
+        ],
+        max_tokens=MAX_TOKENS,
+        extra_body={"return_token_ids": True},
+    )
+    prompt = reference.chat_prompt(TEXT, 1)
+    prompt_ids, new_ids = reference.greedy(
+        prompt, [(hub_images / "wide.png").read_bytes()], MAX_TOKENS, checkpoint_defaults=True
+    )
+    assert reply.model_extra["prompt_token_ids"] == prompt_ids
+    assert reply.choices[0].model_extra["token_ids"] == new_ids

@@ -60,9 +60,11 @@ class QwenReference:
         images: list[bytes],
         max_new_tokens: int = MAX_TOKENS,
         max_pixels: int | None = None,
+        checkpoint_defaults: bool = False,
     ) -> tuple[list[int], list[int]]:
-        """(prompt ids, new ids) of greedy `generate`."""
-        kwargs = {}
+        """(prompt ids, new ids) of greedy `generate`; with `checkpoint_defaults`, of `generate` with
+        no sampling arguments at all (the checkpoint's generation_config.json decides)."""
+        kwargs = {} if checkpoint_defaults else {"do_sample": False}
         if images:
             size = dict(self.image_processor.size)
             if max_pixels is not None:
@@ -75,14 +77,13 @@ class QwenReference:
             prompt = pieces[0] + "".join(
                 "<|image_pad|>" * n + p for n, p in zip(counts, pieces[1:], strict=True)
             )
-            kwargs = {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+            kwargs |= {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
         encoded = self.tokenizer(prompt, return_tensors="pt")
         ids = encoded["input_ids"]
         out = self.model.generate(
             input_ids=ids,
             attention_mask=encoded["attention_mask"],
             mm_token_type_ids=(ids == self.pad).int(),
-            do_sample=False,
             max_new_tokens=max_new_tokens,
             **kwargs,
         )
