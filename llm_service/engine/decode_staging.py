@@ -1,8 +1,10 @@
 """Which staging row each decoding sequence uses, and when a row must be (re)filled from the cache.
 
 Bookkeeping for the sdpa backend's decode staging (llm_service/attention.py): rows are handed to
-sequences as they start decoding and taken back when they stop (finished, aborted, preempted); the
-buffers grow by doubling and are compacted when most rows are idle; past `max_bytes` staging is off
+sequences as they start decoding and taken back when they stop (finished, aborted, preempted). The
+buffers only grow (rows by doubling, columns by a quarter), keeping their content; when most rows are
+idle, the row assignment is compacted (every decode gets a low row again and is refilled from the
+cache), so a step attends over few rows although the allocation stays. Past `max_bytes` staging is off
 for the step and decodes gather their blocks instead.
 """
 
@@ -75,7 +77,11 @@ class DecodeStaging:
         """Grow every layer's buffers (by doubling, keeping their content) to hold rows x length."""
         if num_rows <= self.num_rows and length <= self.length:
             return True
-        new_rows = max(num_rows, min(2 * self.num_rows, num_rows + 64))
+        # Never fewer rows than allocated: after a compaction a step may need few rows but more
+        # columns, and the old rows' content is copied into the new buffers.
+        new_rows = self.num_rows
+        if num_rows > self.num_rows:
+            new_rows = max(num_rows, min(2 * self.num_rows, num_rows + 64))
         if length > self.length:  # columns are all attended to: grow them by a quarter, not double
             length = max(length, self.length + max(self.length // 4, 4 * self.block_size))
         new_length = max(length, self.length)
