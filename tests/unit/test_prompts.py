@@ -1,11 +1,10 @@
-from pathlib import Path
-
 import pytest
 import torch
 
 from gateway.prompts import LlavaPrompt, expand_image_tokens
 from mmserve.errors import InvalidInputError
 from mmserve.wire import ImageFeatures
+from tests.checkpoints.hub import REFERENCE_DIR
 
 
 def features(*rows):
@@ -96,9 +95,9 @@ def test_qwen2_vl_string_template_renders_like_its_own(qwen2_vl_checkpoint):
     assert string.render_chat(messages) == own.render_chat(messages)
     assert own.render_chat(messages).count("<|vision_start|><|image_pad|><|vision_end|>") == 2
 
-    reference = Path("/work/shared/reference/configs/Qwen__Qwen2-VL-2B-Instruct/chat_template.json")
-    if reference.is_file():  # the released template, with its add_vision_id switch
-        released = Qwen2VLPrompt(path, path, chat_template=str(reference))
-        assert released.render_chat(messages) == own.render_chat(messages)
-        numbered = released.render_chat(messages, chat_template_kwargs={"add_vision_id": True})
-        assert "Picture 1: <|vision_start|>" in numbered and "Picture 2: <|vision_start|>" in numbered
+    # the released template, with its add_vision_id switch
+    reference = REFERENCE_DIR / "Qwen__Qwen2-VL-2B-Instruct/chat_template.json"
+    released = Qwen2VLPrompt(path, path, chat_template=str(reference))
+    assert released.render_chat(messages) == own.render_chat(messages)
+    numbered = released.render_chat(messages, chat_template_kwargs={"add_vision_id": True})
+    assert "Picture 1: <|vision_start|>" in numbered and "Picture 2: <|vision_start|>" in numbered
