@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -13,6 +14,9 @@ from mmserve.wire import SamplingParams, TokenLogprobs
 # Below this temperature, sampling is argmax in all but name, and logits / T overflows.
 _MIN_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default cap)
+# Each step checks every sampled token against the stop ids: their number is bounded so that one
+# request cannot slow the step of every other.
+MAX_STOP_TOKEN_IDS = 1024
 
 
 class SamplingRow(Protocol):
@@ -45,11 +49,14 @@ def validate_sampling(params: SamplingParams, vocab_size: int) -> None:
         if not ok:
             raise InvalidInputError(message)
 
-    check(p.temperature >= 0, f"temperature must be >= 0, got {p.temperature}")
+    check(0 <= p.temperature < math.inf, f"temperature must be finite and >= 0, got {p.temperature}")
     check(0 <= p.top_p <= 1, f"top_p must be in [0, 1], got {p.top_p}")
     check(p.top_k >= -1, f"top_k must be -1, 0 (both off) or positive, got {p.top_k}")
     check(0 <= p.min_p <= 1, f"min_p must be in [0, 1], got {p.min_p}")
-    check(p.repetition_penalty > 0, f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+    check(
+        0 < p.repetition_penalty < math.inf,
+        f"repetition_penalty must be finite and > 0, got {p.repetition_penalty}",
+    )
     check(-2 <= p.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {p.presence_penalty}")
     check(-2 <= p.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {p.frequency_penalty}")
     check(
@@ -58,8 +65,13 @@ def validate_sampling(params: SamplingParams, vocab_size: int) -> None:
     )
     check(p.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {p.max_new_tokens}")
     check(p.min_new_tokens >= 0, f"min_new_tokens must be >= 0, got {p.min_new_tokens}")
+    check(
+        len(p.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+        f"stop_token_ids has {len(p.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+    )
     bad = [t for t in p.stop_token_ids if not 0 <= t < vocab_size]
-    check(not bad, f"stop_token_ids must be in [0, {vocab_size}), got {bad}")
+    check(not bad, f"stop_token_ids must be in [0, {vocab_size}), got {bad[:8]}")
+    check(p.seed is None or 0 <= p.seed < 2**64, f"seed must be in [0, 2**64), got {p.seed}")
 
 
 def _has_penalties(p: SamplingParams) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from llm_service.engine import Engine
 from mmserve.grpc_util import map_errors
 from mmserve.proto import llm_pb2_grpc
@@ -15,7 +17,13 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
     @map_errors
     async def Generate(self, request, context):
         # Cancelling the RPC cancels this generator; Engine.generate's cleanup aborts the sequence.
-        async for output in self.engine.generate(generate_request_from_pb(request)):
+        # Decoding image tensors copies megabytes: off the event loop, like the engine's admission
+        # checks and hashing of them.
+        if request.images:
+            converted = await asyncio.to_thread(generate_request_from_pb, request)
+        else:
+            converted = generate_request_from_pb(request)
+        async for output in self.engine.generate(converted):
             yield generate_output_to_pb(output)
 
     @map_errors

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mmserve.errors import InvalidInputError
 from mmserve.proto import llm_pb2, vision_pb2
 from mmserve.tensor_codec import tensor_from_pb, tensor_to_pb
 
@@ -232,7 +233,17 @@ def generate_request_to_pb(request: GenerateRequest) -> llm_pb2.GenerateRequest:
     )
 
 
+def _span_embedding_from_pb(index: int, message: llm_pb2.ImageSpan) -> torch.Tensor:
+    try:
+        return tensor_from_pb(message.embedding)
+    except InvalidInputError as exc:  # name the span: the codec does not know where its tensor sits
+        raise InvalidInputError(f"image span {index}: embedding: {exc}") from None
+
+
 def generate_request_from_pb(message: llm_pb2.GenerateRequest) -> GenerateRequest:
+    """The request as sent; the LLM engine range-checks every field of it at admission. Note that
+    `content_hash` is carried through for logs and callers only: the engine keys its prefix cache by
+    a digest of the embedding bytes received, never by this caller-supplied hash."""
     return GenerateRequest(
         request_id=message.request_id,
         token_ids=list(message.token_ids),
@@ -240,11 +251,11 @@ def generate_request_from_pb(message: llm_pb2.GenerateRequest) -> GenerateReques
             ImageSpan(
                 offset=span.offset,
                 length=span.length,
-                embedding=tensor_from_pb(span.embedding),
+                embedding=_span_embedding_from_pb(i, span),
                 content_hash=span.content_hash,
                 grid_thw=tuple(span.grid_thw),
             )
-            for span in message.images
+            for i, span in enumerate(message.images)
         ],
         sampling=sampling_from_pb(message.sampling),
     )

@@ -23,10 +23,11 @@ from llm_service.attention import BACKENDS, FLASH_BLOCK_SIZE, resolve_backend
 from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from llm_service.engine.scheduler import Scheduler, SchedulerOutput
-from llm_service.engine.sequence import Sequence, image_keys
+from llm_service.engine.sequence import ImageKey, Sequence, image_keys
+from llm_service.engine.validation import RequestLimits, validate_request
 from llm_service.metrics import EngineMetrics
-from llm_service.sampler import make_generator, sample, validate_sampling
-from mmserve.errors import InvalidInputError, OverloadedError, UnavailableError
+from llm_service.sampler import make_generator, sample
+from mmserve.errors import OverloadedError, UnavailableError
 from mmserve.wire import FinishReason, GenerateOutput, GenerateRequest, LLMInfo, Usage
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,11 @@ class Engine:
     # ---- public API (event-loop side) ----------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        self.validate(request)
-        seq = Sequence(request, image_keys(request))
+        if request.images:  # scanning and hashing megabytes of embeddings: not on the event loop
+            keys = await asyncio.to_thread(self.admit, request)
+        else:
+            keys = self.admit(request)
+        seq = Sequence(request, keys)
         seq.generator = make_generator(request.sampling)
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:  # the put happens under the lock so that stop() cannot strand it
@@ -176,57 +180,21 @@ class Engine:
 
     def validate(self, request: GenerateRequest) -> None:
         """Reject malformed requests before they reach the worker (INVALID_ARGUMENT)."""
-        ids, model = request.token_ids, self.model
-        if not request.request_id:
-            raise InvalidInputError("request_id is empty")
-        if not ids:
-            raise InvalidInputError("token_ids is empty")
-        bad = [t for t in ids if not 0 <= t < model.vocab_size]
-        if bad:
-            raise InvalidInputError(f"token id {bad[0]} is outside the vocabulary [0, {model.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise InvalidInputError(
-                f"prompt has {len(ids)} tokens; the model accepts at most {self.max_model_len - 1}"
-            )
-        validate_sampling(request.sampling, model.vocab_size)
-        self._validate_images(request)
+        model = self.model
+        validate_request(
+            request,
+            RequestLimits(
+                model.vocab_size, self.max_model_len, model.image_token_id, model.hidden_size, model.dtype
+            ),
+        )
         if hasattr(model, "validate_request"):  # family-specific checks (e.g. Qwen2-VL's grid_thw)
             model.validate_request(request)
 
-    def _validate_images(self, request: GenerateRequest) -> None:
-        ids, model = request.token_ids, self.model
-        covered = end = 0
-        for i, span in enumerate(request.images):
-            rows = tuple(span.embedding.shape)
-            if span.length < 1:
-                raise InvalidInputError(f"image span {i} has length {span.length}; it must be >= 1")
-            if span.offset < end:
-                raise InvalidInputError(
-                    f"image span {i} at offset {span.offset} overlaps or precedes the previous span"
-                )
-            if len(rows) != 2 or rows[1] != model.hidden_size:
-                raise InvalidInputError(
-                    f"image span {i}: embedding shape {list(rows)} is not [N, {model.hidden_size}]"
-                )
-            if span.length != rows[0]:
-                raise InvalidInputError(
-                    f"image span {i}: length {span.length} differs from its {rows[0]} embedding rows"
-                )
-            if span.offset + span.length > len(ids):
-                raise InvalidInputError(
-                    f"image span {i} [{span.offset}, {span.offset + span.length}) exceeds the {len(ids)} prompt tokens"
-                )
-            if any(t != model.image_token_id for t in ids[span.offset : span.offset + span.length]):
-                raise InvalidInputError(
-                    f"image span {i} covers tokens other than the image placeholder id {model.image_token_id}"
-                )
-            end = span.offset + span.length
-            covered += span.length
-        placeholders = sum(1 for t in ids if t == model.image_token_id)
-        if placeholders != covered:
-            raise InvalidInputError(
-                f"prompt has {placeholders} image placeholder tokens but the image spans cover {covered}"
-            )
+    def admit(self, request: GenerateRequest) -> list[ImageKey]:
+        """Validate a request and compute its images' prefix-cache keys (from the embedding bytes it
+        carries). Reads every embedding value twice: run it off the event loop for image requests."""
+        self.validate(request)
+        return image_keys(request)
 
     # ---- worker thread --------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """One request's state inside the engine: its tokens, its KV blocks and how far its KV is computed.
 
-Pure bookkeeping (torch only hashes an image embedding that came without a content hash): the scheduler and the block manager work on these counts.
+Pure bookkeeping (torch is only read to hash image embeddings into prefix-cache keys): the scheduler
+and the block manager work on these counts.
 """
 
 from __future__ import annotations
@@ -27,30 +28,46 @@ class ImageKey:
 
     offset: int
     length: int
-    digest: bytes  # hash of the image content (and grid), never of its url
+    digest: bytes  # image_digest(): of the embedding bytes received (and grid), never of a url or claim
 
     @property
     def end(self) -> int:
         return self.offset + self.length
 
 
-def image_keys(request: GenerateRequest) -> list[ImageKey]:
-    """Prefix-cache keys of a request's image spans.
+# Bumped if what the digest covers changes, so keys of two layouts never meet.
+_DIGEST_DOMAIN = b"mmserve/llm/image-embedding/v1\0"
 
-    The gateway's content hash (SHA-256 of the image bytes) names the image; the grid is mixed in
-    because one image resized to other pixel bounds gives other embeddings. Without a content hash
-    the embedding's own bytes are hashed, so a span is never keyed by its placeholder ids alone.
-    """
-    keys = []
-    for span in request.images:
-        h = hashlib.sha256()
-        if span.content_hash:
-            h.update(b"content:" + span.content_hash.encode())
-        else:
-            h.update(b"embedding:" + span.embedding.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        h.update(repr(tuple(span.grid_thw)).encode())
-        keys.append(ImageKey(span.offset, span.length, h.digest()))
-    return keys
+
+def image_digest(embedding: torch.Tensor, grid_thw: tuple[int, ...] = ()) -> bytes:
+    """SHA-256 of an image's embedding as the service received it: dtype, shape, grid_thw and the
+    raw tensor bytes. Equal digests mean equal values in the prompt, hence equal KV; the caller's
+    content hash plays no part (any gRPC client can send garbage under a real image's hash).
+
+    Pure function of the tensor's values (not of its memory layout or device). Hashing a 576 x 4096
+    bf16 embedding (4.7 MB) takes a few milliseconds; hashlib releases the GIL meanwhile."""
+    tensor = embedding.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.contiguous()
+    h = hashlib.sha256(_DIGEST_DOMAIN)
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    h.update(f"dtype={dtype};shape={list(tensor.shape)};grid_thw={[int(g) for g in grid_thw]}\0".encode())
+    if tensor.numel():
+        h.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # no copy
+    return h.digest()
+
+
+def image_keys(request: GenerateRequest) -> list[ImageKey]:
+    """Prefix-cache keys of a request's image spans, from the embeddings the request carries.
+
+    The grid is in the digest because Qwen2-VL's M-RoPE positions of the same rows depend on it.
+    `span.content_hash` is not used: it is the caller's claim, and the LLM service keys its cache
+    only by what it actually computes with."""
+    return [
+        ImageKey(span.offset, span.length, image_digest(span.embedding, tuple(span.grid_thw)))
+        for span in request.images
+    ]
 
 
 class Sequence:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -13,8 +15,15 @@ BLOCK = 4
 IMG = 99  # image placeholder id
 
 
+def pixels(name: str, length: int = BLOCK) -> torch.Tensor:
+    """A stand-in embedding of the image called `name` (other names give other values)."""
+    return torch.randn(length, 8, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+
+
 def span(offset: int, length: int = BLOCK, content_hash: str = "cat", **kw) -> ImageSpan:
-    embedding = kw.pop("embedding", torch.zeros(length, 8))
+    # By default the embedding is the named image's: the prefix cache keys by embedding bytes.
+    embedding = kw.pop("embedding", None)
+    embedding = pixels(content_hash or "anonymous", length) if embedding is None else embedding
     return ImageSpan(offset=offset, embedding=embedding, content_hash=content_hash, length=length, **kw)
 
 
@@ -253,10 +262,26 @@ def test_same_token_ids_with_other_image_content_share_nothing():
     )
 
 
-def test_same_content_hash_shares_whatever_the_embedding_bytes():
-    first = seq(PROMPT, (span(2, content_hash="cat", embedding=torch.zeros(4, 8)),))
-    second = seq(PROMPT, (span(2, content_hash="cat", embedding=torch.ones(4, 8)),))
+def test_same_content_hash_with_other_embedding_bytes_shares_nothing():
+    # Prefix-cache poisoning: garbage embeddings sent under a real image's content hash must not
+    # find (or later serve) that image's KV. The hash is the caller's claim; the bytes are the truth.
+    real = seq(PROMPT, (span(2, content_hash="cat", embedding=pixels("cat")),))
+    garbage = seq(PROMPT, (span(2, content_hash="cat", embedding=pixels("garbage")),))
+    assert shared_blocks(real, garbage) == 0
+    assert shared_blocks(garbage, real) == 0
+
+
+def test_same_embedding_under_other_content_hashes_shares():
+    # The same embedding is the same prompt, whatever the caller names it.
+    first = seq(PROMPT, (span(2, content_hash="cat", embedding=pixels("cat")),))
+    second = seq(PROMPT, (span(2, content_hash="feline", embedding=pixels("cat")),))
     assert shared_blocks(first, second) == 2
+
+
+def test_an_embedding_in_another_dtype_shares_nothing():
+    first = seq(PROMPT, (span(2, embedding=pixels("cat")),))
+    second = seq(PROMPT, (span(2, embedding=pixels("cat").to(torch.bfloat16)),))
+    assert shared_blocks(first, second) == 0
 
 
 def test_same_content_hash_with_another_grid_shares_nothing():
@@ -280,7 +305,7 @@ def test_an_image_starting_elsewhere_in_the_block_is_not_shared():
     assert shared_blocks(first, second) == 1
 
 
-def test_without_a_content_hash_the_embedding_bytes_name_the_image():
+def test_with_or_without_a_content_hash_the_embedding_bytes_name_the_image():
     def keyed_by(embedding: torch.Tensor) -> Sequence:
         return seq(PROMPT, (span(2, content_hash="", embedding=embedding),))
 
