@@ -5,17 +5,18 @@ import contextlib
 import logging
 
 import uvicorn
+from fastapi import FastAPI
 
 from gateway.api import create_app
 from gateway.clients import GrpcLLMClient, GrpcVisionClient
 from gateway.config import GatewayConfig
 from gateway.generation_defaults import GenerationDefaults
 from gateway.media import MediaFetcher
-from gateway.serving import ServingCore
+from gateway.serving import Drain, ServingCore
 from mmserve.families import adapter, detect_family
 
 
-def build_app(config: GatewayConfig):
+def build_app(config: GatewayConfig) -> tuple[FastAPI, ServingCore]:
     family = detect_family(config.checkpoint, config.model_type)
     prompt = adapter(family, "prompt")(
         config.checkpoint, config.tokenizer_path or config.checkpoint, chat_template=config.chat_template
@@ -27,14 +28,25 @@ def build_app(config: GatewayConfig):
         prompt, vision, llm, MediaFetcher(config.media), config.max_images_per_request, defaults
     )
     backends = {"vision": vision._channel, "llm": llm._channel}
-    return create_app(
-        core, config.model_name or "mmserve", config.api_key, backends, config.max_request_bytes
-    )
+    app = create_app(core, config.model_name or "mmserve", config.api_key, backends, config.max_request_bytes)
+    return app, core
 
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, which ends the process with code
-    143/130; a clean, requested shutdown exits 0 instead (what `docker compose down` expects)."""
+    143/130; a clean, requested shutdown exits 0 instead (what `docker compose down` expects).
+
+    On the signal uvicorn stops accepting connections and waits for the open ones; the serving core's
+    drain ends generations still running after `drain_timeout_s` with an error event, a little before
+    uvicorn's own deadline would cut them silently."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout_s: float):
+        super().__init__(config)
+        self.drain, self.drain_timeout_s = drain, drain_timeout_s
+
+    def handle_exit(self, sig, frame) -> None:
+        self.drain.start(self.drain_timeout_s)
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -54,11 +66,18 @@ def main(argv=None) -> None:
 
     async def serve():
         with startup_errors("gateway", debug):
-            app = build_app(config)  # inside the loop: grpc.aio channels bind to it
+            app, core = build_app(config)  # inside the loop: grpc.aio channels bind to it
         server = _Server(
             uvicorn.Config(
-                app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5
-            )
+                app,
+                host=config.host,
+                port=config.port,
+                log_level="warning",
+                # uvicorn's hard stop comes after the drain has ended what was left, cleanly
+                timeout_graceful_shutdown=config.drain_timeout_s + 3,
+            ),
+            core.drain,
+            config.drain_timeout_s,
         )
         print(f"gateway ready on http://{config.host}:{config.port}", flush=True)
         await server.serve()

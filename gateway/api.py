@@ -198,8 +198,8 @@ def create_app(
                 )
         return await call_next(request)
 
-    @app.get("/health")
-    async def health():
+    async def backends_down() -> dict[str, str]:
+        """Each backend not reporting SERVING on grpc.health.v1, with what it reported instead."""
         down = {}
         for name, channel in (backends or {}).items():
             try:
@@ -210,9 +210,24 @@ def create_app(
                     down[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.aio.AioRpcError as exc:
                 down[name] = exc.code().name
+        return down
+
+    @app.get("/health")
+    async def health():
+        """200 when both backends serve (what compose's healthcheck waits for)."""
+        down = await backends_down()
         if down:
             return JSONResponse({"status": "unavailable", "backends": down}, status_code=503)
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        """Readiness (a load balancer's question): the backends serve and this gateway is not draining."""
+        down = await backends_down()
+        if core.drain.started or down:
+            reason = "draining" if core.drain.started else "backend unavailable"
+            return JSONResponse({"status": reason, "backends": down}, status_code=503)
+        return {"status": "ready"}
 
     @app.get("/metrics")
     async def prometheus():

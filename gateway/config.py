@@ -49,6 +49,9 @@ class GatewayConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     backend_timeout_s: float = 120.0  # deadline of each vision call (generation streams have none)
     max_request_bytes: int = 64 * 1024 * 1024  # HTTP request bodies over this get 413
+    # On SIGTERM: stop accepting, let in-flight requests finish for this long, then end what is left
+    # with an error (an SSE error event + [DONE]), then exit. Long enough for a typical generation.
+    drain_timeout_s: float = 30.0
     # Chat template override: a file (.jinja, or .json with a chat_template key) or the Jinja text itself;
     # None: the checkpoint's (tokenizer's, else chat_template.jinja, else chat_template.json).
     chat_template: str | None = None
@@ -61,6 +64,8 @@ class GatewayConfig:
             raise ValueError(f"port out of range: {self.port}")
         if self.max_images_per_request < 0:
             raise ValueError("max_images_per_request must be >= 0")
+        if not self.drain_timeout_s >= 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         self.tokenizer_path = self.tokenizer_path or self.checkpoint
         self.model_name = self.model_name or Path(self.checkpoint).resolve().name
 
@@ -85,6 +90,13 @@ class GatewayConfig:
             "backend_timeout_s", "BACKEND_TIMEOUT", float, "seconds per vision call", flag="--backend-timeout"
         )
         flags.add("max_request_bytes", "MAX_REQUEST_BYTES", int, "HTTP request body limit")
+        flags.add(
+            "drain_timeout_s",
+            "DRAIN_TIMEOUT",
+            float,
+            "seconds in-flight requests get to finish after SIGTERM",
+            flag="--drain-timeout",
+        )
         flags.add(
             "chat_template",
             "CHAT_TEMPLATE",

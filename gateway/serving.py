@@ -78,6 +78,23 @@ def _strings(value) -> list[str]:
     return []
 
 
+class Drain:
+    """The gateway's shutdown: after `start(grace_s)`, generations still running when the grace period
+    ends stop with UnavailableError (a 503, or an SSE error event + [DONE]) instead of being cut."""
+
+    def __init__(self):
+        self.started = False
+        self.expired = False
+
+    def start(self, grace_s: float) -> None:
+        if not self.started:
+            self.started = True
+            asyncio.get_running_loop().call_later(grace_s, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+
+
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -94,6 +111,7 @@ class ServingCore:
     ):
         self.prompt = prompt
         self.defaults = defaults or GenerationDefaults()  # the checkpoint's generation_config.json
+        self.drain = Drain()
         self.tokenizer = prompt.tokenizer
         self.vision = vision_client
         self.llm = llm_client
@@ -223,6 +241,10 @@ class ServingCore:
         cached = 0
         async with aclosing(self.llm.generate(request)) as outputs:
             async for output in outputs:
+                if self.drain.expired:  # leaving the block cancels the rest of the generation
+                    raise UnavailableError(
+                        "the server is shutting down: this generation did not finish within the drain period"
+                    )
                 text = self._push(output, detokenizer, stops, held)
                 finish = output.finish_reason.value if output.finish_reason else None
                 if output.usage is not None:

@@ -42,6 +42,7 @@ def _serve(servicer, engine, config) -> None:
             config.max_message_bytes,
             on_stop=engine.stop,
             liveness=engine.is_alive,
+            grace_seconds=config.drain_timeout_s,
         )
     )
 

@@ -34,6 +34,7 @@ class LLMConfig:
     )  # sdpa backend: contiguous copies of decoding sequences' KV; 0 = off
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     threads: int = 0  # torch intra-op threads for the engine; 0 = torch's default (all cores)
+    drain_timeout_s: float = 30.0  # on SIGTERM: seconds in-flight calls get to finish (NOT_SERVING meanwhile)
 
     def __post_init__(self):
         if not Path(self.checkpoint).is_dir():
@@ -84,6 +85,13 @@ class LLMConfig:
             "decode_staging_bytes", "LLM_DECODE_STAGING_BYTES", int, "sdpa decode staging budget, 0 = off"
         )
         flags.add("threads", "LLM_THREADS", int, "torch threads, 0 = all cores")
+        flags.add(
+            "drain_timeout_s",
+            "DRAIN_TIMEOUT",
+            float,
+            "seconds in-flight calls get to finish after SIGTERM",
+            flag="--drain-timeout",
+        )
         flags.add("metrics_port", "LLM_METRICS_PORT", int, "Prometheus /metrics port, 0 = off")
         args = p.parse_args(argv)
         if not args.checkpoint:

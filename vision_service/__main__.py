@@ -40,6 +40,7 @@ def _serve(servicer, encoder, config) -> None:
             config.port,
             config.max_message_bytes,
             on_stop=encoder.close,
+            grace_seconds=config.drain_timeout_s,
         )
     )
 

@@ -41,6 +41,7 @@ class VisionConfig:
     compile: bool = False  # torch.compile the vision tower (slower start-up, faster forwards on CPU)
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
+    drain_timeout_s: float = 30.0  # on SIGTERM: seconds in-flight calls get to finish (NOT_SERVING meanwhile)
 
     def __post_init__(self):
         if not Path(self.checkpoint).is_dir():
@@ -96,6 +97,13 @@ class VisionConfig:
         flags.add("preprocess_workers", "VISION_PREPROCESS_WORKERS", int, "decode/preprocess workers")
         flags.add("preprocess_mode", "VISION_PREPROCESS_MODE", help="thread|process")
         flags.add("metrics_port", "VISION_METRICS_PORT", int, "Prometheus /metrics port, 0 = off")
+        flags.add(
+            "drain_timeout_s",
+            "DRAIN_TIMEOUT",
+            float,
+            "seconds in-flight calls get to finish after SIGTERM",
+            flag="--drain-timeout",
+        )
         flags.switch("compile", "VISION_COMPILE", "torch.compile the vision tower; compiles at start-up")
         args = p.parse_args(argv)
         if not args.checkpoint:
