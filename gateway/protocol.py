@@ -1,46 +1,150 @@
-"""OpenAI-compatible request bodies, validated at the HTTP edge (pydantic lives only here)."""
+"""OpenAI-compatible request bodies, validated at the HTTP edge (pydantic lives only here).
+
+This module is the one place that says what each request field may hold:
+
+- Types are strict: no string is coerced to a number or a boolean (`"0.5"`, `"10"`, `"yes"` are 400s),
+  booleans are not numbers, integer fields take JSON integers only (`1.5` and `1.0` are refused), float
+  fields take JSON integers and decimals (`1` and `1.0`).
+- Numbers are finite: Python's json parses the `NaN` / `Infinity` literals, and they are refused.
+- Text is encodable: a string holding a lone surrogate (`"\\ud800"` in JSON) is refused naming its field,
+  before it can reach a tokenizer, a regex or an error message.
+- Unions (`stop`, message `content`, content parts, `image_url`) pick their member from the input's
+  shape and report errors of that member only; their tags (`<list>`, `<text>`...) are not identifiers,
+  so the HTTP error handler leaves them out of `param` (`messages[0].content[1].image_url.url`).
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from gateway.chat_template import RESERVED_TEMPLATE_KWARGS
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat limit; vLLM's default cap)
+MAX_STOP_STRINGS = 16
+INT32_MAX = 2**31 - 1  # top_k and min_tokens travel as int32 (protos/llm.proto)
+INT64_MAX = 2**63 - 1  # pixel bounds travel as int64 (protos/vision.proto)
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` is not text that can be encoded as UTF-8 (a lone surrogate), or None when it is.
+    The reason names a position, never the offending text."""
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid UTF-8 text (a lone surrogate at character {exc.start})"
+    return None
+
+
+def _encodable(value: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("invalid_text", problem)
+    return value
+
+
+# Every string field of a request: JSON text that decodes to a lone surrogate is refused here.
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
+def _shape(*, string: str | None = None, array: str | None = None, obj: str | None = None):
+    """A callable discriminator: the union member's tag from the input's JSON type (None: no member)."""
+
+    def pick(value: Any) -> str | None:
+        if isinstance(value, str):
+            return string
+        if isinstance(value, list):
+            return array
+        if isinstance(value, dict | BaseModel):
+            return obj
+        return None
+
+    return pick
 
 
 class _Body(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do for forward compatibility.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURL(_Body):
-    url: str
-    detail: str | None = None
+    url: Text
+    detail: Text | None = None
+
+
+ImageURLField = Annotated[
+    Annotated[ImageURL, Tag("<object>")] | Annotated[Text, Tag("<str>")],
+    Discriminator(
+        _shape(string="<str>", obj="<object>"),
+        custom_error_type="invalid_type",
+        custom_error_message='must be an object {"url": ...} or a string',
+    ),
+]
 
 
 class ImagePart(_Body):
     type: Literal["image_url"]
-    image_url: ImageURL | str
+    image_url: ImageURLField
 
     @property
     def url(self) -> str:
         return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+def _part_type(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return {"text": "<text>", "image_url": "<image_url>"}.get(kind) if isinstance(kind, str) else None
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("<text>")] | Annotated[ImagePart, Tag("<image_url>")],
+    Discriminator(
+        _part_type,
+        custom_error_type="invalid_content_part",
+        custom_error_message="a content part's type must be 'text' or 'image_url'",
+    ),
+]
+
+Content = Annotated[
+    Annotated[Text, Tag("<str>")] | Annotated[list[ContentPart], Tag("<list>")],
+    Discriminator(
+        _shape(string="<str>", array="<list>"),
+        custom_error_type="invalid_type",
+        custom_error_message="must be a string or a list of content parts",
+    ),
+]
+
+Stop = Annotated[
+    Annotated[Text, Tag("<str>")] | Annotated[list[Text], Tag("<list>")],
+    Discriminator(
+        _shape(string="<str>", array="<list>"),
+        custom_error_type="invalid_type",
+        custom_error_message="must be a string or a list of strings",
+    ),
+]
 
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[ContentPart] | None = None
+    content: Content | None = None
 
 
 class StreamOptions(_Body):
@@ -50,23 +154,24 @@ class StreamOptions(_Body):
 class MMProcessorKwargs(BaseModel):
     """vLLM's `mm_processor_kwargs`, the keys this server honours (dynamic-resolution families only)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    min_pixels: int | None = Field(default=None, ge=1)
-    max_pixels: int | None = Field(default=None, ge=1)
+    min_pixels: int | None = Field(default=None, ge=1, le=INT64_MAX)
+    max_pixels: int | None = Field(default=None, ge=1, le=INT64_MAX)
 
 
 class SamplingFields(_Body):
     """Fields shared by chat and text completions, the extras benchmark tools send included."""
 
-    model: str | None = None
+    model: Text | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
+    # No upper bound here: the context-length check after tokenizing names max_tokens when it is too big.
     max_tokens: int | None = Field(default=None, ge=1)
-    min_tokens: int | None = Field(default=None, ge=0)
+    min_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
-    stop: str | list[str] | None = None
+    stop: Stop | None = None
     ignore_eos: bool | None = None
     repetition_penalty: float | None = Field(default=None, gt=0)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -81,13 +186,25 @@ class SamplingFields(_Body):
     # vLLM's extension: image preprocessing options of this request (Qwen2-VL's min/max pixels).
     mm_processor_kwargs: MMProcessorKwargs | None = None
 
-    @model_validator(mode="after")
-    def _supported(self):
-        if self.n not in (None, 1):
-            raise ValueError("n must be 1 (several choices per request are not supported)")
-        if isinstance(self.stop, list) and len(self.stop) > 16:
-            raise ValueError("at most 16 stop strings")
-        return self
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise PydanticCustomError(
+                "unsupported", "n must be 1 (several choices per request are not supported)"
+            )
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise PydanticCustomError(
+                "too_long",
+                "at most {limit} stop strings, got {count}",
+                {"limit": MAX_STOP_STRINGS, "count": len(value)},
+            )
+        return value
 
     @property
     def stop_list(self) -> list[str]:
@@ -99,6 +216,19 @@ class SamplingFields(_Body):
     def num_logprobs(self) -> int | None:
         """Alternatives per token the LLM should return (SamplingParams.logprobs); None: no logprobs."""
         return None
+
+
+def _strings(value: Any):
+    """Every string inside a JSON value, dict keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -114,14 +244,20 @@ class ChatCompletionRequest(SamplingFields):
     def _no_clash(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         clash = sorted(RESERVED_TEMPLATE_KWARGS & (value or {}).keys())
         if clash:
-            raise ValueError(f"may not set {', '.join(clash)} (the server sets those)")
+            raise PydanticCustomError(
+                "reserved", "may not set {names} (the server sets those)", {"names": ", ".join(clash)}
+            )
+        for text in _strings(value):  # they reach the template, hence the tokenizer
+            problem = text_problem(text)
+            if problem is not None:
+                raise PydanticCustomError("invalid_text", "a string in it " + problem)
         return value
 
     @field_validator("top_logprobs")
     @classmethod
     def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and not info.data.get("logprobs"):
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise PydanticCustomError("requires_logprobs", "top_logprobs requires logprobs to be true")
         return value
 
     @property
@@ -132,12 +268,17 @@ class ChatCompletionRequest(SamplingFields):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def token_limit_field(self) -> str:
+        """The field `token_limit` came from, for errors that name it."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
 
 class CompletionRequest(SamplingFields):
     """A raw prompt (no chat template) with `<image>` tags and a matching `urls` list (our extension)."""
 
-    prompt: str
-    urls: list[str] = Field(default_factory=list)
+    prompt: Text
+    urls: list[Text] = Field(default_factory=list)
     # Legacy completions: logprobs is the number of alternatives (OpenAI allows 5; vLLM, like us, 20).
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -148,3 +289,7 @@ class CompletionRequest(SamplingFields):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else 16  # OpenAI's default for completions
+
+    @property
+    def token_limit_field(self) -> str:
+        return "max_tokens"

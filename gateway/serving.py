@@ -95,6 +95,12 @@ class Drain:
         self.expired = True
 
 
+# The bound on UTF-8 bytes per token behind the check before tokenizing: the longest token of the served
+# vocabularies is 128 bytes (Qwen's, from cl100k: a run of 128 spaces; Llama's and Mistral's
+# SentencePiece tokens are far shorter), so a prompt over max_model_len * 128 bytes cannot fit.
+MAX_BYTES_PER_TOKEN = 128
+
+
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -179,11 +185,19 @@ class ServingCore:
         return self.prompt.render_chat(converted), urls
 
     async def prepare(
-        self, text: str, urls: list[str], request_id: str, pixels: PixelLimits | None = None
+        self,
+        text: str,
+        urls: list[str],
+        request_id: str,
+        pixels: PixelLimits | None = None,
+        *,
+        prompt_param: str = "prompt",
     ) -> PreparedPrompt:
+        """`prompt_param`: the request field the prompt came from, named by errors about its size."""
         extract = getattr(self.prompt, "extract_images", None)
         if extract is not None:  # families whose prompts carry urls inline (Qwen-VL's <img>URL</img>)
             text, urls = extract(text, list(urls))
+        await self._check_prompt_bytes(text, prompt_param)
         token_ids = await asyncio.to_thread(self.prompt.tokenize, text)
         tags = sum(1 for t in token_ids if t == self.prompt.image_token_id)
         if tags != len(urls):
@@ -205,6 +219,25 @@ class ServingCore:
         token_ids, spans = expand_image_tokens(token_ids, self.prompt.image_token_id, features)
         return PreparedPrompt(token_ids, spans)
 
+    async def _check_prompt_bytes(self, text: str, param: str) -> None:
+        """The cheap bound before tokenizing (which takes seconds per megabyte): a prompt of more than
+        max_model_len * MAX_BYTES_PER_TOKEN UTF-8 bytes cannot tokenize to max_model_len tokens or fewer,
+        so it is refused without being tokenized. Text that cannot be encoded is refused as well."""
+        limit = (await self.llm_info()).max_model_len * MAX_BYTES_PER_TOKEN
+        try:
+            size = len(text) if len(text) > limit else len(text.encode("utf-8"))  # a character is >= 1 byte
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError(
+                f"{param}: is not valid UTF-8 text (a lone surrogate at character {exc.start})", param=param
+            ) from None
+        if size > limit:
+            raise InvalidInputError(
+                f"{param}: the prompt is over {limit} bytes, more than this model's maximum context length "
+                f"of {limit // MAX_BYTES_PER_TOKEN} tokens can hold (at most {MAX_BYTES_PER_TOKEN} bytes a token)",
+                param=param,
+                code="context_length_exceeded",
+            )
+
     async def _load_image(self, index: int, url: str) -> ImageInput:
         try:
             data = await self.fetcher.fetch(url)
@@ -219,8 +252,16 @@ class ServingCore:
     # ---- generation --------------------------------------------------------------------------------
 
     async def generate(
-        self, prepared: PreparedPrompt, settings: GenerationSettings, request_id: str
+        self,
+        prepared: PreparedPrompt,
+        settings: GenerationSettings,
+        request_id: str,
+        *,
+        prompt_param: str = "prompt",
+        max_tokens_param: str = "max_tokens",
     ) -> AsyncIterator[TextDelta]:
+        """`prompt_param`, `max_tokens_param`: the request fields a context-length error names (the prompt's
+        when the prompt leaves no room for a token, else the token limit's)."""
         info = await self.llm_info()
         prompt_len = len(prepared.token_ids)
         room = info.max_model_len - prompt_len
@@ -228,9 +269,12 @@ class ServingCore:
         if max_tokens is None:  # the checkpoint's max_new_tokens when it has one, within the context
             max_tokens = min(room, self.defaults.max_tokens or room)
         if room < 1 or max_tokens > room:
+            param = prompt_param if room < 1 else max_tokens_param
             raise InvalidInputError(
-                f"this model's maximum context length is {info.max_model_len} tokens; the prompt has {prompt_len} "
-                f"and {max_tokens} completion tokens were requested"
+                f"{param}: this model's maximum context length is {info.max_model_len} tokens; the prompt has "
+                f"{prompt_len} and {max_tokens} completion tokens were requested",
+                param=param,
+                code="context_length_exceeded",
             )
         sampling = settings.sampling
         sampling.max_new_tokens = max_tokens

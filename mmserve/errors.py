@@ -14,6 +14,13 @@ class MMServeError(Exception):
     http_status = 500
     error_type = "internal_error"
 
+    def __init__(self, *args, param: str | None = None, code: str | None = None):
+        """`param`: the request field at fault (OpenAI's error `param`, e.g. "messages[0].content");
+        `code`: OpenAI's machine-readable error code (e.g. "model_not_found"). Both are for the HTTP
+        error body only; gRPC carries the message."""
+        super().__init__(*args)
+        self.param, self.code = param, code
+
 
 class InvalidInputError(MMServeError):
     """The request is malformed."""
