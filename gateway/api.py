@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import anyio
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.generation_defaults import GenerationDefaults
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from gateway.serving import GenerationSettings, ServingCore, TextDelta, TokenLogprob, new_request_id
-from mmserve.errors import MMServeError, NotFoundError
+from mmserve.errors import InvalidInputError, MMServeError, NotFoundError
 from mmserve.wire import PixelLimits, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
@@ -30,30 +31,76 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
+def printable(text: str) -> str:
+    """`text` safe to send: a lone surrogate (user input echoed in an error) becomes a backslash escape
+    instead of failing the response's UTF-8 encoding."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """User input quoted in an error message: short, and encodable."""
+    return printable(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
 def error_body(
     message: str, kind: str, status: int, param: str | None = None, code: str | None = None
 ) -> dict:
-    """OpenAI's error shape; `code` is a string or null, as the official API sends it."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    """OpenAI's error shape; `code` is a string or null, as the official API sends it. Every error body
+    is built here, and its strings are made encodable here: building an error never raises."""
+    return {
+        "error": {
+            "message": printable(message),
+            "type": kind,
+            "param": None if param is None else printable(param),
+            "code": code,
+        }
+    }
 
 
 def error_json(exc: MMServeError) -> dict:
-    return error_body(str(exc), exc.error_type, exc.http_status, code=getattr(exc, "code", None))
+    return error_body(str(exc), exc.error_type, exc.http_status, param=exc.param, code=exc.code)
+
+
+async def _send_json(send, status: int, payload: dict) -> None:
+    await send(
+        {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+    )
+    await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
 
 
 class Metrics:
+    """Every response by route and status (counted as its status is sent, whatever sent it: a route, an
+    error handler, the auth or body-size check); for chat and completions requests that passed
+    validation, how they ended and their end-to-end latency, recorded when the response ends (for a
+    stream: its last event sent, or the client gone)."""
+
+    OUTCOMES = ("completed", "error", "client_disconnected")
+
     def __init__(self):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "mmserve_gateway_requests",
-            "Requests by route and outcome",
+            "HTTP responses by route (unknown for paths that are not routes) and status code",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.outcomes = Counter(
+            "mmserve_gateway_request_outcomes",
+            "Chat/completion requests past validation by how they ended: completed, error, client_disconnected",
             ["route", "outcome"],
             registry=self.registry,
         )
         self.e2e = Histogram(
-            "mmserve_gateway_e2e_seconds", "End-to-end request latency", ["route"], registry=self.registry
+            "mmserve_gateway_e2e_seconds",
+            "End-to-end latency of chat/completion requests, until the response's end",
+            ["route", "outcome"],
+            registry=self.registry,
         )
         self.ttft = Histogram("mmserve_gateway_ttft_seconds", "Time to first token", registry=self.registry)
+
+    def ended(self, route: str, outcome: str, started: float) -> None:
+        self.outcomes.labels(route, outcome).inc()
+        self.e2e.labels(route, outcome).observe(time.monotonic() - started)
 
 
 def sampling_params(body: SamplingFields, defaults: GenerationDefaults) -> SamplingParams:
@@ -107,8 +154,58 @@ async def _cancel_on_disconnect(request: Request, work):
     return task.result()
 
 
+class _CountResponses:
+    """ASGI middleware, the outermost: counts every response by route and status code as it starts
+    (a request that ends in an unhandled exception counts as 500)."""
+
+    def __init__(self, app, metrics: Metrics, routes: list):
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    def _route(self, path: str) -> str:
+        # Only paths of routes become labels: a client cannot grow the label set.
+        known = any(getattr(route, "path", None) == path for route in self.routes)
+        return path if known else "unknown"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def counted(message):
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                self.metrics.requests.labels(self._route(scope["path"]), str(message["status"])).inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except BaseException:
+            if not started:
+                self.metrics.requests.labels(self._route(scope["path"]), "500").inc()
+            raise
+
+
+class _Auth:
+    """ASGI middleware: /v1/ requests without the API key get 401, before their body is read."""
+
+    def __init__(self, app, expected: bytes | None):
+        self.app, self.expected = app, expected
+
+    async def __call__(self, scope, receive, send):
+        if self.expected and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = error_body("invalid or missing API key", "authentication_error", 401)
+                return await _send_json(send, 401, body)
+        await self.app(scope, receive, send)
+
+
 class _BodyLimit:
-    """ASGI middleware: requests whose body exceeds `limit` bytes get 413 before they are parsed."""
+    """ASGI middleware: the body is read here, before the app parses anything, and a body over `limit`
+    bytes gets 413 at once, its rest unread: declared by Content-Length, or found while reading a chunked
+    one. The app then receives the body in one message (FastAPI reads all of it anyway), and after that
+    the client's own messages (a disconnect)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -119,37 +216,100 @@ class _BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._reject(send)
+        chunks: list[bytes] = []
         seen = 0
-
-        async def counted():
-            nonlocal seen
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] == "http.disconnect":
+                return  # gone before its body arrived: nobody to answer
+            chunk = message.get("body", b"")
+            seen += len(chunk)
             if seen > self.limit:
-                raise _TooLarge
-            return message
+                return await self._reject(send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        chunks.clear()
 
-        try:
-            return await self.app(scope, counted, send)
-        except _TooLarge:
-            return await self._reject(send)
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, send):
-        body = json.dumps(
-            error_body(f"request body is over the {self.limit} byte limit", "invalid_request_error", 413)
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        message = f"request body is over the {self.limit} byte limit"
+        await _send_json(send, 413, error_body(message, "invalid_request_error", 413))
 
 
-class _TooLarge(Exception):
-    pass
+def _param(loc: tuple) -> str | None:
+    """A pydantic error location as the request field it names: `messages[0].content[1].image_url.url`.
+    Segments that are not identifiers are left out: union tags (gateway/protocol.py) and keys a client
+    chose (named by their parent field)."""
+    out = ""
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(part, int):
+            out += f"[{part}]" if out else ""
+        elif isinstance(part, str) and part.isidentifier():
+            out += f".{part}" if out else part
+    return out or None
+
+
+def validation_error_body(errors: list[dict]) -> dict:
+    """The first of pydantic's (or FastAPI's body-parsing) errors in OpenAI's shape, `param` naming the
+    field and starting the message; errors about the body as a whole have `param` null."""
+    first = errors[0] if errors else {}
+    kind, msg = first.get("type", ""), str(first.get("msg", "invalid request"))
+    msg = msg.removeprefix("Value error, ")
+    if kind == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "")
+        message = f"the request body is not valid JSON: {reason}".rstrip(": ")
+        return error_body(message, "invalid_request_error", 400)
+    param = _param(tuple(first.get("loc", ())))
+    if param is None:
+        if kind == "missing":
+            message = "the request body is missing: send a JSON object (Content-Type: application/json)"
+        else:
+            message = f"the request body must be a JSON object (Content-Type: application/json): {msg}"
+        return error_body(message, "invalid_request_error", 400)
+    return error_body(f"{param}: {msg}", "invalid_request_error", 400, param)
+
+
+class _MeteredStream(StreamingResponse):
+    """The one place a streamed generation ends. Whichever way it ends (its last event sent, an error
+    turned into an error event + [DONE], the client gone), the generation is closed, then `on_end` is
+    called once with the outcome: completed, error or client_disconnected."""
+
+    def __init__(self, events: AsyncGenerator[str, None], generation: AsyncGenerator, on_end, **kwargs):
+        self._events, self._generation, self._on_end = events, generation, on_end
+        self._outcome: str | None = None
+        super().__init__(self._guarded(), **kwargs)
+
+    async def _guarded(self):
+        try:
+            async for event in self._events:
+                yield event
+        except MMServeError as exc:  # after the status was sent: the error travels as an event
+            self._outcome = "error"
+            yield _sse(error_json(exc))
+            yield "data: [DONE]\n\n"
+            return
+        except Exception:
+            self._outcome = "error"
+            raise
+        self._outcome = "completed"  # the consumer asked past the last event: all of them were sent
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Shielded: when the client went away this task is being cancelled, and the generation must
+            # still be closed (that cancels it in the engine).
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                await self._events.aclose()
+                await self._generation.aclose()
+            self._on_end(self._outcome or "client_disconnected")
 
 
 def create_app(
@@ -161,9 +321,11 @@ def create_app(
 ) -> FastAPI:
     """`backends` maps a name to a gRPC channel whose health /health reports (None in-process)."""
     app = FastAPI(title="mmserve gateway")
+    metrics = app.state.metrics = Metrics()
+    # Outermost last: count every response, then the API key, then the body size, then FastAPI.
     app.add_middleware(_BodyLimit, limit=max_request_bytes)
-    metrics = Metrics()
-    expected_auth = f"Bearer {api_key}".encode() if api_key else None
+    app.add_middleware(_Auth, expected=f"Bearer {api_key}".encode() if api_key else None)
+    app.add_middleware(_CountResponses, metrics=metrics, routes=app.router.routes)
 
     @app.exception_handler(MMServeError)
     async def _domain_error(request: Request, exc: MMServeError):
@@ -173,30 +335,23 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = (
-            f"{where}: {first.get('msg', 'invalid request')}"
-            if where
-            else first.get("msg", "invalid request")
-        )
-        return JSONResponse(error_body(message, "invalid_request_error", 400, where or None), status_code=400)
+        return JSONResponse(validation_error_body(list(exc.errors())), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no such route: {request.method} {clip(request.url.path)}"
         return JSONResponse(
-            error_body(str(exc.detail), "invalid_request_error", exc.status_code), status_code=exc.status_code
+            error_body(message, "invalid_request_error", exc.status_code),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
         )
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if expected_auth and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected_auth):
-                return JSONResponse(
-                    error_body("invalid or missing API key", "authentication_error", 401), status_code=401
-                )
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        log.exception("%s %s -> 500", request.method, clip(request.url.path))
+        return JSONResponse(error_body("internal server error", "internal_error", 500), status_code=500)
 
     async def backends_down() -> dict[str, str]:
         """Each backend not reporting SERVING on grpc.health.v1, with what it reported instead."""
@@ -245,11 +400,11 @@ def create_app(
 
     def check_model(body: SamplingFields) -> None:
         if body.model and body.model != model_name:
-            error = NotFoundError(
-                f"the model `{body.model}` does not exist; this server serves `{model_name}`"
+            raise NotFoundError(
+                f"model: the model `{clip(body.model)}` does not exist; this server serves `{model_name}`",
+                param="model",
+                code="model_not_found",
             )
-            error.code = "model_not_found"  # type: ignore[attr-defined]
-            raise error
 
     async def complete(route: str, body, deltas, prepared, render, started: float) -> Response:
         parts: list[str] = []
@@ -268,37 +423,58 @@ def create_app(
         full = render.full("".join(parts), ids, last, prepared.token_ids, body.return_token_ids, logprobs)
         return JSONResponse(full)
 
-    async def run(request: Request, route: str, body, text: str, urls: list[str], request_id: str, render):
+    async def run(
+        request: Request,
+        route: str,
+        body,
+        text: str,
+        urls: list[str],
+        request_id: str,
+        render,
+        prompt_param: str,
+    ):
         started = time.monotonic()
         settings = GenerationSettings(sampling_params(body, core.defaults), body.token_limit, body.stop_list)
         if body.mm_processor_kwargs is not None:
             kwargs = body.mm_processor_kwargs
             settings.pixels = PixelLimits(kwargs.min_pixels, kwargs.max_pixels)
+        outcome: str | None = "error"  # None: the stream records its own end
         try:
             prepared = await _cancel_on_disconnect(
-                request, core.prepare(text, urls, request_id, settings.pixels)
+                request, core.prepare(text, urls, request_id, settings.pixels, prompt_param=prompt_param)
             )
-            deltas = core.generate(prepared, settings, request_id)
+            deltas = core.generate(
+                prepared,
+                settings,
+                request_id,
+                prompt_param=prompt_param,
+                max_tokens_param=body.token_limit_field,
+            )
             if body.stream:
                 # errors before the first token still get a status code
                 first = await _cancel_on_disconnect(request, anext(deltas))
                 metrics.ttft.observe(time.monotonic() - started)
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                response: Response = StreamingResponse(
+                response: Response = _MeteredStream(
                     render.stream(first, deltas, prepared.token_ids, include_usage, body.return_token_ids),
+                    deltas,
+                    lambda ended: metrics.ended(route, ended, started),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
+                outcome = None
             else:
                 response = await _cancel_on_disconnect(
                     request, complete(route, body, deltas, prepared, render, started)
                 )
-        except MMServeError as exc:
-            metrics.requests.labels(route, str(exc.http_status)).inc()
+                outcome = "completed"
+            return response
+        except asyncio.CancelledError:
+            outcome = "client_disconnected"
             raise
-        metrics.requests.labels(route, "ok").inc()
-        metrics.e2e.labels(route).observe(time.monotonic() - started)
-        return response
+        finally:
+            if outcome is not None:
+                metrics.ended(route, outcome, started)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -318,17 +494,22 @@ def create_app(
             }
             for m in body.messages
         ]
-        text, urls = await asyncio.to_thread(core.chat_prompt, messages, body.chat_template_kwargs)
-        return await run(request, "chat", body, text, urls, request_id, _ChatRender(request_id, model_name))
+        try:
+            text, urls = await asyncio.to_thread(core.chat_prompt, messages, body.chat_template_kwargs)
+        except InvalidInputError as exc:  # the messages' text or the template refused them
+            if exc.param is not None:
+                raise
+            raise InvalidInputError(f"messages: {exc}", param="messages", code=exc.code) from None
+        route, render = "/v1/chat/completions", _ChatRender(request_id, model_name)
+        return await run(request, route, body, text, urls, request_id, render, "messages")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body)
         request_id = new_request_id("cmpl")
         text = core.prompt.normalize_raw(body.prompt)
-        return await run(
-            request, "completions", body, text, body.urls, request_id, _TextRender(request_id, model_name)
-        )
+        route, render = "/v1/completions", _TextRender(request_id, model_name)
+        return await run(request, route, body, text, body.urls, request_id, render, "prompt")
 
     return app
 
@@ -406,27 +587,22 @@ class _Render:
         include_usage: bool,
         with_ids: bool,
     ):
-        try:
-            head = self.stream_head()
-            if head is not None:
-                yield _sse(self.envelope(self.object_chunk, [self.choice(head, None, None)]))
-            delta: TextDelta | None = first
-            usage = None
-            while delta is not None:
-                choice = self.choice(self.chunk_choice(delta.text), delta.logprobs, delta.finish_reason)
-                if with_ids:
-                    choice["token_ids"] = delta.token_ids
-                yield _sse(self.envelope(self.object_chunk, [choice]))
-                usage = delta.usage
-                delta = await anext(rest, None)
-            if include_usage and usage is not None:
-                yield _sse(self.envelope(self.object_chunk, [], usage=usage_json(usage)))
-            yield "data: [DONE]\n\n"
-        except MMServeError as exc:
-            yield _sse(error_json(exc))
-            yield "data: [DONE]\n\n"
-        finally:
-            await rest.aclose()  # done, or the client went away: stop the generation
+        """The events of a stream; _MeteredStream turns an error into an error event and closes `rest`."""
+        head = self.stream_head()
+        if head is not None:
+            yield _sse(self.envelope(self.object_chunk, [self.choice(head, None, None)]))
+        delta: TextDelta | None = first
+        usage = None
+        while delta is not None:
+            choice = self.choice(self.chunk_choice(delta.text), delta.logprobs, delta.finish_reason)
+            if with_ids:
+                choice["token_ids"] = delta.token_ids
+            yield _sse(self.envelope(self.object_chunk, [choice]))
+            usage = delta.usage
+            delta = await anext(rest, None)
+        if include_usage and usage is not None:
+            yield _sse(self.envelope(self.object_chunk, [], usage=usage_json(usage)))
+        yield "data: [DONE]\n\n"
 
 
 class _ChatRender(_Render):
