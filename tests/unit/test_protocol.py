@@ -113,3 +113,72 @@ def test_unset_fields_take_the_checkpoints_generation_config(tmp_path):
     params = sampling_params(chat(temperature=0.7, top_k=-1, repetition_penalty=1.0, top_p=1.0), defaults)
     assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.7, 1.0, 0, 1.0)
     assert GenerationDefaults.from_checkpoint(str(tmp_path / "nothing-here")) == GenerationDefaults()
+
+
+# ---- strict types, finite numbers, encodable text ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields,field_name",
+    [
+        ({"temperature": "0.5"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"presence_penalty": float("-inf")}, "presence_penalty"),
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"max_tokens": 1.0}, "max_tokens"),  # integer fields take JSON integers only
+        ({"top_k": 2**31}, "top_k"),  # int32 on the wire
+        ({"min_tokens": True}, "min_tokens"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"n": 2}, "n"),
+        ({"stop": [str(i) for i in range(17)]}, "stop"),
+        ({"stop": 5}, "stop"),
+        ({"model": "m\ud800"}, "model"),
+    ],
+)
+def test_no_coercion_and_the_field_is_named(fields, field_name):
+    with pytest.raises(ValidationError) as exc:
+        chat(**fields)
+    assert error_fields(exc) == [field_name]
+
+
+@pytest.mark.parametrize("value", [1, 1.0, 0, 2, 0.25])
+def test_float_fields_take_integers_and_decimals(value):
+    body = chat(temperature=value, top_p=max(value, 0.5) if value <= 1 else 1, frequency_penalty=value)
+    assert body.temperature == value and isinstance(body.temperature, float)
+
+
+def test_union_errors_name_the_member_field_without_tags():
+    with pytest.raises(ValidationError) as exc:
+        chat(stop=["a", 1])
+    assert error_fields(exc) == ["stop.<list>.1"]  # gateway.api drops the tag: stop[1]
+    with pytest.raises(ValidationError) as exc:
+        ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "audio"}]}])
+    assert [e["msg"] for e in exc.value.errors()] == ["a content part's type must be 'text' or 'image_url'"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "\ud800",
+        [{"type": "text", "text": "a\udfffb"}],
+        [{"type": "image_url", "image_url": {"url": "http://x/\ud800"}}],
+        [{"type": "image_url", "image_url": "\udc80"}],
+    ],
+)
+def test_lone_surrogates_are_refused_everywhere(content):
+    with pytest.raises(ValidationError, match="not valid UTF-8 text"):
+        ChatCompletionRequest(messages=[{"role": "user", "content": content}])
+    with pytest.raises(ValidationError, match="not valid UTF-8 text"):
+        chat(chat_template_kwargs={"k": {"nested": ["\ud800"]}})
+    with pytest.raises(ValidationError, match="not valid UTF-8 text"):
+        completion(urls=["\ud800"])
+    assert chat(stop="naïve 😀").stop_list == ["naïve 😀"]  # real non-ASCII text is fine
+
+
+def test_token_limit_field_names_what_the_client_sent():
+    assert chat().token_limit_field == "max_tokens"
+    assert chat(max_completion_tokens=5).token_limit_field == "max_completion_tokens"
+    assert completion().token_limit_field == "max_tokens"
