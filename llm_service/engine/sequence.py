@@ -54,7 +54,7 @@ def image_digest(embedding: torch.Tensor, grid_thw: tuple[int, ...] = ()) -> byt
     dtype = str(tensor.dtype).removeprefix("torch.")
     h.update(f"dtype={dtype};shape={list(tensor.shape)};grid_thw={[int(g) for g in grid_thw]}\0".encode())
     if tensor.numel():
-        h.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # no copy
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().data)  # a memoryview: no copy
     return h.digest()
 
 
