@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gateway.generation_defaults import GenerationDefaults
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -155,8 +156,8 @@ async def _cancel_on_disconnect(request: Request, work):
 
 
 class _CountResponses:
-    """ASGI middleware, the outermost: counts every response by route and status code as it starts
-    (a request that ends in an unhandled exception counts as 500)."""
+    """ASGI middleware, the outermost: counts every response by route and status code as it starts (a
+    request that ends in an unhandled exception counts as 500, one whose client left first as 499)."""
 
     def __init__(self, app, metrics: Metrics, routes: list):
         self.app, self.metrics, self.routes = app, metrics, routes
@@ -180,9 +181,11 @@ class _CountResponses:
 
         try:
             await self.app(scope, receive, counted)
-        except BaseException:
+        except BaseException as exc:
             if not started:
-                self.metrics.requests.labels(self._route(scope["path"]), "500").inc()
+                # 499 (nginx's "client closed request"): the client left before its response began
+                gone = isinstance(exc, asyncio.CancelledError | ClientDisconnect)
+                self.metrics.requests.labels(self._route(scope["path"]), "499" if gone else "500").inc()
             raise
 
 
@@ -280,7 +283,7 @@ class _MeteredStream(StreamingResponse):
     turned into an error event + [DONE], the client gone), the generation is closed, then `on_end` is
     called once with the outcome: completed, error or client_disconnected."""
 
-    def __init__(self, events: AsyncGenerator[str, None], generation: AsyncGenerator, on_end, **kwargs):
+    def __init__(self, events: AsyncGenerator[str, None], generation: AsyncIterator, on_end, **kwargs):
         self._events, self._generation, self._on_end = events, generation, on_end
         self._outcome: str | None = None
         super().__init__(self._guarded(), **kwargs)
@@ -308,7 +311,7 @@ class _MeteredStream(StreamingResponse):
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
                 await self._events.aclose()
-                await self._generation.aclose()
+                await self._generation.aclose()  # type: ignore[attr-defined]  # an async generator
             self._on_end(self._outcome or "client_disconnected")
 
 

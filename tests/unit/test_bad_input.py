@@ -471,7 +471,7 @@ class GatedLLM(ScriptedLLM):
             self.closed = True
 
 
-async def call_asgi(app, body: dict, spec_version: str = "2.3"):
+async def call_asgi(app, body: dict, spec_version: str = "2.3", wait_for_body: bool = True):
     """Drives the app like a server; returns (task, chunks, disconnect): `chunks` fills with the response's
     body messages, setting `disconnect` makes the client go away."""
     disconnect = asyncio.Event()
@@ -509,7 +509,8 @@ async def call_asgi(app, body: dict, spec_version: str = "2.3"):
         "server": ("testserver", 80),
     }
     task = asyncio.ensure_future(app(scope, receive, send))
-    await asyncio.wait_for(started.wait(), 10)
+    if wait_for_body:
+        await asyncio.wait_for(started.wait(), 10)
     return task, chunks, disconnect
 
 
@@ -592,3 +593,20 @@ def test_a_stream_that_fails_midway_is_recorded_as_an_error(llm, monkeypatch):
     events = [line for line in response.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and "llm service is unavailable" in events[-2]
     assert outcomes(app) == {"completed": 0, "error": 1, "client_disconnected": 0}
+
+
+def test_a_client_leaving_a_non_streamed_request_is_recorded(gated):
+    app = make_app(gated)
+    gated.answer = "Hello world, what is this?"
+
+    async def go():
+        task, chunks, disconnect = await call_asgi(app, chat(max_tokens=50), wait_for_body=False)
+        await asyncio.sleep(0.1)
+        assert not task.done() and not chunks
+        disconnect.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(go())
+    assert outcomes(app) == {"completed": 0, "error": 0, "client_disconnected": 1}
+    assert requests_count(app, CHAT, 499) == 1 and gated.closed
