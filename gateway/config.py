@@ -3,12 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from mmserve.cli import EnvFlags
 from mmserve.grpc_util import DEFAULT_MAX_MESSAGE_BYTES
 from mmserve.images import DEFAULT_MAX_IMAGE_PIXELS
+
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+
+
+def parse_allowed_domain(entry: str) -> tuple[str, int | None]:
+    """One allow-list entry -> (host, port or None).
+
+    `host` or `host:port`; an IPv6 address goes in brackets (`[2001:db8::1]:8443`, a bare one has no
+    port). The host comes back in lower-case ASCII (IDNA, no trailing dot; an IPv6 address compressed,
+    without brackets); None for the port means only the url scheme's default port (80/443)."""
+    text = entry.strip()
+    try:
+        if text.startswith("["):
+            host, sep, rest = text[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise ValueError("an IPv6 address needs its closing ']'")
+            port_text = rest[1:] if rest else None
+            host = str(ipaddress.IPv6Address(host))
+        elif text.count(":") > 1:
+            host, port_text = str(ipaddress.IPv6Address(text)), None
+        else:
+            host, sep, port_text = text.partition(":")
+            port_text = port_text if sep else None
+            host = host.rstrip(".").lower().encode("idna").decode("ascii")
+            if not _HOST_NAME.fullmatch(host):
+                raise ValueError("not a host name or IP address")
+        port = None
+        if port_text is not None:
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise ValueError(f"port {port_text!r} is not in 1-65535")
+            port = int(port_text)
+    except (ValueError, UnicodeError) as exc:
+        raise ValueError(f"allowed domain {entry!r} is not host or host:port ({exc})") from None
+    return host, port
+
+
+def format_allowed_domain(host: str, port: int | None) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port is None else f"{shown}:{port}"
 
 
 @dataclass
@@ -19,13 +60,15 @@ class MediaConfig:
     max_image_bytes: int = 20 * 1024 * 1024  # per image, enforced while streaming the body
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # read from the header, before any decode
     allow_private_urls: bool = False  # private, loopback and link-local destinations refused unless set
-    allowed_domains: list[str] = field(default_factory=list)  # empty = any public host
+    # host or host:port entries (subdomains included); no port = the scheme's default; empty = any public host
+    allowed_domains: list[str] = field(default_factory=list)
     allowed_local_media_path: str | None = None  # local files only under this folder; None = off
     max_redirects: int = 5
 
     def __post_init__(self):
         if self.fetch_timeout_s <= 0 or self.max_image_bytes <= 0 or self.max_image_pixels <= 0:
             raise ValueError("fetch timeout, byte cap and pixel cap must be positive")
+        self.allowed_domains = [format_allowed_domain(*parse_allowed_domain(d)) for d in self.allowed_domains]
         if self.allowed_local_media_path is not None:
             if not Path(self.allowed_local_media_path).is_dir():
                 raise ValueError(
@@ -112,7 +155,11 @@ class GatewayConfig:
             "allow_private_urls", "ALLOW_PRIVATE_URLS", "allow loopback/private/link-local image urls"
         )
         media.add(
-            "allowed_domains", "ALLOWED_MEDIA_DOMAINS", help="comma-separated host allow-list for image urls"
+            "allowed_domains",
+            "ALLOWED_MEDIA_DOMAINS",
+            help="comma-separated allow-list of image url hosts, each host[:port] (subdomains included, "
+            "IPv6 in brackets); an entry without a port allows only the scheme's default port "
+            "(80 for http, 443 for https); every redirect hop is checked against it",
         )
         media.add(
             "allowed_local_media_path", "ALLOWED_LOCAL_MEDIA_PATH", help="local images only under this folder"

@@ -12,7 +12,7 @@ from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from gateway.config import MediaConfig
+from gateway.config import MediaConfig, parse_allowed_domain
 from mmserve.errors import InvalidInputError
 
 
@@ -39,6 +39,7 @@ def _is_public(address: str) -> bool:
 class MediaFetcher:
     def __init__(self, config: MediaConfig):
         self.config = config
+        self._allowed = [parse_allowed_domain(entry) for entry in config.allowed_domains]
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.fetch_timeout_s),
             follow_redirects=False,  # each hop is re-checked against the policy
@@ -98,15 +99,15 @@ class MediaFetcher:
         """Check the destination against the policy; the address to connect to, or None to let the
         HTTP client resolve the name itself (private destinations allowed)."""
         parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
+        host = (parts.hostname or "").lower().rstrip(".")
         if not host:
             raise MediaError(f"image url {_short(url)} has no host")
-        allowed = self.config.allowed_domains
-        if allowed and not any(host == d or host.endswith("." + d) for d in allowed):
-            raise MediaError(f"image host {host!r} is not in the allowed domains")
+        default_port = 443 if parts.scheme.lower() == "https" else 80
+        port = parts.port if parts.port is not None else default_port
+        if self._allowed:
+            self._check_allowed(host, port, default_port)
         if self.config.allow_private_urls:
             return None
-        port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
@@ -120,6 +121,27 @@ class MediaFetcher:
                 )
         return addresses[0]
 
+    def _check_allowed(self, host: str, port: int, default_port: int) -> None:
+        """The allow-list: the host (or a subdomain of an entry's name) and the port must match one
+        entry; an entry without a port allows only the scheme's default port."""
+        try:
+            host = str(ipaddress.IPv6Address(host))  # entries hold IPv6 addresses compressed
+        except ValueError:
+            pass
+        hosts = [
+            (h, p)
+            for h, p in self._allowed
+            if host == h or (host.endswith("." + h) and not h.replace(".", "").isdigit() and ":" not in h)
+        ]
+        if not hosts:
+            raise MediaError(f"image host {host!r} is not in the allowed domains")
+        if not any(port == (p if p is not None else default_port) for _, p in hosts):
+            raise MediaError(
+                f"image url port {port} of {host!r} is not in the allowed domains "
+                f"({', '.join(self.config.allowed_domains)}; an entry without a port allows only "
+                f"the scheme's default port, {default_port})"
+            )
+
     async def _from_http(self, url: str) -> bytes:
         for _ in range(self.config.max_redirects + 1):
             address = await self._checked_address(url)
@@ -130,10 +152,9 @@ class MediaFetcher:
                 parts = urlsplit(url)
                 host = parts.hostname or ""
                 ip = f"[{address}]" if ":" in address else address
-                target = urlunsplit(parts._replace(netloc=ip + (f":{parts.port}" if parts.port else "")))
-                headers["Host"] = (f"[{host}]" if ":" in host else host) + (
-                    f":{parts.port}" if parts.port else ""
-                )
+                port = f":{parts.port}" if parts.port is not None else ""
+                target = urlunsplit(parts._replace(netloc=ip + port))
+                headers["Host"] = (f"[{host}]" if ":" in host else host) + port
                 if parts.scheme == "https":
                     extensions["sni_hostname"] = host  # TLS SNI and certificate checks use the name
             try:

@@ -99,7 +99,8 @@ def test_redirects_are_rechecked():
         "/loop": (302, {"Location": "/loop"}, b"", 0),
     }
     with http_server(routes) as base:
-        config = MediaConfig(allow_private_urls=True, allowed_domains=["127.0.0.1"])
+        port = base.rsplit(":", 1)[1]
+        config = MediaConfig(allow_private_urls=True, allowed_domains=[f"127.0.0.1:{port}"])
         with pytest.raises(MediaError, match="'localhost' is not in the allowed domains"):
             fetch(config, f"{base}/hop")
         assert fetch(MediaConfig(allow_private_urls=True), f"{base}/hop") == PNG
