@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import ipaddress
+import re
 import socket
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
@@ -34,6 +35,37 @@ def _is_public(address: str) -> bool:
     return ip.is_global and not (
         ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
     )
+
+
+_IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]*")
+
+
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address an IP-literal host names, in any spelling a resolver accepts (inet_aton: 1-4 parts,
+    each decimal, octal or hex: 127.1, 0x7f000001, 2130706433, 0177.0.0.1), else None for a name.
+    Parsed here so that the policy never depends on how the platform's resolver reads numbers; a host
+    whose last label is a number but that is no IPv4 address (256.0.0.1, 1.2.3.4.5) is refused."""
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(unquote(host))  # a zone id comes percent-encoded: fe80::1%25eth0
+        except ValueError:
+            raise MediaError(f"image host {host!r} is not a valid IPv6 address") from None
+    parts = host.split(".")
+    if not _NUMERIC_LABEL.fullmatch(parts[-1]):
+        return None
+    if len(parts) > 4 or not all(_IPV4_PART.fullmatch(p) for p in parts):
+        raise MediaError(f"image host {host!r} is not a valid IPv4 address")
+    values = [
+        int(p[2:] or "0", 16) if p[:2].lower() == "0x" else int(p, 8) if p.startswith("0") else int(p)
+        for p in parts
+    ]
+    if any(v > 255 for v in values[:-1]) or values[-1] >= 256 ** (5 - len(values)):
+        raise MediaError(f"image host {host!r} is not a valid IPv4 address")
+    number = 0
+    for v in values[:-1]:
+        number = number * 256 + v
+    return ipaddress.IPv4Address((number << 8 * (5 - len(values))) + values[-1])
 
 
 class MediaFetcher:
@@ -104,8 +136,18 @@ class MediaFetcher:
             raise MediaError(f"image url {_short(url)} has no host")
         default_port = 443 if parts.scheme.lower() == "https" else 80
         port = parts.port if parts.port is not None else default_port
+        literal = _ip_literal(host)
+        if literal is not None:
+            host = str(literal).split("%", 1)[0]  # canonical: the allow-list holds addresses so
         if self._allowed:
             self._check_allowed(host, port, default_port)
+        if literal is not None:  # no resolver involved: the address is the one connected to
+            if not self.config.allow_private_urls and not _is_public(str(literal)):
+                raise MediaError(
+                    f"image url {_short(url)} resolves to non-public address {literal}; "
+                    "private, loopback and link-local destinations are refused (--allow-private-urls)"
+                )
+            return str(literal) if literal.version == 4 or "%" not in str(literal) else None
         if self.config.allow_private_urls:
             return None
         try:
