@@ -37,6 +37,7 @@ def _is_public(address: str) -> bool:
     )
 
 
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 _IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
 _NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]*")
 
@@ -136,6 +137,16 @@ class MediaFetcher:
             raise MediaError(f"image url {_short(url)} has no host")
         default_port = 443 if parts.scheme.lower() == "https" else 80
         port = parts.port if parts.port is not None else default_port
+        if ":" not in host:  # a name or an IPv4 address: to the ASCII form the resolver would look up
+            try:
+                host = host.encode("idna").decode("ascii").rstrip(".")  # ⓛⓞⓒⓐⓛⓗⓞⓢⓣ -> localhost
+            except UnicodeError as exc:
+                raise MediaError(f"image host {_short(host)!r} is not a valid host name ({exc})") from None
+            if not _HOST_NAME.fullmatch(host):  # percent-encoding, '\\', '!': refused before any lookup
+                raise MediaError(
+                    f"image host {_short(host)!r} is not a valid host name "
+                    "(letters, digits, '-', '_' and '.' only; IDN names are accepted)"
+                )
         literal = _ip_literal(host)
         if literal is not None:
             host = str(literal).split("%", 1)[0]  # canonical: the allow-list holds addresses so
@@ -148,6 +159,12 @@ class MediaFetcher:
                     "private, loopback and link-local destinations are refused (--allow-private-urls)"
                 )
             return str(literal) if literal.version == 4 or "%" not in str(literal) else None
+        if not self.config.allow_private_urls and (host == "localhost" or host.endswith(".localhost")):
+            raise MediaError(
+                f"image host {host!r} is a loopback name (RFC 6761: localhost and *.localhost), "
+                "a non-public address; "
+                "private, loopback and link-local destinations are refused (--allow-private-urls)"
+            )
         if self.config.allow_private_urls:
             return None
         try:
