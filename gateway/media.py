@@ -132,6 +132,11 @@ class MediaFetcher:
         """Check the destination against the policy; the address to connect to, or None to let the
         HTTP client resolve the name itself (private destinations allowed)."""
         parts = urlsplit(url)
+        if "@" in parts.netloc:  # user@host: the classic way to make a url look like another host's
+            raise MediaError(
+                f"image url {_short(url)} carries a user name or password (user@host); "
+                "credentials in image urls are refused"
+            )
         host = (parts.hostname or "").lower().rstrip(".")
         if not host:
             raise MediaError(f"image url {_short(url)} has no host")
