@@ -229,6 +229,12 @@ class MediaFetcher:
                         location = response.headers.get("location")
                         if not location:
                             raise MediaError(f"image url {_short(url)} redirected without a Location")
+                        target_scheme = urlsplit(urljoin(url, location)).scheme.lower()
+                        if target_scheme not in ("http", "https"):  # file:, data:, gopher: ... never
+                            raise MediaError(
+                                f"image url {_short(url)} redirected to a {target_scheme!r} url "
+                                f"({_short(location)}); only http(s) redirects are followed"
+                            )
                         url = urljoin(url, location)
                         continue
                     if response.status_code != 200:
@@ -247,7 +253,7 @@ class MediaFetcher:
                     return bytes(body)
             except httpx.TimeoutException:
                 raise MediaError(f"image url {_short(url)} timed out") from None
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError
                 raise MediaError(
                     f"image url {_short(url)} could not be fetched ({type(exc).__name__}: {exc})"
                 ) from None
