@@ -69,6 +69,17 @@ def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
     return ipaddress.IPv4Address((number << 8 * (5 - len(values))) + values[-1])
 
 
+async def _refuse_non_http_redirect(response: httpx.Response) -> None:
+    location = response.headers.get("location")
+    if response.is_redirect and location:
+        scheme = urlsplit(urljoin(str(response.request.url), location)).scheme.lower()
+        if scheme not in ("http", "https"):  # file:, data:, gopher: ... never followed
+            raise MediaError(
+                f"image url redirected to a {scheme!r} url ({_short(location)}); "
+                "only http(s) redirects are followed"
+            )
+
+
 class MediaFetcher:
     def __init__(self, config: MediaConfig):
         self.config = config
@@ -78,6 +89,8 @@ class MediaFetcher:
             follow_redirects=False,  # each hop is re-checked against the policy
             headers={"User-Agent": "mmserve-gateway"},
             trust_env=False,
+            # Runs before httpx parses the Location itself (which raises InvalidURL on data: urls).
+            event_hooks={"response": [_refuse_non_http_redirect]},
         )
 
     async def aclose(self) -> None:
@@ -229,12 +242,6 @@ class MediaFetcher:
                         location = response.headers.get("location")
                         if not location:
                             raise MediaError(f"image url {_short(url)} redirected without a Location")
-                        target_scheme = urlsplit(urljoin(url, location)).scheme.lower()
-                        if target_scheme not in ("http", "https"):  # file:, data:, gopher: ... never
-                            raise MediaError(
-                                f"image url {_short(url)} redirected to a {target_scheme!r} url "
-                                f"({_short(location)}); only http(s) redirects are followed"
-                            )
                         url = urljoin(url, location)
                         continue
                     if response.status_code != 200:
