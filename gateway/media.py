@@ -21,6 +21,9 @@ class MediaError(InvalidInputError):
     """An image source cannot be used (HTTP 400 naming the source)."""
 
 
+MAX_URL_CHARS = 8192  # http(s) and file urls; data: urls are capped by the image byte cap instead
+
+
 def _short(url: str) -> str:
     return url if len(url) <= 80 else url[:77] + "..."
 
@@ -108,6 +111,10 @@ class MediaFetcher:
         scheme = urlsplit(url).scheme.lower()
         if scheme == "data":
             return self._from_data_url(url)
+        if len(url) > MAX_URL_CHARS:
+            raise MediaError(
+                f"image url {_short(url)} is {len(url)} characters, over the {MAX_URL_CHARS}-character limit"
+            )
         if scheme in ("http", "https"):
             try:
                 return await asyncio.wait_for(self._from_http(url), self.config.fetch_timeout_s)
@@ -115,7 +122,7 @@ class MediaFetcher:
                 raise MediaError(
                     f"image url {_short(url)} timed out after {self.config.fetch_timeout_s:g}s"
                 ) from None
-        if scheme == "file" or (scheme == "" and url.startswith("/")):
+        if scheme == "file" or (scheme == "" and url.startswith("/") and not url.startswith("//")):
             return await asyncio.to_thread(self._from_file, url)
         raise MediaError(
             f"image url scheme {scheme or '(none)'!r} is not supported; use http(s), data: or file://"
@@ -130,7 +137,7 @@ class MediaFetcher:
         media_type = header.split(";")[0].strip().lower()
         if media_type and not media_type.startswith("image/"):
             raise MediaError(f"data url media type {media_type!r} is not an image")
-        if ";base64" not in header.lower():
+        if header.split(";")[-1].strip().lower() != "base64":  # ';base64' ends the header (RFC 2397)
             raise MediaError("data url must be base64-encoded (data:image/...;base64,...)")
         if len(payload) > self.config.max_image_bytes * 4 // 3 + 4:
             raise MediaError(f"data url image is over the {self.config.max_image_bytes} byte cap")
@@ -274,7 +281,15 @@ class MediaFetcher:
             raise MediaError(
                 "local image files are disabled (start the gateway with --allowed-local-media-path)"
             )
-        raw = unquote(urlsplit(url).path) if url.startswith("file:") else url
+        if url.startswith("file:"):
+            parts = urlsplit(url)
+            if parts.netloc not in ("", "localhost"):
+                raise MediaError(f"file url {_short(url)} names a host; use file:///absolute/path")
+            raw = unquote(parts.path)
+        else:
+            raw = url
+        if not raw.startswith("/"):
+            raise MediaError(f"local image {raw!r} is not an absolute path")
         path = Path(raw).resolve()  # resolves symlinks and '..' before the containment check
         if not path.is_relative_to(root):
             raise MediaError(f"local image {raw!r} is outside the allowed folder")

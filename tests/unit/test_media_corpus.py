@@ -50,7 +50,6 @@ FAKE_DNS = {
 # Fixes the corpus found, not yet landed: their cases are expected to fail (strict xfail) until then.
 PENDING_FIXES: set[str] = {
     "nat64",
-    "url-shape",
     "image-formats",
     "exif",
 }
