@@ -28,11 +28,16 @@ def _short(url: str) -> str:
     return url if len(url) <= 80 else url[:77] + "..."
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped:
             ip = ip.ipv4_mapped
+        elif ip in _NAT64:  # DNS64/NAT64 (RFC 6052): the IPv4 address it reaches decides
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         elif ip.sixtofour or ip.teredo or ip.is_site_local:  # tunnels can reach IPv4 private space
             return False
     return ip.is_global and not (
