@@ -14,6 +14,10 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 # Processors resize by the short side (CLIP: to 336 px), so a 4000x1 strip would become a
 # 1.3-million-pixel-wide image before cropping: refuse such shapes from the header.
 MAX_ASPECT_RATIO = 50
+# The web's raster formats ("JPEG" covers MPO, the multi-frame JPEG phone cameras write). Others are
+# never opened: PIL would hand EPS to Ghostscript, and exotic decoders are attack surface for no gain.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+Image.init()  # registers every plugin, so that Image.open(formats=...) knows each accepted name
 
 
 def content_hash(data: bytes) -> str:
@@ -27,10 +31,15 @@ def probe_image(data: bytes, max_pixels: int, what: str = "image") -> tuple[int,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
                 width, height = image.size
     except InvalidInputError:
         raise
+    except Image.UnidentifiedImageError:
+        raise InvalidInputError(
+            f"{what} cannot be decoded as an image: not an accepted image format "
+            f"({', '.join(ACCEPTED_FORMATS)})"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidInputError(f"{what} has too many pixels") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
@@ -52,7 +61,7 @@ def decode_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Ima
     """Fully decode to RGB after the header check (first frame of animations)."""
     probe_image(data, max_pixels, what)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
             image.load()
             return image.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt data surfaces here

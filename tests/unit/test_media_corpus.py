@@ -49,7 +49,6 @@ FAKE_DNS = {
 }
 # Fixes the corpus found, not yet landed: their cases are expected to fail (strict xfail) until then.
 PENDING_FIXES: set[str] = {
-    "image-formats",
     "exif",
 }
 
