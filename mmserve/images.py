@@ -6,7 +6,7 @@ import hashlib
 import io
 import warnings
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mmserve.errors import InvalidInputError
 
@@ -58,12 +58,13 @@ def probe_image(data: bytes, max_pixels: int, what: str = "image") -> tuple[int,
 
 
 def decode_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Image:
-    """Fully decode to RGB after the header check (first frame of animations)."""
+    """Fully decode to RGB after the header check (first frame of animations), turned upright as its
+    EXIF orientation says (as browsers show it; the pixel count and aspect ratio do not change)."""
     probe_image(data, max_pixels, what)
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
             image.load()
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt data surfaces here
         raise InvalidInputError(
             f"{what} cannot be decoded as an image ({type(exc).__name__}: {exc})"

@@ -48,9 +48,7 @@ FAKE_DNS = {
     "foo.localhost": [PUBLIC_V4],  # a resolver that does not special-case *.localhost
 }
 # Fixes the corpus found, not yet landed: their cases are expected to fail (strict xfail) until then.
-PENDING_FIXES: set[str] = {
-    "exif",
-}
+PENDING_FIXES: set[str] = {}
 
 
 def found(fix: str):
