@@ -1,0 +1,483 @@
+"""Property-based fuzzing of the gRPC services, which any client can reach: hostile `GenerateRequest`s
+against one real LLMService server and hostile `EmbedRequest`s against one real VisionService server, both
+on loopback over the tiny checkpoint (one server per service for the whole run, not one per example).
+
+Requests are built field by field as any client could: token ids (negative, huge, the placeholder id),
+image spans (offsets, lengths, order), embedding tensors (dtype strings, shapes, byte lengths, NaN / inf /
+huge values), sampling values (NaN, inf, out of range). Each call either streams a well-formed result or
+fails with INVALID_ARGUMENT / RESOURCE_EXHAUSTED / OUT_OF_RANGE (vision: also NOT_FOUND), never INTERNAL or
+UNKNOWN; afterwards each service still serves a normal request with the same answer as before the run
+(nothing a hostile request did reached the KV cache, the prefix cache or the embedding cache). Bounded and
+derandomized, so CI runs the same examples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import struct
+import zlib
+
+import grpc
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from llm_service.config import LLMConfig
+from llm_service.engine import Engine
+from llm_service.models import load_language_model
+from mmserve.grpc_util import channel_options
+from mmserve.images import content_hash
+from mmserve.proto import llm_pb2, llm_pb2_grpc, tensor_pb2, vision_pb2, vision_pb2_grpc
+from mmserve.tensor_codec import tensor_from_pb, tensor_to_pb
+from mmserve.wire import generate_request_from_pb
+from tests.helpers import make_image, serve_vision
+from tests.service.test_llm_service import with_server
+from vision_service.config import VisionConfig
+from vision_service.encoder import VisionEncoder
+
+FUZZ = settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE}
+MAX_MODEL_LEN = 48  # keeps every generation short: a sequence ends at the context's end
+CALL_TIMEOUT_S = 60  # a call that hangs fails as DEADLINE_EXCEEDED
+
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+EDGE_INT32 = [0, 1, -1, 2, 63, 64, 65, 399, 400, 401, 1023, 1024, 1025, 2**15, 2**31 - 1, -(2**31)]
+EDGE_INT64 = [0, 1, -1, 2, 2**31, 2**32, 2**62, 2**63 - 1, -(2**63)]
+FLOATS = st.one_of(
+    st.floats(width=32),  # NaN, +-inf, subnormals; float32 as the wire carries them
+    st.sampled_from(
+        [0.0, -0.0, 1e-6, 1e-5, 0.5, 1.0, 2.0, 2.5, -1.0, 1e30, -1e30, math.nan, math.inf, -math.inf]
+    ),
+)
+
+
+def int32s(lo: int = INT32[0], hi: int = INT32[1]):
+    return st.one_of(st.integers(lo, hi), st.sampled_from([v for v in EDGE_INT32 if lo <= v <= hi]))
+
+
+def maybe(draw, valid, hostile, hostile_in: int = 20):
+    """A valid value, or (1 time in `hostile_in`) a hostile one."""
+    return draw(hostile) if draw(st.integers(0, hostile_in - 1)) == 0 else draw(valid)
+
+
+# ---- the LLM service ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    engine = Engine(
+        load_language_model(LLMConfig(checkpoint=str(tiny_checkpoint))),
+        max_model_len=MAX_MODEL_LEN,
+        block_size=4,
+        max_waiting=8,
+        kv_cache_bytes=1 << 20,  # 512 blocks of 4 tokens: plenty, and allocated in no time
+    )
+    yield engine
+    engine.stop()
+
+
+DTYPES = ["float32", "float16", "bfloat16", "float64"]
+HOSTILE_DTYPES = [
+    "int64",
+    "int32",
+    "uint8",
+    "torch.float32",
+    "float8_e4m3fn",
+    "Float32",
+    "",
+    "float",
+    "bool",
+    "complex64",
+]
+TORCH = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+BAD_VALUES = [math.nan, math.inf, -math.inf, 65504.0, -65504.0, 65505.0, 1e30, -1e38, 5e-324, -0.0]
+
+
+@st.composite
+def embedding(draw, rows: int, hidden: int) -> tensor_pb2.Tensor:
+    """An embedding tensor for `rows` rows: mostly valid (values, dtype, shape, bytes), else one thing off."""
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    tensor = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if draw(st.integers(0, 5)) == 0:  # a few bad values (the cast below may turn them into inf)
+        for _ in range(draw(st.integers(1, 3))):
+            value = draw(st.one_of(st.sampled_from(BAD_VALUES), st.floats()))
+            tensor.view(-1)[draw(st.integers(0, tensor.numel() - 1))] = value
+    message = tensor_to_pb(tensor.to(TORCH[dtype]))
+    flaw = draw(st.sampled_from(["none"] * 10 + ["dtype", "shape", "tensor shape", "bytes", "random bytes"]))
+    if flaw == "tensor shape":  # a tensor of another shape, its bytes consistent with it
+        dim = st.sampled_from([0, 1, rows - 1, rows, rows + 1, hidden - 1, hidden, hidden + 1, 2 * hidden])
+        shape = draw(st.lists(dim, max_size=3).filter(lambda shape: shape != [rows, hidden]))
+        message = tensor_to_pb(torch.zeros(shape, dtype=TORCH[dtype]))
+    elif flaw == "dtype":
+        message.dtype = draw(st.one_of(st.sampled_from(HOSTILE_DTYPES + DTYPES), st.text(max_size=12)))
+    elif flaw == "shape":
+        shape = st.one_of(st.integers(*INT64), st.sampled_from(EDGE_INT64 + [rows, hidden, rows * hidden]))
+        message.shape[:] = draw(st.lists(shape, max_size=4))
+    elif flaw == "bytes":
+        size = len(message.data)
+        cut = draw(st.sampled_from([0, 1, size - 1, size + 1, size + 2, size // 2, size * 2]))
+        message.data = (message.data * 3)[: max(cut, 0)]
+    elif flaw == "random bytes":  # the right length, any bit patterns (NaN and inf included)
+        message.data = draw(st.binary(min_size=len(message.data), max_size=len(message.data)))
+    return message
+
+
+@st.composite
+def generate_request(draw, vocab: int, image_id: int, hidden: int) -> llm_pb2.GenerateRequest:
+    text_id = st.integers(0, vocab - 1).filter(lambda t: t != image_id)
+    ids: list[int] = []
+    spans: list[llm_pb2.ImageSpan] = []
+    for k in range(draw(st.integers(0, 2)) + 1):
+        if k:  # an image: a run of placeholders, its span and its embedding
+            rows = draw(st.integers(1, 4))
+            spans.append(
+                llm_pb2.ImageSpan(
+                    offset=len(ids),
+                    length=rows,
+                    embedding=draw(embedding(rows, hidden)),
+                    content_hash=maybe(draw, st.just("h"), st.text(max_size=300)),
+                    grid_thw=maybe(draw, st.just([]), st.lists(st.integers(*INT64), max_size=4)),
+                )
+            )
+            ids += [image_id] * rows
+        ids += draw(st.lists(text_id, max_size=5))
+    ids = ids or [1]
+
+    # now and then, one structural flaw
+    flaw = draw(
+        st.sampled_from(["none"] * 12 + ["id", "no ids", "long", "offset", "length", "order", "span"])
+    )
+    if flaw == "id":
+        ids[draw(st.integers(0, len(ids) - 1))] = draw(int32s())
+    elif flaw == "no ids":
+        ids = []
+    elif flaw == "long":  # at or over the context
+        ids = draw(st.lists(text_id, min_size=MAX_MODEL_LEN - 1, max_size=MAX_MODEL_LEN + 2))
+    elif flaw in ("offset", "length") and spans:
+        span = spans[draw(st.integers(0, len(spans) - 1))]
+        setattr(span, flaw, draw(int32s()))
+    elif flaw == "order" and len(spans) > 1:
+        spans.reverse()
+    elif flaw == "span":  # a span too many, or one dropped
+        if spans and draw(st.booleans()):
+            spans.pop(draw(st.integers(0, len(spans) - 1)))
+        else:
+            rows = draw(st.integers(0, 3))
+            spans.append(
+                llm_pb2.ImageSpan(
+                    offset=draw(int32s()),
+                    length=draw(int32s()),
+                    embedding=draw(embedding(max(rows, 1), hidden)),
+                )
+            )
+
+    sampling = llm_pb2.SamplingParams(
+        temperature=maybe(draw, st.sampled_from([0.0, 0.0, 0.7, 1.0, 2.0]), FLOATS),
+        top_p=maybe(draw, st.sampled_from([0.0, 0.5, 0.9, 1.0]), FLOATS),  # 0: unset (1)
+        top_k=maybe(draw, st.sampled_from([0, 1, 5, 50, -1]), int32s()),
+        max_new_tokens=maybe(draw, st.integers(1, 6), int32s()),
+        min_new_tokens=maybe(draw, st.integers(0, 3), int32s()),
+        ignore_eos=draw(st.booleans()),
+        stop_token_ids=maybe(
+            draw,
+            st.lists(st.integers(0, vocab - 1), max_size=3),
+            st.one_of(
+                st.lists(int32s(), max_size=4),
+                st.lists(st.integers(0, vocab - 1), min_size=1025, max_size=1030),
+            ),
+        ),
+        repetition_penalty=maybe(draw, st.sampled_from([0.0, 1.0, 1.2, 0.8]), FLOATS),  # 0: unset (1)
+        min_p=maybe(draw, st.sampled_from([0.0, 0.1, 1.0]), FLOATS),
+        presence_penalty=maybe(draw, st.sampled_from([0.0, 0.5, -2.0, 2.0]), FLOATS),
+        frequency_penalty=maybe(draw, st.sampled_from([0.0, -0.5, 2.0]), FLOATS),
+    )
+    if draw(st.booleans()):
+        sampling.seed = draw(st.integers(0, 2**64 - 1))
+    if draw(st.booleans()):  # logprobs show NaN or inf logits, which tokens alone may not
+        sampling.logprobs = maybe(draw, st.integers(0, 20), int32s())
+    request_id = maybe(
+        draw,
+        st.just("fuzz"),
+        st.one_of(st.sampled_from(["", "a\nb", "x" * 257, "\x00", "\u202e"]), st.text(max_size=20)),
+    )
+    return llm_pb2.GenerateRequest(request_id=request_id, token_ids=ids, images=spans, sampling=sampling)
+
+
+def check_generation(messages: list, request: llm_pb2.GenerateRequest, vocab: int) -> None:
+    """A normal result: tokens in the vocabulary, logprobs where asked for, one finishing message with usage."""
+    assert messages, "the stream ended without a message"
+    *head, last = messages
+    assert all(m.finish_reason == llm_pb2.FINISH_REASON_UNSPECIFIED for m in head)
+    assert last.finish_reason in (llm_pb2.FINISH_REASON_STOP, llm_pb2.FINISH_REASON_LENGTH), last
+    tokens = [t for m in messages for t in m.token_ids]
+    assert all(0 <= t < vocab for t in tokens), tokens
+    assert 1 <= len(tokens) <= request.sampling.max_new_tokens
+    assert last.usage.prompt_tokens == len(request.token_ids)
+    assert last.usage.completion_tokens == len(tokens)
+    assert 0 <= last.usage.cached_tokens <= last.usage.prompt_tokens
+    want = request.sampling.logprobs if request.sampling.HasField("logprobs") else None
+    for m in messages:
+        assert len(m.logprobs) == (0 if want is None else len(m.token_ids))
+        for lp in m.logprobs:
+            assert len(lp.top_token_ids) == len(lp.top_logprobs) == want
+            assert all(0 <= t < vocab for t in lp.top_token_ids)
+            assert not any(math.isnan(v) or v > 0 for v in [lp.logprob, *lp.top_logprobs]), lp
+
+
+def reference_requests(image_id: int, hidden: int) -> list[llm_pb2.GenerateRequest]:
+    """Greedy requests with logprobs, sent after the run: their answers must equal a clean engine's.
+    The fuzzed engine has not seen them, so their prefill and decode use KV blocks the fuzz used before."""
+    image = torch.randn(3, hidden, generator=torch.Generator().manual_seed(0))
+    sampling = llm_pb2.SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True, logprobs=3)
+    return [
+        llm_pb2.GenerateRequest(request_id="ref-text", token_ids=[1, 40, 41, 42, 43], sampling=sampling),
+        llm_pb2.GenerateRequest(
+            request_id="ref-image",
+            token_ids=[1, 40, image_id, image_id, image_id, 41, 42],
+            images=[llm_pb2.ImageSpan(offset=2, length=3, embedding=tensor_to_pb(image), content_hash="h")],
+            sampling=sampling,
+        ),
+        llm_pb2.GenerateRequest(request_id="ref-long", token_ids=list(range(5, 45)), sampling=sampling),
+    ]
+
+
+def answers(messages) -> tuple[list[int], list[float]]:
+    """(token ids, every logprob) of a stream of GenerateResponses or GenerateOutputs."""
+    tokens, values = [], []
+    for m in messages:
+        tokens += list(m.token_ids)
+        for lp in m.logprobs:
+            top = (
+                zip(lp.top_token_ids, lp.top_logprobs, strict=True)
+                if hasattr(lp, "top_token_ids")
+                else lp.top
+            )
+            values += [lp.logprob, *(v for _, v in top)]
+    return tokens, values
+
+
+def clean_answers(checkpoint, requests) -> list[tuple[list[int], list[float]]]:
+    """The answers of an engine that served nothing else (and caches no prefix)."""
+    clean = Engine(
+        load_language_model(LLMConfig(checkpoint=str(checkpoint))),
+        max_model_len=MAX_MODEL_LEN,
+        block_size=4,
+        kv_cache_bytes=1 << 20,
+        enable_prefix_caching=False,
+    )
+
+    async def run(request):
+        return answers([out async for out in clean.generate(generate_request_from_pb(request))])
+
+    try:
+        return [asyncio.run(run(request)) for request in requests]
+    finally:
+        clean.stop()
+
+
+def test_fuzzed_generate_requests_never_fail_internally(engine, tiny_checkpoint):
+    info = engine.info()
+    vocab, image_id, hidden = engine.model.vocab_size, info.image_token_id, info.hidden_size
+    references = reference_requests(image_id, hidden)
+    expected = clean_answers(tiny_checkpoint, references)
+    outcomes: dict[str, int] = {}
+
+    def fuzz(address: str):
+        channel = grpc.insecure_channel(address, options=channel_options(64 << 20))
+        stub = llm_pb2_grpc.LLMServiceStub(channel)
+
+        def generate(request):
+            return list(stub.Generate(request, timeout=CALL_TIMEOUT_S))
+
+        @FUZZ
+        @given(request=generate_request(vocab, image_id, hidden))
+        def property_(request):
+            try:
+                messages = generate(request)
+            except grpc.RpcError as exc:
+                event(exc.code().name)
+                outcomes[exc.code().name] = outcomes.get(exc.code().name, 0) + 1
+                assert exc.code() in ALLOWED, (exc.code(), exc.details())
+                assert exc.details()
+                return
+            event("OK")
+            outcomes["OK"] = outcomes.get("OK", 0) + 1
+            check_generation(messages, request, vocab)
+
+        try:
+            property_()
+            return [answers(generate(request)) for request in references]
+        finally:
+            channel.close()
+
+    async def body(stub, channel, address):
+        return await asyncio.to_thread(fuzz, address)
+
+    after = with_server(engine, body)
+    for (tokens, values), (want_tokens, want_values) in zip(after, expected, strict=True):
+        assert len(tokens) == 8 and tokens == want_tokens
+        assert values == pytest.approx(want_values, abs=1e-4)
+    assert outcomes.get("OK", 0) >= 10 and outcomes.get("INVALID_ARGUMENT", 0) >= 10, outcomes
+    assert engine.is_alive() and engine.num_running() == 0
+    assert engine.num_free_blocks() == engine.block_manager.num_blocks  # nothing leaked
+
+
+# ---- the vision service ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_checkpoint):
+    encoder = VisionEncoder(VisionConfig(checkpoint=str(tiny_checkpoint)))
+    yield encoder
+    encoder.close()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (and whose data is one empty row): a decompression bomb's
+    shape, refused from the header."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (  # noqa: E731
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def encoded(mode: str, size: tuple[int, int], fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color=7 if mode in ("L", "P", "1", "I;16", "I", "F") else (7,) * len(mode)).save(
+        buffer, fmt
+    )
+    return buffer.getvalue()
+
+
+GOOD = make_image(20, 12, seed=3)
+DECODABLE = [
+    GOOD,
+    make_image(1, 1, seed=1),
+    make_image(60, 2, seed=2),  # aspect ratio 30
+    make_image(9, 9, seed=4, fmt="JPEG"),
+    encoded("RGBA", (5, 5), "PNG"),
+    encoded("L", (5, 5), "PNG"),
+    encoded("P", (5, 5), "GIF"),
+    encoded("1", (5, 5), "BMP"),
+    encoded("I;16", (5, 5), "PNG"),
+    encoded("F", (5, 5), "TIFF"),
+    encoded("CMYK", (5, 5), "JPEG"),
+    encoded("RGB", (5, 5), "WEBP"),
+    encoded("RGB", (5, 5), "ICO"),
+]
+HOSTILE = [
+    make_image(200, 2, seed=2),  # aspect ratio 100: refused
+    png_header(100_000, 100_000),
+    png_header(0, 5),
+    png_header(2**31 - 1, 1),
+    GOOD[:40],
+    GOOD[:-20],
+    b"",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF89a",
+    b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+]
+IMAGE_BYTES = st.one_of(
+    st.sampled_from(DECODABLE), st.sampled_from(DECODABLE), st.sampled_from(HOSTILE), st.binary(max_size=64)
+)
+
+
+@st.composite
+def embed_request(draw) -> vision_pb2.EmbedRequest:
+    images = []
+    for _ in range(draw(st.integers(1, 3)) if draw(st.integers(0, 9)) else 0):
+        data = draw(IMAGE_BYTES)
+        # known: a hash the cache may hold, with or without its bytes
+        digest = draw(st.sampled_from(["", "", "", "right", "right", "right", "wrong", "text", "known"]))
+        if digest == "right":
+            digest = content_hash(data)
+        elif digest == "wrong":
+            digest = content_hash(data + b"x")
+        elif digest == "text":
+            digest = draw(st.text(max_size=70))
+        elif digest == "known":
+            digest = content_hash(GOOD)
+            data = data if draw(st.booleans()) else b""
+        images.append(vision_pb2.ImageInput(data=data, content_hash=digest))
+    message = vision_pb2.EmbedRequest(request_id=draw(st.text(max_size=10)), images=images)
+    pixels = st.one_of(st.integers(*INT64), st.sampled_from(EDGE_INT64))
+    if draw(st.integers(0, 7)) == 0:
+        message.min_pixels = draw(pixels)
+    if draw(st.integers(0, 7)) == 0:
+        message.max_pixels = draw(pixels)
+    return message
+
+
+def test_fuzzed_embed_requests_never_fail_internally(encoder):
+    allowed = ALLOWED | {grpc.StatusCode.NOT_FOUND}  # a hash-only image the cache does not hold
+    reference = vision_pb2.EmbedRequest(request_id="reference", images=[vision_pb2.ImageInput(data=GOOD)])
+    outcomes: dict[str, int] = {}
+
+    def fuzz(address: str):
+        channel = grpc.insecure_channel(address, options=channel_options(64 << 20))
+        stub = vision_pb2_grpc.VisionServiceStub(channel)
+        before = stub.Embed(reference, timeout=CALL_TIMEOUT_S)
+
+        @settings(FUZZ, max_examples=80)
+        @given(request=embed_request())
+        def property_(request):
+            try:
+                response = stub.Embed(request, timeout=CALL_TIMEOUT_S)
+            except grpc.RpcError as exc:
+                event(exc.code().name)
+                outcomes[exc.code().name] = outcomes.get(exc.code().name, 0) + 1
+                assert exc.code() in allowed, (exc.code(), exc.details())
+                assert exc.details()
+                return
+            event("OK")
+            outcomes["OK"] = outcomes.get("OK", 0) + 1
+            assert len(response.embeddings) == len(request.images)
+            for got, sent in zip(response.embeddings, request.images, strict=True):
+                tensor = tensor_from_pb(got.embedding)
+                assert tensor.ndim == 2 and tensor.shape[0] >= 1 and tensor.shape[1] == encoder.hidden_size
+                assert torch.isfinite(tensor).all()
+                if sent.data:
+                    assert got.content_hash == content_hash(sent.data)
+
+        try:
+            property_()
+            after = stub.Embed(reference, timeout=CALL_TIMEOUT_S)
+        finally:
+            channel.close()
+        return before, after
+
+    async def body(stub, address):
+        return await asyncio.to_thread(fuzz, address)
+
+    before, after = serve_vision(encoder, body)
+    assert after.embeddings[0].content_hash == before.embeddings[0].content_hash == content_hash(GOOD)
+    torch.testing.assert_close(
+        tensor_from_pb(after.embeddings[0].embedding),
+        tensor_from_pb(before.embeddings[0].embedding),
+        rtol=0,
+        atol=0,
+    )
+    assert outcomes.get("OK", 0) >= 5 and outcomes.get("INVALID_ARGUMENT", 0) >= 5, outcomes
