@@ -20,11 +20,10 @@ from llm_service.config import LLMConfig
 from llm_service.engine import Engine
 from llm_service.engine.model_runner import kv_cache_bytes_per_block
 from llm_service.models import load_language_model
-from llm_service.server import LLMServicer
-from mmserve.grpc_util import channel_options, start_server
-from mmserve.proto import llm_pb2, llm_pb2_grpc
+from mmserve.proto import llm_pb2
 from mmserve.tensor_codec import tensor_to_pb
 from mmserve.wire import GenerateRequest, ImageSpan, SamplingParams
+from tests.service.test_llm_service import with_server as serve_llm
 
 SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
 BLOCK = 4
@@ -52,23 +51,8 @@ def uncached(tiny_checkpoint):
 
 
 def with_server(engine, body):
-    async def go():
-        server, _, port = await start_server(
-            lambda s: llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(engine), s),
-            SERVICE,
-            "127.0.0.1",
-            0,
-            64 << 20,
-        )
-        try:
-            async with grpc.aio.insecure_channel(
-                f"127.0.0.1:{port}", options=channel_options(64 << 20)
-            ) as channel:
-                return await body(llm_pb2_grpc.LLMServiceStub(channel))
-        finally:
-            await server.stop(0)
-
-    return asyncio.run(go())
+    """`body(stub)` against a fresh LLMService server on loopback (test_llm_service's helper)."""
+    return serve_llm(engine, lambda stub, channel, address: body(stub))
 
 
 def embedding(engine, seed: int, rows: int = ROWS) -> torch.Tensor:
