@@ -17,7 +17,6 @@ from prometheus_client import generate_latest
 
 from llm_service.engine.stats import EngineStats
 from llm_service.metrics import EngineMetrics
-
 from tests.helpers import ROOT
 
 KUSTOMIZE_ROOT = ROOT / "deploy" / "kubernetes"
@@ -87,7 +86,7 @@ def test_services_select_their_pods_and_grpc_services_are_headless(overlay):
         # must see each pod's address.
         headless = service["spec"].get("clusterIP") == "None"
         assert headless == (name != "mmserve-gateway"), name
-    for name, deployment in deployments.items():
+    for deployment in deployments.values():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     for name, budget in of_kind(overlay, "PodDisruptionBudget").items():
