@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mmserve.errors import DeadlineError, OverloadedError
+from vision_service.cache import EmbeddingKey
+from vision_service.metrics import VisionMetrics
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 class EncodeJob:
     """One distinct image to encode; several requests may wait on it (coalesced misses)."""
 
-    key: str
+    key: EmbeddingKey
     future: asyncio.Future
     inputs: dict[str, torch.Tensor] | None = None
     deadline: float | None = None  # time.monotonic() seconds; None = no deadline
@@ -44,7 +46,7 @@ class EncodeBatcher:
         run_batch: Callable[[list[dict[str, torch.Tensor]]], list[torch.Tensor]],
         max_batch: int,
         max_wait_s: float,
-        metrics,
+        metrics: VisionMetrics,
         max_batch_cost: int = 1 << 62,
     ):
         self._run_batch = run_batch

@@ -18,12 +18,26 @@ from mmserve.families import adapter, detect_family
 from mmserve.images import content_hash
 from mmserve.wire import ImageFeatures, ImageInput, PixelLimits
 from vision_service.batcher import EncodeBatcher, EncodeJob
-from vision_service.cache import EmbeddingCache
+from vision_service.cache import EmbeddingCache, EmbeddingKey
 from vision_service.config import VisionConfig
 from vision_service.metrics import VisionMetrics
 from vision_service.preprocess import Preprocessor
+from vision_service.resize import ResizePolicy, resize_options
 
 log = logging.getLogger(__name__)
+
+
+def verified_hash(index: int, image: ImageInput) -> str:
+    """The image's hex SHA-256: of its bytes when it has them (a hash sent along must match), else the
+    hash it was sent by."""
+    if not image.data and not image.content_hash:
+        raise InvalidInputError(f"image {index} has neither bytes nor a content hash")
+    if not image.data:
+        return image.content_hash
+    digest = content_hash(image.data)
+    if image.content_hash and image.content_hash != digest:
+        raise InvalidInputError(f"image {index}: content_hash does not match the SHA-256 of its bytes")
+    return digest
 
 
 def model_fingerprint(checkpoint: str, family: str, dtype: str) -> str:
@@ -50,6 +64,7 @@ class VisionEncoder:
         self.model_key = model_fingerprint(config.checkpoint, self.family, dtype_name)
         self.metrics = VisionMetrics()
         self.cache = EmbeddingCache(config.cache_bytes, self.metrics)
+        self.resize = ResizePolicy(self.adapter, self.family, config)  # checks the config's bounds
         self.preprocess = Preprocessor(
             self.adapter,
             config.checkpoint,
@@ -57,15 +72,11 @@ class VisionEncoder:
             config.preprocess_workers,
             config.max_image_pixels,
         )
-        if (config.min_pixels or config.max_pixels) and not getattr(
-            self.adapter, "dynamic_resolution", False
-        ):
-            raise ValueError(f"min_pixels/max_pixels apply to dynamic-resolution families, not {self.family}")
         if config.compile:
             self._compile()
         self._batcher: EncodeBatcher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inflight: dict[str, EncodeJob] = {}
+        self._inflight: dict[EmbeddingKey, EncodeJob] = {}  # keys being encoded now
         log.info("vision model %s loaded from %s (dtype %s)", self.family, config.checkpoint, dtype_name)
 
     def _compile(self) -> None:
@@ -105,10 +116,82 @@ class VisionEncoder:
             self._loop, self._inflight = loop, {}
         return self._batcher
 
-    async def _prepare(self, job: EncodeJob, data: bytes, batcher: EncodeBatcher, options: dict) -> None:
+    # ---- embed_async's steps ------------------------------------------------------------------------
+
+    async def embed_async(
+        self, images: list[ImageInput], deadline: float | None = None, pixels: PixelLimits | None = None
+    ) -> list[ImageFeatures]:
+        """Embeddings of `images` in order. `deadline` is a time.monotonic() instant.
+
+        An image given by hash only (empty data) is answered from the cache, or raises NotFoundError
+        so that the caller resends its bytes. `pixels` bounds the resized area of every image
+        (dynamic-resolution families only); the embedding cache keys include the bounds.
+        """
+        keys = self._keys(images, pixels)
+        batcher = self._ensure_batcher()  # before the hash-only check: a new event loop has no jobs
+        self._check_hash_only_known(images, keys)
+        results = [self._cached(key) for key in keys]
+        waiting = [
+            (i, self._job_for(key, image.data, deadline, batcher))
+            for i, (image, key) in enumerate(zip(images, keys, strict=True))
+            if results[i] is None
+        ]
+        await self._collect(waiting, deadline, results)
+        done = [features for features in results if features is not None]
+        assert len(done) == len(images), "every image is either cached or collected"
+        return done
+
+    def _keys(self, images: list[ImageInput], pixels: PixelLimits | None) -> list[EmbeddingKey]:
+        """The cache key of each image; raises InvalidInputError for a request that cannot be served."""
+        if not images:
+            raise InvalidInputError("no images given")
+        if len(images) > self.config.max_images_per_request:
+            raise InvalidInputError(
+                f"{len(images)} images in one request, over the limit of {self.config.max_images_per_request}"
+            )
+        hashes = [verified_hash(i, image) for i, image in enumerate(images)]
+        resize = self.resize.bounds(pixels)
+        return [EmbeddingKey(self.model_key, digest, resize) for digest in hashes]
+
+    def _check_hash_only_known(self, images: list[ImageInput], keys: list[EmbeddingKey]) -> None:
+        """Hash-only images must be cached or being encoded. Checked before any work starts: on
+        NotFoundError the caller resends the whole request with bytes."""
+        missing = [
+            i
+            for i, (image, key) in enumerate(zip(images, keys, strict=True))
+            if not image.data and key not in self._inflight and key not in self.cache
+        ]
+        if missing:
+            raise NotFoundError(f"images {missing} are not in the embedding cache; send their bytes")
+
+    def _cached(self, key: EmbeddingKey) -> ImageFeatures | None:
+        features = self.cache.get(key)
+        if features is not None:
+            self.metrics.images.labels("cached").inc()
+        return features
+
+    def _job_for(
+        self, key: EmbeddingKey, data: bytes, deadline: float | None, batcher: EncodeBatcher
+    ) -> EncodeJob:
+        """The encoding of `key`: the one already under way (a coalesced miss), else a new one."""
+        job = self._inflight.get(key)
+        if job is not None:
+            self.metrics.images.labels("coalesced").inc()
+            job.waiters += 1
+            job.extend_deadline(deadline)
+            return job
+        loop = asyncio.get_running_loop()
+        job = EncodeJob(key, loop.create_future(), deadline=deadline)
+        self._inflight[key] = job
+        job.future.add_done_callback(functools.partial(self._finished, job))
+        loop.create_task(self._prepare(job, data, batcher))
+        return job
+
+    async def _prepare(self, job: EncodeJob, data: bytes, batcher: EncodeBatcher) -> None:
+        """Decode and preprocess off the event loop, then queue the job for the batcher."""
         started = time.monotonic()
         try:
-            job.inputs = await self.preprocess(data, options)
+            job.inputs = await self.preprocess(data, resize_options(job.key.resize))
         except Exception as exc:  # noqa: BLE001 - delivered to every waiter of this image
             self.metrics.images.labels("invalid").inc()
             if not job.future.done():
@@ -120,122 +203,38 @@ class VisionEncoder:
         batcher.submit(job)
 
     def _finished(self, job: EncodeJob, future: asyncio.Future) -> None:
+        """A job ends: it leaves the in-flight map, and its embedding (if any) goes to the cache, even
+        when every request that wanted it has gone (the next one will find it)."""
         if self._inflight.get(job.key) is job:
             del self._inflight[job.key]
         if not future.cancelled() and future.exception() is None:
-            self.cache.put(job.key, ImageFeatures(future.result(), job.key.split(":", 1)[1], self._grid(job)))
+            self.cache.put(job.key, self._features(job, future.result()))
 
-    def _pixel_ceiling(self) -> int:
-        """The largest resized image area this server allows: its --max-pixels, else the checkpoint's."""
-        if self.config.max_pixels:
-            return self.config.max_pixels
-        if not hasattr(self, "_checkpoint_max_pixels"):
-            size = getattr(self.adapter.load_processor(self.config.checkpoint), "size", None) or {}
-            self._checkpoint_max_pixels = int(size.get("longest_edge") or 0)
-        return self._checkpoint_max_pixels
-
-    def _pixel_options(self, pixels: PixelLimits | None) -> dict[str, int]:
-        """The resize bounds of a request (its own, else the service's), as preprocess_one keywords."""
-        if not getattr(self.adapter, "dynamic_resolution", False):
-            if pixels:
-                raise InvalidInputError(
-                    f"min_pixels/max_pixels are not supported by the {self.family} family (fixed resolution)"
-                )
-            return {}
-        pixels = pixels or PixelLimits()
-        options = {}
-        ceiling = self._pixel_ceiling()
-        for name, default in (("min_pixels", self.config.min_pixels), ("max_pixels", self.config.max_pixels)):
-            value = getattr(pixels, name)
-            if value is not None and value < 1:
-                raise InvalidInputError(f"{name} must be a positive number of pixels, got {value}")
-            if value is not None and ceiling and value > ceiling:
-                # A request may narrow the server's bounds, never widen them: the resized area decides
-                # the encoder's memory and time.
-                raise InvalidInputError(f"{name} ({value}) is above this server's max_pixels ({ceiling})")
-            if value is not None or default:
-                options[name] = int(value if value is not None else default)
-        if options.get("min_pixels", 0) > options.get("max_pixels", 1 << 62):
-            raise InvalidInputError(
-                f"min_pixels ({options['min_pixels']}) is larger than max_pixels ({options['max_pixels']})"
-            )
-        return options
-
-    async def embed_async(
-        self, images: list[ImageInput], deadline: float | None = None, pixels: PixelLimits | None = None
-    ) -> list[ImageFeatures]:
-        """Embeddings of `images` in order. `deadline` is a time.monotonic() instant.
-
-        An image given by hash only (empty data) is answered from the cache, or raises NotFoundError
-        so that the caller resends its bytes. `pixels` bounds the resized area of every image
-        (dynamic-resolution families only); the embedding cache keys include the bounds.
-        """
-        if not images:
-            raise InvalidInputError("no images given")
-        if len(images) > self.config.max_images_per_request:
-            raise InvalidInputError(
-                f"{len(images)} images in one request, over the limit of {self.config.max_images_per_request}"
-            )
-        hashes = []
-        for i, image in enumerate(images):
-            if not image.data and not image.content_hash:
-                raise InvalidInputError(f"image {i} has neither bytes nor a content hash")
-            digest = content_hash(image.data) if image.data else image.content_hash
-            if image.data and image.content_hash and image.content_hash != digest:
-                raise InvalidInputError(f"image {i}: content_hash does not match the SHA-256 of its bytes")
-            hashes.append(digest)
-
-        options = self._pixel_options(pixels)
-        batcher = self._ensure_batcher()
-        loop = asyncio.get_running_loop()
-        # The same image resized to other bounds is another embedding (another N_i). No ':' in the suffix:
-        # the part after the first ':' is the content hash.
-        variant = "".join(f"|{name}={value}" for name, value in sorted(options.items()))
-        keys = [f"{self.model_key}{variant}:{digest}" for digest in hashes]
-        missing = [
-            i
-            for i, (image, key) in enumerate(zip(images, keys, strict=True))
-            if not image.data and key not in self._inflight and key not in self.cache
-        ]
-        if missing:  # checked before any work starts: the caller will resend the request with bytes
-            raise NotFoundError(f"images {missing} are not in the embedding cache; send their bytes")
-
-        results: list[ImageFeatures | None] = [None] * len(images)
-        waiting: list[tuple[int, EncodeJob]] = []
-        for i, (image, key) in enumerate(zip(images, keys, strict=True)):
-            cached = self.cache.get(key)
-            if cached is not None:
-                self.metrics.images.labels("cached").inc()
-                results[i] = cached
-                continue
-            job = self._inflight.get(key)
-            if job is not None:  # the same image is already being encoded: wait for that one
-                self.metrics.images.labels("coalesced").inc()
-                job.waiters += 1
-                job.extend_deadline(deadline)
-            else:
-                job = EncodeJob(key, loop.create_future(), deadline=deadline)
-                self._inflight[key] = job
-                job.future.add_done_callback(functools.partial(self._finished, job))
-                loop.create_task(self._prepare(job, image.data, batcher, options))
-            waiting.append((i, job))
-
+    async def _collect(
+        self,
+        waiting: list[tuple[int, EncodeJob]],
+        deadline: float | None,
+        results: list[ImageFeatures | None],
+    ) -> None:
+        """Fill results[i] from each (i, job) as the jobs finish, within the request's deadline."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             async with asyncio.timeout(timeout):
                 for i, job in waiting:
                     try:
+                        # shielded: this request timing out must not cancel other waiters' encoding
                         embedding = await asyncio.shield(job.future)
                     except InvalidInputError as exc:
                         raise InvalidInputError(f"image {i}: {exc}") from None
-                    results[i] = ImageFeatures(embedding, hashes[i], self._grid(job))
+                    results[i] = self._features(job, embedding)
         except TimeoutError:
             raise DeadlineError("the request deadline passed before its images were encoded") from None
         finally:
             for _, job in waiting:
                 job.waiters -= 1
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
+
+    def _features(self, job: EncodeJob, embedding: torch.Tensor) -> ImageFeatures:
+        return ImageFeatures(embedding, job.key.content_hash, self._grid(job))
 
     def _grid(self, job: EncodeJob) -> tuple[int, ...]:
         return self.adapter.grid_thw(job.inputs) if job.inputs is not None else ()

@@ -14,9 +14,9 @@ from gateway.clients import GrpcVisionClient
 from mmserve.images import content_hash
 from mmserve.proto import vision_pb2
 from mmserve.tensor_codec import tensor_from_pb
-from mmserve.wire import ImageFeatures, ImageInput
+from mmserve.wire import ImageFeatures, ImageInput, PixelLimits
 from tests.helpers import make_image, serve_vision
-from vision_service.cache import EmbeddingCache
+from vision_service.cache import EmbeddingCache, EmbeddingKey
 from vision_service.config import VisionConfig
 from vision_service.encoder import VisionEncoder
 
@@ -189,20 +189,33 @@ def test_a_bad_image_fails_only_its_own_request(make_encoder):
     assert len(good.embeddings) == len(also_good.embeddings) == 1
 
 
+def key(name: str) -> EmbeddingKey:
+    return EmbeddingKey("model", name)
+
+
 def test_cache_eviction_respects_the_byte_budget():
     def features(rows):
         return ImageFeatures(torch.zeros(rows, 8), "h")  # rows * 32 bytes
 
     cache = EmbeddingCache(budget_bytes=100 * 32)
     for i in range(5):
-        cache.put(f"k{i}", features(30))
+        cache.put(key(f"k{i}"), features(30))
         assert cache.bytes <= cache.budget
-    assert len(cache) == 3 and "k0" not in cache and "k1" not in cache
-    cache.get("k2")  # k2 becomes the most recent; k3 is now the oldest
-    cache.put("k5", features(30))
-    assert "k2" in cache and "k3" not in cache
-    cache.put("huge", features(101))  # larger than the whole budget: not cached, nothing evicted
-    assert "huge" not in cache and len(cache) == 3
+    assert len(cache) == 3 and key("k0") not in cache and key("k1") not in cache
+    cache.get(key("k2"))  # k2 becomes the most recent; k3 is now the oldest
+    cache.put(key("k5"), features(30))
+    assert key("k2") in cache and key("k3") not in cache
+    cache.put(key("huge"), features(101))  # larger than the whole budget: not cached, nothing evicted
+    assert key("huge") not in cache and len(cache) == 3
+
+
+def test_cache_keys_tell_models_and_resize_bounds_apart():
+    cache = EmbeddingCache(budget_bytes=1 << 20)
+    cache.put(EmbeddingKey("model", "h", PixelLimits(max_pixels=784)), ImageFeatures(torch.zeros(4, 8), "h"))
+    assert EmbeddingKey("model", "h", PixelLimits(max_pixels=784)) in cache
+    assert EmbeddingKey("model", "h") not in cache  # the checkpoint's bounds: another N_i
+    assert EmbeddingKey("model", "h", PixelLimits(min_pixels=784)) not in cache
+    assert EmbeddingKey("other model", "h", PixelLimits(max_pixels=784)) not in cache
 
 
 def test_compiled_tower_matches_eager(make_encoder):
@@ -257,10 +270,9 @@ def test_batches_respect_the_patch_budget():
             run_batch, max_batch=16, max_wait_s=0.05, metrics=VisionMetrics(), max_batch_cost=25
         )
         loop = asyncio.get_running_loop()
-        jobs = [EncodeJob(f"k{i}", loop.create_future(), inputs={}, cost=10) for i in range(5)]
-        jobs.append(
-            EncodeJob("big", loop.create_future(), inputs={}, cost=100)
-        )  # over budget alone: runs alone
+        jobs = [EncodeJob(key(f"k{i}"), loop.create_future(), inputs={}, cost=10) for i in range(5)]
+        # over budget alone: runs alone
+        jobs.append(EncodeJob(key("big"), loop.create_future(), inputs={}, cost=100))
         for job in jobs:
             batcher.submit(job)
         await asyncio.gather(*(job.future for job in jobs))
