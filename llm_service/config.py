@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from llm_service.engine.llm_engine import EngineConfig
+from llm_service.engine.config import EngineConfig
 from mmserve.checkpoint import check_model_dtype
 from mmserve.cli import EnvFlags
 from mmserve.grpc_util import DEFAULT_MAX_MESSAGE_BYTES
@@ -21,17 +21,7 @@ class LLMConfig:
     dtype: str = "auto"  # weights and activations; auto = the checkpoint's (float16 -> bfloat16 on CPU)
     device: str = "cpu"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send/receive limit
-    max_waiting: int = 256  # requests queued beyond this get RESOURCE_EXHAUSTED
-    max_running: int = 128  # sequences in the running batch at once
-    max_model_len: int = 0  # prompt + output cap per sequence; 0 = the model's (and the KV cache's) limit
-    max_num_batched_tokens: int = 2048  # tokens computed per step: the chunked-prefill budget
-    kv_cache_bytes: int = 0  # paged KV cache budget; 0 = 2 GiB on CPU, 90% of free memory on CUDA
-    block_size: int = 16  # tokens per KV block (the flash_attn backend uses 256)
-    disable_prefix_caching: bool = False
-    attention_backend: str = "auto"  # auto (flash_attn on CUDA when installed, else sdpa) | sdpa | flash_attn
-    decode_staging_bytes: int = (
-        512 << 20
-    )  # sdpa backend: contiguous copies of decoding sequences' KV; 0 = off
+    engine: EngineConfig = field(default_factory=EngineConfig)  # validated by its own __post_init__
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     threads: int = 0  # torch intra-op threads for the engine; 0 = torch's default (all cores)
     drain_timeout_s: float = 30.0  # on SIGTERM: seconds in-flight calls get to finish (NOT_SERVING meanwhile)
@@ -42,25 +32,16 @@ class LLMConfig:
         check_model_dtype(self.dtype)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
-        self.engine_config()  # validates the engine's fields
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            max_waiting=self.max_waiting,
-            max_running=self.max_running,
-            max_model_len=self.max_model_len,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            kv_cache_bytes=self.kv_cache_bytes,
-            block_size=self.block_size,
-            enable_prefix_caching=not self.disable_prefix_caching,
-            attention_backend=self.attention_backend,
-            decode_staging_bytes=self.decode_staging_bytes,
-        )
+        """Kept until llm_service/__main__.py and pipeline/ read `engine` directly."""
+        return self.engine
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> LLMConfig:
         p = argparse.ArgumentParser(prog="python -m llm_service", description="mmserve LLM service (gRPC)")
         flags = EnvFlags(p, cls)
+        engine_flags = EnvFlags(p, EngineConfig)  # the same parser: flags of the embedded engine config
         flags.add("checkpoint", "CHECKPOINT_PATH", help="model folder")
         flags.add("model_type", "MODEL_TYPE", help="family override, e.g. llava")
         flags.add("host", "LLM_HOST", help="bind address")
@@ -68,20 +49,22 @@ class LLMConfig:
         flags.add("dtype", "LLM_DTYPE", help="auto|float32|bfloat16|float16 (auto: the checkpoint's)")
         flags.add("device", "LLM_DEVICE", help="torch device")
         flags.add("max_message_bytes", "GRPC_MAX_MESSAGE_BYTES", int, "gRPC message size limit")
-        flags.add("max_waiting", "LLM_MAX_WAITING", int, "queue bound before RESOURCE_EXHAUSTED")
-        flags.add("max_running", "LLM_MAX_RUNNING", int, "sequences generating at once")
-        flags.add("max_model_len", "MAX_MODEL_LEN", int, "tokens per sequence, 0 = model default")
-        flags.add(
+        engine_flags.add("max_waiting", "LLM_MAX_WAITING", int, "queue bound before RESOURCE_EXHAUSTED")
+        engine_flags.add("max_running", "LLM_MAX_RUNNING", int, "sequences generating at once")
+        engine_flags.add("max_model_len", "MAX_MODEL_LEN", int, "tokens per sequence, 0 = model default")
+        engine_flags.add(
             "max_num_batched_tokens",
             "LLM_MAX_NUM_BATCHED_TOKENS",
             int,
             "tokens per step (prefill chunk budget)",
         )
-        flags.add("kv_cache_bytes", "LLM_KV_CACHE_BYTES", int, "KV cache budget in bytes, 0 = auto")
-        flags.add("block_size", "LLM_BLOCK_SIZE", int, "tokens per KV block")
-        flags.switch("disable_prefix_caching", "LLM_DISABLE_PREFIX_CACHING", "turn the prefix cache off")
-        flags.add("attention_backend", "LLM_ATTENTION_BACKEND", help="auto|sdpa|flash_attn")
-        flags.add(
+        engine_flags.add("kv_cache_bytes", "LLM_KV_CACHE_BYTES", int, "KV cache budget in bytes, 0 = auto")
+        engine_flags.add("block_size", "LLM_BLOCK_SIZE", int, "tokens per KV block")
+        engine_flags.switch(
+            "disable_prefix_caching", "LLM_DISABLE_PREFIX_CACHING", "turn the prefix cache off"
+        )
+        engine_flags.add("attention_backend", "LLM_ATTENTION_BACKEND", help="auto|sdpa|flash_attn")
+        engine_flags.add(
             "decode_staging_bytes", "LLM_DECODE_STAGING_BYTES", int, "sdpa decode staging budget, 0 = off"
         )
         flags.add("threads", "LLM_THREADS", int, "torch threads, 0 = all cores")
@@ -96,4 +79,12 @@ class LLMConfig:
         args = p.parse_args(argv)
         if not args.checkpoint:
             p.error("--checkpoint (or CHECKPOINT_PATH) is required")
-        return cls(**vars(args))
+        return cls(**_with_engine(vars(args)))
+
+
+def _with_engine(args: dict) -> dict:
+    """Parsed flags -> LLMConfig's fields, the engine's gathered into its EngineConfig."""
+    names = {f.name for f in fields(EngineConfig)}
+    engine = {name: args.pop(name) for name in names & args.keys()}
+    engine["enable_prefix_caching"] = not args.pop("disable_prefix_caching")
+    return {**args, "engine": EngineConfig(**engine)}

@@ -86,7 +86,8 @@ def qwen_vl_reference_lm(checkpoint) -> torch.nn.Module:
 def decoder_logits(language_model, embeds: torch.Tensor) -> torch.Tensor:
     """(T, vocab) float32 logits of every position of `embeds` (T, hidden) through our decoder alone,
     as one prefill over a fresh KV cache (one slot per block)."""
-    from llm_service.attention import AttentionMetadata, LayerCache, PrefillChunk, SdpaAttention
+    from llm_service.attention import LayerCache, PrefillChunk, SdpaAttention
+    from llm_service.attention import SdpaMetadata as AttentionMetadata
 
     decoder, length = language_model.decoder, embeds.shape[0]
     config = decoder.config

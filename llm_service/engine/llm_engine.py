@@ -4,7 +4,8 @@ Each step the scheduler picks the batch (continuous batching with chunked prefil
 cache with prefix caching), the model runner computes it, the sampler picks the new tokens, and one
 output loop hands each sequence's new token to its stream. `generate()` is an async stream of
 `GenerateOutput`s; leaving it early (a cancelled RPC) aborts the sequence, and the worker frees its
-blocks before its next step. A bounded queue answers OverloadedError when full.
+blocks before its next step. A bounded queue answers OverloadedError when full. What happens is
+counted in `stats` (an EngineStats; llm_service/metrics.py exports it).
 """
 
 from __future__ import annotations
@@ -15,46 +16,23 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import torch
 
-from llm_service.attention import BACKENDS, FLASH_BLOCK_SIZE, resolve_backend
+from llm_service.attention import backend_block_size, make_backend, resolve_backend
 from llm_service.engine.block_manager import BlockManager
-from llm_service.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from llm_service.engine.config import EngineConfig
+from llm_service.engine.model_runner import ModelRunner, kv_cache_bytes_per_block, num_kv_blocks
 from llm_service.engine.scheduler import Scheduler, SchedulerOutput
 from llm_service.engine.sequence import ImageKey, Sequence, image_keys
-from llm_service.engine.validation import RequestLimits, validate_request
+from llm_service.engine.stats import EngineStats
+from llm_service.engine.validation import check_request
 from llm_service.metrics import EngineMetrics
 from llm_service.sampler import make_generator, sample
 from mmserve.errors import OverloadedError, UnavailableError
-from mmserve.wire import FinishReason, GenerateOutput, GenerateRequest, LLMInfo, Usage
+from mmserve.wire import FinishReason, GenerateOutput, GenerateRequest, LLMInfo, TokenLogprobs, Usage
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
-GPU_MEMORY_FRACTION = 0.9  # of the memory free after loading the weights, when no budget is set
-
-
-@dataclass
-class EngineConfig:
-    max_waiting: int = 256  # requests queued beyond this get OverloadedError (RESOURCE_EXHAUSTED)
-    max_running: int = 128  # sequences in the running batch at once
-    max_model_len: int = 0  # prompt + output cap per sequence; 0 = the model's (and the cache's) limit
-    max_num_batched_tokens: int = 2048  # tokens per step: the chunked-prefill budget
-    kv_cache_bytes: int = 0  # KV cache budget; 0 = 2 GiB on CPU, 90% of free memory on CUDA
-    block_size: int = 16  # tokens per KV block (flash-attn raises it to 256)
-    enable_prefix_caching: bool = True
-    attention_backend: str = "auto"  # auto | sdpa | flash_attn
-    decode_staging_bytes: int = 512 << 20  # sdpa: contiguous copies of the decodes' KV; 0 = off
-
-    def __post_init__(self):
-        if min(self.max_waiting, self.max_running, self.max_num_batched_tokens, self.block_size) < 1:
-            raise ValueError("max_waiting, max_running, max_num_batched_tokens and block_size must be >= 1")
-        if min(self.max_model_len, self.kv_cache_bytes, self.decode_staging_bytes) < 0:
-            raise ValueError("max_model_len, kv_cache_bytes and decode_staging_bytes must be >= 0")
-        if self.attention_backend not in BACKENDS:
-            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
 
 
 class _Stream:
@@ -65,7 +43,7 @@ class _Stream:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.closed = False
 
-    def put(self, item) -> None:
+    def put(self, item: GenerateOutput | Exception) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
@@ -78,14 +56,15 @@ class Engine:
         self.model = model
         self.config = config
         backend = resolve_backend(config.attention_backend, model.device)
-        block_size = FLASH_BLOCK_SIZE if backend == "flash_attn" else config.block_size
-        num_blocks = self._num_blocks(config.kv_cache_bytes, kv_cache_bytes_per_block(model, block_size))
+        block_size = backend_block_size(backend, config.block_size)
+        num_blocks = num_kv_blocks(model, block_size, config.kv_cache_bytes)
         self.max_model_len = min(
             config.max_model_len or model.max_model_len, model.max_model_len, num_blocks * block_size
         )
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_running, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size, backend, config.decode_staging_bytes)
+        attention = make_backend(backend, block_size, model.device, config.decode_staging_bytes)
+        self.runner = ModelRunner(model, attention, num_blocks)
         log.info(
             "engine: %s weights, %s attention, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d",
             str(model.dtype).removeprefix("torch."),
@@ -95,8 +74,8 @@ class Engine:
             num_blocks * kv_cache_bytes_per_block(model, block_size) / 2**30,
             self.max_model_len,
         )
-        self.metrics = EngineMetrics()
-        self.metrics.kv_blocks.set(num_blocks)
+        self.stats = EngineStats(kv_blocks=num_blocks)
+        self.metrics = EngineMetrics(self.stats)  # its registry is served on --metrics-port
         self._streams: dict[Sequence, _Stream] = {}
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -104,19 +83,6 @@ class Engine:
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
-
-    def _num_blocks(self, budget: int, per_block: int) -> int:
-        if not budget:
-            if self.model.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.model.device)
-                budget = int(free * GPU_MEMORY_FRACTION)
-            else:
-                budget = DEFAULT_CPU_KV_CACHE_BYTES
-        if budget < per_block:
-            raise ValueError(
-                f"the KV cache budget ({budget} bytes) is less than one block ({per_block} bytes)"
-            )
-        return budget // per_block
 
     # ---- public API (event-loop side) ----------------------------------------------------------
 
@@ -127,15 +93,7 @@ class Engine:
             keys = self.admit(request)
         seq = Sequence(request, keys)
         seq.generator = make_generator(request.sampling)
-        stream = _Stream(asyncio.get_running_loop())
-        with self._lock:  # the put happens under the lock so that stop() cannot strand it
-            if self._stopped or not self._thread.is_alive():
-                raise UnavailableError("the engine is not running")
-            if self._num_waiting >= self.config.max_waiting:
-                raise OverloadedError(f"waiting queue is full ({self.config.max_waiting} requests)")
-            self._num_waiting += 1
-            self._streams[seq] = stream
-            self._inbox.put(seq)
+        stream = self._submit(seq)
         finished = False
         try:
             while True:
@@ -151,6 +109,18 @@ class Engine:
             if not finished:
                 stream.closed = True  # read by the worker at its next step, which frees the blocks
                 self._inbox.put(None)  # wake it if idle
+
+    def _submit(self, seq: Sequence) -> _Stream:
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:  # the put happens under the lock so that stop() cannot strand it
+            if self._stopped or not self._thread.is_alive():
+                raise UnavailableError("the engine is not running")
+            if self._num_waiting >= self.config.max_waiting:
+                raise OverloadedError(f"waiting queue is full ({self.config.max_waiting} requests)")
+            self._num_waiting += 1
+            self._streams[seq] = stream
+            self._inbox.put(seq)
+        return stream
 
     def info(self) -> LLMInfo:
         model = self.model
@@ -180,15 +150,7 @@ class Engine:
 
     def validate(self, request: GenerateRequest) -> None:
         """Reject malformed requests before they reach the worker (INVALID_ARGUMENT)."""
-        model = self.model
-        validate_request(
-            request,
-            RequestLimits(
-                model.vocab_size, self.max_model_len, model.image_token_id, model.hidden_size, model.dtype
-            ),
-        )
-        if hasattr(model, "validate_request"):  # family-specific checks (e.g. Qwen2-VL's grid_thw)
-            model.validate_request(request)
+        check_request(request, self.model, self.max_model_len)
 
     def admit(self, request: GenerateRequest) -> list[ImageKey]:
         """Validate a request and compute its images' prefix-cache keys (from the embedding bytes it
@@ -236,21 +198,14 @@ class Engine:
         plan = self.scheduler.schedule()
         self._observe_schedule(plan)
         if not plan.scheduled:
-            # Cannot happen while max_model_len <= the cache's tokens (a lone sequence always fits);
-            # if it ever does, fail the head of the queue rather than spin.
-            if self.scheduler.waiting and not self.scheduler.running:
-                seq = self.scheduler.waiting[0]
-                log.error("request %s cannot be scheduled on an empty engine", seq.request_id)
-                self._streams[seq].put(UnavailableError("the request does not fit in the KV cache"))
-                self._finish(seq, "error")
+            self._fail_unschedulable()
             return
         try:
             sampling, logits = self.runner.execute(plan)
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the engine
             log.exception("a step of %d sequences failed", len(plan.scheduled))
             for item in plan.scheduled:
-                self._streams[item.seq].put(exc)
-                self._finish(item.seq, "error")
+                self._fail(item.seq, exc)
             return
         self.scheduler.update(plan)
         if not sampling:
@@ -260,15 +215,23 @@ class Engine:
         now = time.monotonic()
         for seq, token, token_logprobs in zip(rows, tokens, logprobs, strict=True):
             self._append(seq, token, token_logprobs, now)
-        self.metrics.generated_tokens.inc(len(tokens))
 
-    def _append(self, seq: Sequence, token: int, token_logprobs, now: float) -> None:
+    def _fail_unschedulable(self) -> None:
+        """Cannot happen while max_model_len <= the cache's tokens (a lone sequence always fits); if
+        it ever does, fail the head of the queue rather than spin."""
+        if self.scheduler.waiting and not self.scheduler.running:
+            seq = self.scheduler.waiting[0]
+            log.error("request %s cannot be scheduled on an empty engine", seq.request_id)
+            self._fail(seq, UnavailableError("the request does not fit in the KV cache"))
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        self._streams[seq].put(error)
+        self._finish(seq, "error")
+
+    def _append(self, seq: Sequence, token: int, token_logprobs: TokenLogprobs | None, now: float) -> None:
         """The output loop for one sequence: record the token, decide whether it ends, stream it."""
         seq.append_token(token)
-        if len(seq.output_token_ids) == 1:
-            self.metrics.ttft.observe(now - seq.arrival)
-        else:
-            self.metrics.itl.observe(now - (seq.last_token_at or now))
+        self.stats.token(seq, now)
         seq.last_token_at = now
         reason = self._finish_reason(seq, token)
         output = GenerateOutput([token], logprobs=None if token_logprobs is None else [token_logprobs])
@@ -277,7 +240,7 @@ class Engine:
             output.usage = Usage(seq.num_prompt_tokens, len(seq.output_token_ids), seq.num_cached_tokens)
         self._streams[seq].put(output)
         if reason is not None:
-            self.metrics.e2e.observe(now - seq.arrival)
+            self.stats.e2e.observe(now - seq.arrival)
             self._finish(seq, reason.value)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
@@ -296,8 +259,8 @@ class Engine:
         if seq.first_scheduled_at is None:  # it never left the admission queue
             with self._lock:
                 self._num_waiting -= 1
-        self.metrics.finished.labels(outcome).inc()
-        self._observe_state()  # at once, not at the next step: an idle engine has no next step
+        self.stats.request_finished(outcome)
+        self.stats.state(self.scheduler, self.block_manager)  # now: an idle engine has no next step
 
     def _observe_schedule(self, plan: SchedulerOutput) -> None:
         now = time.monotonic()
@@ -307,17 +270,6 @@ class Engine:
                 seq.first_scheduled_at = now
                 with self._lock:
                     self._num_waiting -= 1
-                self.metrics.queue_time.observe(now - seq.arrival)
-                self.metrics.prompt_tokens.inc(seq.num_prompt_tokens)
-                self.metrics.cached_prompt_tokens.inc(seq.num_cached_tokens)
-        self.metrics.preemptions.inc(len(plan.preempted))
-        self.metrics.step_tokens.observe(plan.num_tokens)
-        self._observe_state()
-
-    def _observe_state(self) -> None:
-        manager = self.block_manager
-        self.metrics.running.set(len(self.scheduler.running))
-        self.metrics.waiting.set(len(self.scheduler.waiting))
-        self.metrics.kv_usage.set(manager.usage())
-        self.metrics.prefix_queries.set(manager.prefix_queries)
-        self.metrics.prefix_hits.set(manager.prefix_hits)
+                self.stats.first_scheduled(seq, now)
+        self.stats.step_scheduled(plan)
+        self.stats.state(self.scheduler, self.block_manager)

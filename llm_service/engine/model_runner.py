@@ -1,8 +1,9 @@
 """The model runner: the only place a scheduled step becomes tensors.
 
-It owns the paged KV cache (one key and one value tensor per layer) and, for each step, builds the
-flat batch (decodes first, then prefill chunks): token embeddings with image rows written over the
-placeholders, positions, cache slots and attention metadata. It returns logits only for the
+It owns the paged KV cache (one key and one value tensor per layer, laid out by the attention
+backend) and, for each step, builds the flat batch (decodes first, then prefill chunks): token
+embeddings with image rows written over the placeholders and positions; the backend builds its own
+attention metadata (cache slots, block tables, decode staging). It returns logits only for the
 sequences whose step reaches their last token.
 """
 
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from llm_service.attention import AttentionMetadata, LayerCache, PrefillChunk, make_backend
-from llm_service.engine.decode_staging import DecodeStaging
+from llm_service.attention import AttentionBackend
 from llm_service.engine.scheduler import ScheduledSequence, SchedulerOutput
+
+DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+GPU_MEMORY_FRACTION = 0.9  # of the memory free after loading the weights, when no budget is set
 
 
 def kv_cache_bytes_per_block(model, block_size: int) -> int:
@@ -21,23 +24,29 @@ def kv_cache_bytes_per_block(model, block_size: int) -> int:
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * itemsize
 
 
+def num_kv_blocks(model, block_size: int, budget: int) -> int:
+    """How many blocks a KV cache budget of `budget` bytes holds (0: 2 GiB on CPU, 90% of the free
+    memory on CUDA)."""
+    per_block = kv_cache_bytes_per_block(model, block_size)
+    if not budget:
+        if model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(model.device)
+            budget = int(free * GPU_MEMORY_FRACTION)
+        else:
+            budget = DEFAULT_CPU_KV_CACHE_BYTES
+    if budget < per_block:
+        raise ValueError(f"the KV cache budget ({budget} bytes) is less than one block ({per_block} bytes)")
+    return budget // per_block
+
+
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, backend: str, staging_bytes: int = 0):
+    def __init__(self, model, attention: AttentionBackend, num_blocks: int):
         self.model = model
-        self.block_size = block_size
-        self.backend = backend
-        self.attend = make_backend(backend)
+        self.attend = attention  # builds each step's metadata, and computes attention in every layer
         config = model.decoder.config
-        shape = self.attend.cache_shape(num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.kv_caches = [
-            LayerCache(
-                torch.zeros(shape, dtype=model.dtype, device=model.device),
-                torch.zeros(shape, dtype=model.dtype, device=model.device),
-            )
-            for _ in range(config.num_layers)
-        ]
-        staged = backend == "sdpa" and staging_bytes > 0
-        self.staging = DecodeStaging(self.kv_caches, block_size, staging_bytes) if staged else None
+        self.kv_caches = attention.allocate(
+            config.num_layers, num_blocks, config.num_kv_heads, config.head_dim, model.dtype
+        )
         self.mrope = getattr(model, "position_dims", 1) == 3
 
     @torch.inference_mode()
@@ -56,7 +65,7 @@ class ModelRunner:
             embeds,
             self._positions(items).to(device),
             self.kv_caches,
-            self._metadata(decodes, chunks),
+            self.attend.metadata(decodes, chunks),
             self.attend,
         )
         rows, sampling = [], []
@@ -90,69 +99,3 @@ class ModelRunner:
         for item in items:
             positions.extend(range(item.start, item.end))
         return torch.tensor(positions)
-
-    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
-        size = self.block_size
-        return [block_table[i // size] * size + i % size for i in range(start, end)]
-
-    def _metadata(
-        self, decodes: list[ScheduledSequence], chunks: list[ScheduledSequence]
-    ) -> AttentionMetadata:
-        device = self.model.device
-        slot_mapping: list[int] = []
-        for item in decodes + chunks:
-            slot_mapping.extend(self._slots(item.seq.block_table, item.start, item.end))
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slot_mapping, device=device))
-        meta.num_decodes = len(decodes)
-        if self.backend == "flash_attn":
-            self._flash_metadata(decodes, chunks, meta)
-        else:
-            meta.stage = self.staging.plan(decodes) if self.staging else None
-            if decodes and meta.stage is None:
-                self._decode_metadata(decodes, meta)
-        row = len(decodes)
-        for item in chunks:
-            chunk = PrefillChunk(row, item.num_tokens)
-            if item.start > 0 and self.backend == "sdpa":  # it attends to cached tokens too
-                num_blocks = -(-item.end // self.block_size)
-                chunk.ctx_blocks = torch.tensor(item.seq.block_table[:num_blocks], device=device)
-                q = torch.arange(item.start, item.end, device=device)[:, None]
-                chunk.mask = torch.arange(num_blocks * self.block_size, device=device)[None, :] <= q
-            meta.prefills.append(chunk)
-            row += item.num_tokens
-        return meta
-
-    def _decode_metadata(self, decodes: list[ScheduledSequence], meta: AttentionMetadata) -> None:
-        """Each decode's blocks, padded to the longest with block 0, and which rows are real."""
-        size = self.block_size
-        lengths = [d.end for d in decodes]
-        width = -(-max(lengths) // size)
-        blocks: list[int] = []
-        for d in decodes:
-            table = d.seq.block_table[:width]
-            blocks.extend(table)
-            blocks.extend([0] * (width - len(table)))
-        meta.decode_blocks = torch.tensor(blocks, device=self.model.device)
-        if any(length != width * size for length in lengths):
-            valid = torch.arange(width * size)[None, :] < torch.tensor(lengths)[:, None]  # (D, width * size)
-            meta.decode_valid = valid.to(self.model.device)
-
-    def _flash_metadata(
-        self, decodes: list[ScheduledSequence], chunks: list[ScheduledSequence], meta: AttentionMetadata
-    ) -> None:
-        device = self.model.device
-        items = decodes + chunks
-        width = max(len(i.seq.block_table) for i in items)
-        meta.block_tables = torch.tensor(
-            [i.seq.block_table + [0] * (width - len(i.seq.block_table)) for i in items],
-            dtype=torch.int32,
-            device=device,
-        )
-        meta.context_lens = torch.tensor([i.end for i in items], dtype=torch.int32, device=device)
-        if chunks:
-            q_lens = torch.tensor([0] + [i.num_tokens for i in chunks])
-            k_lens = torch.tensor([0] + [i.end for i in chunks])
-            meta.cu_seqlens_q = q_lens.cumsum(0).to(device, torch.int32)
-            meta.cu_seqlens_k = k_lens.cumsum(0).to(device, torch.int32)
-            meta.max_seqlen_q = int(q_lens.max())
-            meta.max_seqlen_k = int(k_lens.max())

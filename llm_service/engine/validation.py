@@ -18,6 +18,7 @@ import torch
 
 from llm_service.sampler import validate_sampling
 from mmserve.errors import InvalidInputError
+from mmserve.interfaces import LanguageAdapter
 from mmserve.wire import GenerateRequest, ImageSpan
 
 MAX_REQUEST_ID_CHARS = 256  # the gateway's ids are ~40 characters ("chatcmpl-" + a uuid)
@@ -40,6 +41,16 @@ class RequestLimits:
     image_token_id: int
     hidden_size: int
     dtype: torch.dtype  # the model's: embedding values must stay finite when cast to it (embedding_bound)
+
+
+def check_request(request: GenerateRequest, model: LanguageAdapter, max_model_len: int) -> None:
+    """validate_request against the served model's facts, then the family's own checks (e.g.
+    Qwen2-VL's grid_thw against its embedding rows)."""
+    limits = RequestLimits(
+        model.vocab_size, max_model_len, model.image_token_id, model.hidden_size, model.dtype
+    )
+    validate_request(request, limits)
+    model.validate_request(request)
 
 
 def _fail(message: str) -> None:

@@ -62,7 +62,8 @@ def test_staging_equals_gathering_blocks(model, staging_bytes):
     gathered, _ = run(model, decode_staging_bytes=0)
     staged, engine = run(model, decode_staging_bytes=staging_bytes)
     assert engine.scheduler.num_preemptions > 0
-    staging = engine.runner.staging
+    staging = engine.runner.attend.staging
+    assert staging is not None
     assert staging.max_bytes == staging_bytes and staging.peak_rows > 1
     if staging_bytes > 1 << 20:
         assert staging.fallbacks == 0
@@ -76,7 +77,7 @@ def test_staging_equals_gathering_blocks(model, staging_bytes):
 def test_staging_rows_start_as_zeros_never_garbage():
     """Masked columns still go through probs @ values: 0 x NaN is NaN, so fresh rows must be zeros."""
     from llm_service.attention import LayerCache
-    from llm_service.engine.decode_staging import DecodeStaging
+    from llm_service.attention.sdpa_staging import DecodeStaging
 
     for _ in range(3):  # a freed allocation of the same size is the likeliest to come back dirty
         garbage = torch.full((2, 3, 32, 8), float("nan"))

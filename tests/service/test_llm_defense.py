@@ -110,7 +110,7 @@ def reference(uncached, ids, spans, max_new_tokens=8) -> list[int]:
 
 
 def prefix_hits(engine) -> int:
-    return int(engine.metrics.prefix_hits._value.get())
+    return engine.stats.prefix_hits
 
 
 # ---- prefix-cache poisoning ---------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_cancelling_the_stream_aborts_the_sequence_and_the_engine_keeps_serving(
     assert held > 0
     assert running == 0  # the cancelled sequence is gone, and every KV block it held is free again
     assert free == engine.block_manager.num_blocks
-    assert engine.metrics.kv_usage._value.get() == 0
+    assert engine.metrics.registry.get_sample_value("mmserve_llm_kv_cache_usage") == 0
     assert tail[-1].usage.completion_tokens == 3
 
 

@@ -15,7 +15,7 @@ import random
 import torch
 
 from llm_service.attention import LayerCache
-from llm_service.engine.decode_staging import DecodeStaging
+from llm_service.attention.sdpa_staging import DecodeStaging
 from llm_service.engine.scheduler import ScheduledSequence
 
 BLOCK = 4
@@ -45,7 +45,7 @@ class FakeSeq:
 
 
 def apply(cache: LayerCache, stage, decodes: list[ScheduledSequence]) -> None:
-    """The sdpa backend's staging writes (attention.SdpaAttention._decode_staged), minus the math."""
+    """The sdpa backend's staging writes (llm_service/attention/sdpa.py: _decode_staged), minus the math."""
     assert cache.stage_k is not None and cache.stage_v is not None
     for row, blocks in stage.fills:
         columns = blocks.numel() * BLOCK

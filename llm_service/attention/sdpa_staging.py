@@ -1,20 +1,42 @@
-"""Which staging row each decoding sequence uses, and when a row must be (re)filled from the cache.
+"""The sdpa backend's decode staging: a contiguous copy of each decoding sequence's KV, so a decode
+step reads one dense (rows, kv_heads, length, head_dim) buffer per layer instead of gathering every
+sequence's whole context from the paged cache (which cost more than the rest of a decode step on CPU).
 
-Bookkeeping for the sdpa backend's decode staging (llm_service/attention.py): rows are handed to
-sequences as they start decoding and taken back when they stop (finished, aborted, preempted). The
-buffers only grow (rows by doubling, columns by a quarter), keeping their content; when most rows are
-idle, the row assignment is compacted (every decode gets a low row again and is refilled from the
-cache), so a step attends over few rows although the allocation stays. Past `max_bytes` staging is off
-for the step and decodes gather their blocks instead.
+A row is handed to a sequence when it starts decoding, filled from the paged cache then (and again
+whenever the row does not already hold the sequence's tokens before this step: after a preemption or
+a compaction), and grows by the one new token of each step. A sequence's row is taken back at the
+first step it does not decode in (finished, aborted, preempted, or back in prefill). The paged cache
+stays the source of truth (prefix sharing, preemption).
+
+The buffers grow (rows by doubling, at most 64 past what the step needs; columns by a quarter),
+keeping their content; when most rows are idle the row assignment is compacted (every decode gets a
+low row again and is refilled from the cache), so a step attends over few rows although the
+allocation stays. A step that would need more than `max_bytes` frees the buffers: its decodes gather
+their blocks instead, and the next step starts staging afresh (every row refilled).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
-from llm_service.attention import DecodeStage, LayerCache
-from llm_service.engine.scheduler import ScheduledSequence
-from llm_service.engine.sequence import Sequence
+from llm_service.attention.paged import LayerCache
+
+if TYPE_CHECKING:
+    from llm_service.engine.scheduler import ScheduledSequence
+    from llm_service.engine.sequence import Sequence
+
+
+@dataclass
+class DecodeStage:
+    """This step's use of the staging rows."""
+
+    rows: torch.Tensor  # (D,) the row of each decode
+    positions: torch.Tensor  # (D,) index of each decode's new token in its row
+    fills: list[tuple[int, torch.Tensor]]  # (row, blocks): copy these cached blocks into the row first
+    valid: torch.Tensor  # (R, L) bool: the rows and columns attended; R rows, L columns in use
 
 
 class DecodeStaging:
