@@ -13,6 +13,7 @@ import re
 from transformers import AutoTokenizer
 
 from mmserve.errors import CheckpointError, InvalidInputError
+from mmserve.interfaces import PromptAdapter
 from mmserve.llava_original import IM_END, IM_START, IMAGE_TAG, OriginalLlavaConfig, image_placeholder_id
 
 # llava/conversation.py, conv_vicuna_v1 (SeparatorStyle.TWO, sep " ", sep2 "</s>").
@@ -23,7 +24,7 @@ VICUNA_V1_SYSTEM = (
 _ROLES = {"user": "USER", "assistant": "ASSISTANT"}
 
 
-class LlavaOriginalPrompt:
+class LlavaOriginalPrompt(PromptAdapter):
     family = "llava_original"
     image_tag = IMAGE_TAG
     tag_aliases = ("<img/>",)

@@ -24,6 +24,7 @@ from gateway.qwen_tokenizer import (
     load_qwen_tokenizer,
 )
 from mmserve.errors import CheckpointError, InvalidInputError
+from mmserve.interfaces import PromptAdapter
 
 PLACEHOLDER = "<img/>"
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -102,7 +103,7 @@ def extract_images(text: str, urls: list[str]) -> tuple[str, list[str]]:
     return "".join(out), ordered
 
 
-class QwenVLPrompt:
+class QwenVLPrompt(PromptAdapter):
     family = "qwen_vl"
     image_tag = "<img>URL</img> or <img/>"
 

@@ -8,12 +8,13 @@ from transformers import AutoTokenizer
 
 from gateway.chat_template import NO_TEMPLATE_MESSAGE, ChatTemplate, load_chat_template
 from mmserve.errors import CheckpointError, InvalidInputError
+from mmserve.interfaces import PromptAdapter
 from mmserve.wire import ImageFeatures, ImageSpan
 
 log = logging.getLogger(__name__)
 
 
-class LlavaPrompt:
+class LlavaPrompt(PromptAdapter):
     """LLaVA: `<image>` marks each image; the chat template comes from the checkpoint (or the
     --chat-template override), in either content format (gateway/chat_template.py)."""
 

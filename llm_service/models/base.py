@@ -6,6 +6,7 @@ import torch
 
 from llm_service.models.decoder import DecoderConfig, DecoderLM, pack_hf_weights
 from mmserve.checkpoint import generation_config, load_strict
+from mmserve.interfaces import LanguageAdapter
 
 
 def eos_list(eos) -> list[int]:
@@ -20,12 +21,12 @@ def checkpoint_eos(checkpoint: str, config_eos) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids))
 
 
-class LanguageModel:
+class LanguageModel(LanguageAdapter):
     """A loaded `DecoderLM` plus the facts the engine needs. Subclasses read the checkpoint and call
-    `_load` with transformers-named weights (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`)."""
+    `_load` with transformers-named weights (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`).
+    Positions are 1-D here; M-RoPE models set position_dims = 3 and override `positions`."""
 
-    family = ""
-    position_dims = 1  # 3 for M-RoPE models, which override `positions`
+    family = ""  # a random model (benchmarks) has none
     decoder: DecoderLM
 
     def _load(

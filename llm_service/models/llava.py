@@ -25,8 +25,9 @@ class LlavaLanguageModel(LanguageModel):
             f"{checkpoint}: language model ({decoder_prefix}*)",
             device,
             dtype,
-            image_token_id=getattr(config, "image_token_id", None) or config.image_token_index,
+            # transformers' config class reads image_token_index (older llava-hf) as image_token_id
+            image_token_id=int(config.image_token_id),
             eos_token_ids=checkpoint_eos(checkpoint, text_config.eos_token_id),
             # transformers ties by the top-level config's flag (PreTrainedModel.tie_weights)
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            tie_word_embeddings=bool(config.tie_word_embeddings),
         )

@@ -62,7 +62,7 @@ class Qwen2VLLanguageModel(LanguageModel):
             rename = {f"model.{name}.": f"{name}." for name in ("embed_tokens", "layers", "norm")}
             rename["lm_head."] = "lm_head."
         # Flat (Hub) and nested configs alike: transformers keeps the flag on the top-level config.
-        tied = bool(getattr(config, "tie_word_embeddings", False))
+        tied = bool(config.tie_word_embeddings)
         self._load(
             DecoderConfig.from_hf(text_config),
             load_weights(checkpoint, rename),

@@ -10,9 +10,10 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from mmserve.checkpoint import first_prefix_present, load_strict, load_weights
 from vision_service.models import clip
+from vision_service.models.base import VisionModel, processor_pixels
 
 
-class LlavaVision(torch.nn.Module):
+class LlavaVision(VisionModel):
     family = "llava"
     projector_class: type[torch.nn.Module] = LlavaMultiModalProjector
 
@@ -54,14 +55,8 @@ class LlavaVision(torch.nn.Module):
 
     @staticmethod
     def preprocess_one(processor, image: Image.Image) -> dict[str, np.ndarray]:
-        """One decoded image -> its model inputs, without the batch dimension."""
-        pixels = processor(images=[image], return_tensors="np")["pixel_values"][0]  # (3, H, W)
-        return {"pixel_values": pixels}
-
-    @staticmethod
-    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Inputs of several images (of any requests) -> one batch; CLIP inputs all share one size."""
-        return {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
+        """One decoded image -> its (3, H, W) pixels, without the batch dimension."""
+        return processor_pixels(processor, image)
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -70,7 +65,3 @@ class LlavaVision(torch.nn.Module):
             self.vision_tower, pixel_values, self.feature_states, drop_cls=self.select_strategy == "default"
         )
         return list(self.multi_modal_projector(selected))  # B x (N, text_hidden)
-
-    @staticmethod
-    def grid_thw(item: dict[str, torch.Tensor]) -> tuple[int, ...]:
-        return ()

@@ -74,10 +74,6 @@ class LlavaNextVision(LlavaVision):
         )
         return list(packed)
 
-    @staticmethod
-    def grid_thw(item: dict[str, torch.Tensor]) -> tuple[int, ...]:
-        return ()
-
 
 class _Newline(torch.nn.Module):
     """A view of the one image_newline parameter, so that load_strict checks its key like any other."""

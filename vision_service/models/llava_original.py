@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -16,6 +15,7 @@ from mmserve.checkpoint import first_prefix_present, load_strict, load_weights
 from mmserve.errors import CheckpointError
 from mmserve.llava_original import OriginalLlavaConfig
 from vision_service.models import clip
+from vision_service.models.base import EmbeddingConfig, TextWidth, VisionModel, processor_pixels
 
 
 def build_projector(kind: str, mm_hidden: int, hidden: int) -> torch.nn.Module:
@@ -55,15 +55,12 @@ def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image
     return result
 
 
-class LlavaOriginalVision(torch.nn.Module):
+class LlavaOriginalVision(VisionModel):
     family = "llava_original"
 
     def __init__(self, mm: OriginalLlavaConfig, clip_config, text_hidden: int):
         super().__init__()
-        # VisionEncoder reads config.text_config.hidden_size (the embedding width it serves).
-        self.config = SimpleNamespace(
-            text_config=SimpleNamespace(hidden_size=text_hidden), vision_config=clip_config
-        )
+        self.config = EmbeddingConfig(TextWidth(text_hidden), clip_config)
         self.vision_tower = AutoModel.from_config(clip_config)
         mm_hidden = mm.mm_hidden_size or clip_config.hidden_size
         self.mm_projector = build_projector(mm.projector_type, mm_hidden, text_hidden)
@@ -108,12 +105,7 @@ class LlavaOriginalVision(torch.nn.Module):
         """One decoded image -> (3, H, W) pixels (padded to a square first for image_aspect_ratio=pad)."""
         if processor.pad_to_square:
             image = expand2square(image, processor.background())
-        pixels = processor.clip(images=[image], return_tensors="np")["pixel_values"][0]  # type: ignore[operator]
-        return {"pixel_values": pixels}
-
-    @staticmethod
-    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
+        return processor_pixels(processor.clip, image)
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -122,7 +114,3 @@ class LlavaOriginalVision(torch.nn.Module):
             self.vision_tower, pixel_values, self.feature_states, drop_cls=not self.keep_cls
         )
         return list(self.mm_projector(features))
-
-    @staticmethod
-    def grid_thw(item: dict[str, torch.Tensor]) -> tuple[int, ...]:
-        return ()

@@ -14,6 +14,7 @@ from transformers import AutoConfig, Qwen2VLImageProcessorPil
 
 from mmserve.checkpoint import first_prefix_present, load_strict, load_weights
 from mmserve.errors import InvalidInputError
+from vision_service.models.base import VisionModel
 
 
 def _tower_class(model_type: str):
@@ -28,7 +29,7 @@ def _tower_class(model_type: str):
     return Qwen2VisionTransformerPretrainedModel
 
 
-class Qwen2VLVision(torch.nn.Module):
+class Qwen2VLVision(VisionModel):
     family = "qwen2_vl"
     # Accepts min_pixels / max_pixels (server-wide and per request): see preprocess_one.
     dynamic_resolution = True
@@ -54,6 +55,11 @@ class Qwen2VLVision(torch.nn.Module):
     @staticmethod
     def load_processor(checkpoint: str):
         return Qwen2VLImageProcessorPil.from_pretrained(checkpoint)
+
+    @staticmethod
+    def max_pixels(processor) -> int:
+        """The checkpoint's bound on a resized image's area (its processor's longest_edge)."""
+        return int(processor.size.get("longest_edge") or 0)
 
     @staticmethod
     def preprocess_one(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 from mmserve.checkpoint import load_strict, load_weights, read_config
 from mmserve.errors import CheckpointError
+from vision_service.models.base import EmbeddingConfig, TextWidth, VisionModel
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -126,25 +126,50 @@ class Resampler(nn.Module):
         return self.attn(q + self.pos_embed, x + pos, x)
 
 
+@dataclass(frozen=True)
+class VisualConfig:
+    """config.json's `visual` section (the remote code's constructor arguments)."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float
+    output_dim: int  # = the LM's hidden size
+    n_queries: int = 256
+
+    @classmethod
+    def from_dict(cls, visual: dict) -> VisualConfig:
+        config = cls(
+            image_size=int(visual["image_size"]),
+            patch_size=int(visual["patch_size"]),
+            width=int(visual["width"]),
+            layers=int(visual["layers"]),
+            heads=int(visual["heads"]),
+            mlp_ratio=float(visual["mlp_ratio"]),
+            output_dim=int(visual["output_dim"]),
+            n_queries=int(visual.get("n_queries", 256)),
+        )
+        if config.output_dim % 128:
+            raise CheckpointError(
+                f"visual.output_dim={config.output_dim} is not a multiple of 128 (resampler heads)"
+            )
+        return config
+
+
 class VisionTransformer(nn.Module):
     """`transformer.visual` of a Qwen-VL checkpoint."""
 
-    def __init__(self, visual: dict):
+    def __init__(self, visual: VisualConfig):
         super().__init__()
-        self.image_size = int(visual["image_size"])
-        patch = int(visual["patch_size"])
-        width, output_dim = int(visual["width"]), int(visual["output_dim"])
-        self.num_queries = int(visual.get("n_queries", 256))
-        if output_dim % 128:
-            raise CheckpointError(
-                f"visual.output_dim={output_dim} is not a multiple of 128 (resampler heads)"
-            )
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        self.image_size = visual.image_size
+        self.num_queries = visual.n_queries
+        width, output_dim = visual.width, visual.output_dim
+        self.conv1 = nn.Conv2d(3, width, kernel_size=visual.patch_size, stride=visual.patch_size, bias=False)
         self.positional_embedding = nn.Parameter(torch.zeros(256, width))
         self.ln_pre = nn.LayerNorm(width, eps=LN_EPS)
-        self.transformer = TransformerBlock(
-            width, int(visual["layers"]), int(visual["heads"]), float(visual["mlp_ratio"])
-        )
+        self.transformer = TransformerBlock(width, visual.layers, visual.heads, visual.mlp_ratio)
         self.attn_pool = Resampler(self.num_queries, output_dim, output_dim // 128, width)
         self.ln_post = nn.LayerNorm(output_dim, eps=LN_EPS)
         self.proj = nn.Parameter(torch.zeros(output_dim, output_dim))
@@ -171,15 +196,14 @@ class QwenVLImageProcessor:
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, S, S)
 
 
-class QwenVLVision(nn.Module):
+class QwenVLVision(VisionModel):
     family = "qwen_vl"
 
     def __init__(self, visual: dict):
         super().__init__()
-        self.vision_tower = VisionTransformer(visual)
-        output_dim = int(visual["output_dim"])
-        # What the encoder reads: the width of one embedding row (= the LM's hidden size).
-        self.config = SimpleNamespace(text_config=SimpleNamespace(hidden_size=output_dim), visual=visual)
+        config = VisualConfig.from_dict(visual)
+        self.vision_tower = VisionTransformer(config)
+        self.config = EmbeddingConfig(TextWidth(config.output_dim), config)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, dtype: torch.dtype, device: str) -> QwenVLVision:
@@ -202,16 +226,8 @@ class QwenVLVision(nn.Module):
     def preprocess_one(processor: QwenVLImageProcessor, image: Image.Image) -> dict[str, np.ndarray]:
         return {"pixel_values": processor(image)}
 
-    @staticmethod
-    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
-
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) pixels -> B tensors of (n_queries, output_dim)."""
         param = next(self.parameters())
         return list(self.vision_tower(pixel_values.to(param.device, param.dtype)))
-
-    @staticmethod
-    def grid_thw(item: dict[str, torch.Tensor]) -> tuple[int, ...]:
-        return ()
