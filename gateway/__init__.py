@@ -1,4 +1,4 @@
-"""gateway: the HTTP edge process (OpenAI REST API), and the in-process Python API (gateway.pipeline)."""
+"""gateway: the HTTP edge process, the OpenAI-compatible REST API (gateway.http) over the serving core."""
 
 from mmserve.omp import sleep_idle_workers
 

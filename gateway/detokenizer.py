@@ -3,6 +3,7 @@ released together with its text."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -53,7 +54,7 @@ class IncrementalDetokenizer:
 class StopStrings:
     """Cuts the text at the first stop string, holding back a tail that could begin one."""
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self._hold = max((len(s) for s in self.stops), default=1) - 1
         self._pending = ""

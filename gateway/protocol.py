@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from gateway.chat_input import json_strings
 from gateway.chat_template import RESERVED_TEMPLATE_KWARGS
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat limit; vLLM's default cap)
@@ -110,7 +111,10 @@ class ImagePart(_Body):
 
 
 def _part_type(value: Any) -> str | None:
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    """The content part's tag from its `type`: of a JSON object, or of a part already validated."""
+    kind = value.type if isinstance(value, TextPart | ImagePart) else None
+    if isinstance(value, dict):
+        kind = value.get("type")
     return {"text": "<text>", "image_url": "<image_url>"}.get(kind) if isinstance(kind, str) else None
 
 
@@ -218,19 +222,6 @@ class SamplingFields(_Body):
         return None
 
 
-def _strings(value: Any):
-    """Every string inside a JSON value, dict keys included."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _strings(key)
-            yield from _strings(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _strings(item)
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -247,7 +238,7 @@ class ChatCompletionRequest(SamplingFields):
             raise PydanticCustomError(
                 "reserved", "may not set {names} (the server sets those)", {"names": ", ".join(clash)}
             )
-        for text in _strings(value):  # they reach the template, hence the tokenizer
+        for text in json_strings(value):  # they reach the template, hence the tokenizer
             problem = text_problem(text)
             if problem is not None:
                 raise PydanticCustomError("invalid_text", "a string in it " + problem)

@@ -7,18 +7,19 @@ prompt text + image urls -> fetch -> vision Embed -> tokenize + expand image tag
 from __future__ import annotations
 
 import asyncio
-import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
+from gateway.chat_input import SpecialTokenGuard
 from gateway.detokenizer import HeldTokens, IncrementalDetokenizer, StopStrings
-from gateway.generation_defaults import GenerationDefaults
+from gateway.drain import Drain
 from gateway.media import MediaError, MediaFetcher
 from gateway.prompts import expand_image_tokens
 from mmserve.errors import InvalidInputError, UnavailableError
 from mmserve.images import content_hash, probe_image
+from mmserve.sampling import GenerationDefaults, GenerationSettings
 from mmserve.wire import (
     GenerateOutput,
     GenerateRequest,
@@ -26,7 +27,6 @@ from mmserve.wire import (
     ImageSpan,
     LLMInfo,
     PixelLimits,
-    SamplingParams,
     TokenLogprobs,
     Usage,
 )
@@ -36,14 +36,6 @@ from mmserve.wire import (
 class PreparedPrompt:
     token_ids: list[int]  # image placeholders expanded
     images: list[ImageSpan]
-
-
-@dataclass
-class GenerationSettings:
-    sampling: SamplingParams
-    max_tokens: int | None = None  # None: up to the context length
-    stop: list[str] = field(default_factory=list)
-    pixels: PixelLimits | None = None  # per-request image resize bounds (Qwen2-VL family), for prepare()
 
 
 @dataclass
@@ -65,34 +57,6 @@ class TextDelta:
     # Logprobs of the tokens whose text this delta carries (not of `token_ids`: text is held back at
     # partial characters and possible stop strings); None when the request asked for none.
     logprobs: list[TokenLogprob] | None = None
-
-
-def _strings(value) -> list[str]:
-    """Every string inside a JSON value (dict keys included)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
-    if isinstance(value, list | tuple):
-        return [s for v in value for s in _strings(v)]
-    return []
-
-
-class Drain:
-    """The gateway's shutdown: after `start(grace_s)`, generations still running when the grace period
-    ends stop with UnavailableError (a 503, or an SSE error event + [DONE]) instead of being cut."""
-
-    def __init__(self):
-        self.started = False
-        self.expired = False
-
-    def start(self, grace_s: float) -> None:
-        if not self.started:
-            self.started = True
-            asyncio.get_running_loop().call_later(grace_s, self._expire)
-
-    def _expire(self) -> None:
-        self.expired = True
 
 
 # The bound on UTF-8 bytes per token behind the check before tokenizing: the longest token of the served
@@ -124,12 +88,7 @@ class ServingCore:
         self.fetcher = fetcher
         self.max_images = max_images_per_request
         self._llm_info: LLMInfo | None = None
-        specials = set(self.tokenizer.all_special_tokens) | {
-            token.content for token in self.tokenizer.added_tokens_decoder.values()
-        }
-        # Longest first, so that a token containing another is reported whole.
-        pattern = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True) if t)
-        self._special_tokens = re.compile(pattern or r"(?!x)x")
+        self._guard = SpecialTokenGuard(self.tokenizer)
         self._token_strings: dict[int, str] = {}  # token id -> its decode alone (logprobs)
 
     async def llm_info(self) -> LLMInfo:
@@ -145,42 +104,15 @@ class ServingCore:
 
     # ---- prompts ---------------------------------------------------------------------------------
 
-    def _check_no_special_tokens(self, text: str) -> None:
-        """Chat text is user data: a special token typed in it (an image tag, `<|im_end|>`, `</s>`)
-        would be tokenized as the real control token, so it is refused rather than obeyed."""
-        found = self._special_tokens.search(text)
-        if found:
-            raise InvalidInputError(
-                f"message text may not contain the special token {found.group()!r}; "
-                "images go in image_url parts, roles in messages"
-            )
-
     def chat_prompt(
         self, messages: list[dict], chat_template_kwargs: dict | None = None
     ) -> tuple[str, list[str]]:
         """OpenAI chat messages -> (rendered prompt, image urls in prompt order). The user's text is
         checked here, before the prompt adapter renders it (for a "string" chat template the adapter also
         writes each image's placeholder text into the message: that text is ours, not the user's)."""
-        converted, urls = [], []
-        for message in messages:
-            content = message.get("content")
-            if content is None or isinstance(content, str):
-                self._check_no_special_tokens(content or "")
-                converted.append({"role": message["role"], "content": content or ""})
-                continue
-            parts = []
-            for part in content:
-                if part["type"] == "text":
-                    self._check_no_special_tokens(part["text"])
-                    parts.append({"type": "text", "text": part["text"]})
-                else:  # image_url, validated at the edge
-                    parts.append({"type": "image"})
-                    urls.append(part["url"])
-            converted.append({"role": message["role"], "content": parts})
+        converted, urls = self._guard.template_messages(messages)
         if chat_template_kwargs:
-            # Their strings reach the template too (even as bos_token and the like): user data as well.
-            for text in _strings(chat_template_kwargs):
-                self._check_no_special_tokens(text)
+            self._guard.check_template_kwargs(chat_template_kwargs)
             return self.prompt.render_chat(converted, chat_template_kwargs=chat_template_kwargs), urls
         return self.prompt.render_chat(converted), urls
 
@@ -259,26 +191,13 @@ class ServingCore:
         *,
         prompt_param: str = "prompt",
         max_tokens_param: str = "max_tokens",
-    ) -> AsyncIterator[TextDelta]:
+    ) -> AsyncGenerator[TextDelta, None]:
         """`prompt_param`, `max_tokens_param`: the request fields a context-length error names (the prompt's
         when the prompt leaves no room for a token, else the token limit's)."""
-        info = await self.llm_info()
-        prompt_len = len(prepared.token_ids)
-        room = info.max_model_len - prompt_len
-        max_tokens = settings.max_tokens
-        if max_tokens is None:  # the checkpoint's max_new_tokens when it has one, within the context
-            max_tokens = min(room, self.defaults.max_tokens or room)
-        if room < 1 or max_tokens > room:
-            param = prompt_param if room < 1 else max_tokens_param
-            raise InvalidInputError(
-                f"{param}: this model's maximum context length is {info.max_model_len} tokens; the prompt has "
-                f"{prompt_len} and {max_tokens} completion tokens were requested",
-                param=param,
-                code="context_length_exceeded",
-            )
-        sampling = settings.sampling
-        sampling.max_new_tokens = max_tokens
+        max_tokens = await self._token_budget(prepared, settings, prompt_param, max_tokens_param)
+        sampling = replace(settings.sampling, max_new_tokens=max_tokens)
         request = GenerateRequest(request_id, prepared.token_ids, prepared.images, sampling)
+        prompt_len = len(prepared.token_ids)
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(settings.stop)
         held: HeldTokens[TokenLogprob] | None = HeldTokens() if sampling.logprobs is not None else None
@@ -310,6 +229,27 @@ class ServingCore:
                 yield TextDelta(text, output.token_ids, finish, usage, logprobs)
                 return
         raise UnavailableError("the llm stream ended without a finish reason")
+
+    async def _token_budget(
+        self, prepared: PreparedPrompt, settings: GenerationSettings, prompt_param: str, max_tokens_param: str
+    ) -> int:
+        """The completion's token limit: the request's, else the checkpoint's max_new_tokens when it has
+        one, else the room the prompt leaves in the context; refused when it does not fit."""
+        info = await self.llm_info()
+        prompt_len = len(prepared.token_ids)
+        room = info.max_model_len - prompt_len
+        max_tokens = settings.max_tokens
+        if max_tokens is None:
+            max_tokens = min(room, self.defaults.max_tokens or room)
+        if room < 1 or max_tokens > room:
+            param = prompt_param if room < 1 else max_tokens_param
+            raise InvalidInputError(
+                f"{param}: this model's maximum context length is {info.max_model_len} tokens; the prompt has "
+                f"{prompt_len} and {max_tokens} completion tokens were requested",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return max_tokens
 
     def _push(
         self,

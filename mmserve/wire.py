@@ -14,6 +14,7 @@ import torch
 
 from mmserve.errors import InvalidInputError
 from mmserve.proto import llm_pb2, vision_pb2
+from mmserve.sampling import SamplingChoices, SamplingParams, sampling_params
 from mmserve.tensor_codec import tensor_from_pb, tensor_to_pb
 
 
@@ -65,23 +66,6 @@ class ImageSpan:
     def __post_init__(self):
         if self.length < 0:
             object.__setattr__(self, "length", int(self.embedding.shape[0]))
-
-
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    max_new_tokens: int = 16
-    min_new_tokens: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] = field(default_factory=list)
-    seed: int | None = None
-    repetition_penalty: float = 1.0
-    min_p: float = 0.0  # 0 = off
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None  # top-n alternatives per token; None = no logprobs
 
 
 @dataclass
@@ -187,7 +171,7 @@ def sampling_to_pb(params: SamplingParams) -> llm_pb2.SamplingParams:
         max_new_tokens=params.max_new_tokens,
         min_new_tokens=params.min_new_tokens,
         ignore_eos=params.ignore_eos,
-        stop_token_ids=params.stop_token_ids,
+        stop_token_ids=list(params.stop_token_ids),
         seed=params.seed,
         repetition_penalty=params.repetition_penalty,
         min_p=params.min_p,
@@ -198,21 +182,24 @@ def sampling_to_pb(params: SamplingParams) -> llm_pb2.SamplingParams:
 
 
 def sampling_from_pb(message: llm_pb2.SamplingParams) -> SamplingParams:
-    return SamplingParams(
+    """The gRPC entry point's settings, through the same builder as REST and the Python API. proto3
+    cannot tell an unset float from 0: a top_p or repetition_penalty of 0 (meaningless) means unset."""
+    choices = SamplingChoices(
         temperature=message.temperature,
-        top_p=message.top_p or 1.0,
+        top_p=message.top_p or None,
         top_k=message.top_k,
         max_new_tokens=message.max_new_tokens,
         min_new_tokens=message.min_new_tokens,
         ignore_eos=message.ignore_eos,
-        stop_token_ids=list(message.stop_token_ids),
+        stop_token_ids=tuple(message.stop_token_ids),
         seed=message.seed if message.HasField("seed") else None,
-        repetition_penalty=message.repetition_penalty or 1.0,
+        repetition_penalty=message.repetition_penalty or None,
         min_p=message.min_p,
         presence_penalty=message.presence_penalty,
         frequency_penalty=message.frequency_penalty,
         logprobs=message.logprobs if message.HasField("logprobs") else None,
     )
+    return sampling_params(choices)
 
 
 def generate_request_to_pb(request: GenerateRequest) -> llm_pb2.GenerateRequest:

@@ -3,9 +3,9 @@
 import pytest
 from pydantic import ValidationError
 
-from gateway.api import sampling_params
-from gateway.generation_defaults import GenerationDefaults
+from gateway.http.generation import settings_from_body
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from mmserve.sampling import GenerationDefaults, SamplingParams
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -16,6 +16,11 @@ def chat(**fields) -> ChatCompletionRequest:
 
 def completion(**fields) -> CompletionRequest:
     return CompletionRequest(prompt="hi", **fields)
+
+
+def sampling_params(body, defaults: GenerationDefaults) -> SamplingParams:
+    """What the REST entry point's settings builder makes of `body`'s sampling fields."""
+    return settings_from_body(body, defaults).sampling
 
 
 def error_fields(exc: pytest.ExceptionInfo) -> list[str]:
@@ -153,7 +158,7 @@ def test_float_fields_take_integers_and_decimals(value):
 def test_union_errors_name_the_member_field_without_tags():
     with pytest.raises(ValidationError) as exc:
         chat(stop=["a", 1])
-    assert error_fields(exc) == ["stop.<list>.1"]  # gateway.api drops the tag: stop[1]
+    assert error_fields(exc) == ["stop.<list>.1"]  # gateway.http.errors drops the tag: stop[1]
     with pytest.raises(ValidationError) as exc:
         ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "audio"}]}])
     assert [e["msg"] for e in exc.value.errors()] == ["a content part's type must be 'text' or 'image_url'"]

@@ -1,0 +1,43 @@
+"""The OpenAI-compatible HTTP app: routes, error handlers and middleware over one ServingCore."""
+
+from __future__ import annotations
+
+import grpc
+from fastapi import APIRouter, FastAPI
+from starlette.routing import Route
+
+from gateway.http import routes_admin, routes_chat, routes_completions
+from gateway.http.context import Served
+from gateway.http.errors import install_error_handlers
+from gateway.http.metrics import Metrics
+from gateway.http.middleware import Auth, BodyLimit, CountResponses
+from gateway.serving import ServingCore
+
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
+def create_app(
+    core: ServingCore,
+    model_name: str,
+    api_key: str | None = None,
+    backends: dict[str, grpc.aio.Channel] | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> FastAPI:
+    """`backends` maps a name to a gRPC channel whose health /health reports (None in-process)."""
+    app = FastAPI(title="mmserve gateway")
+    metrics = app.state.metrics = Metrics()
+    app.state.served = Served(core, model_name, metrics, dict(backends or {}))
+    install_error_handlers(app)
+    routers = [module.router for module in (routes_admin, routes_chat, routes_completions)]
+    for router in routers:
+        app.include_router(router)
+    # Outermost last: count every response, then the API key, then the body size, then FastAPI.
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
+    app.add_middleware(Auth, expected=f"Bearer {api_key}".encode() if api_key else None)
+    app.add_middleware(CountResponses, metrics=metrics, paths=route_paths(app.router, *routers))
+    return app
+
+
+def route_paths(*routers: APIRouter) -> frozenset[str]:
+    """The paths of the routes themselves (FastAPI's docs pages included), not of included routers."""
+    return frozenset(route.path for router in routers for route in router.routes if isinstance(route, Route))

@@ -1,0 +1,23 @@
+"""What the HTTP routes serve, handed to them through the app's state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from fastapi import Request
+
+from gateway.http.metrics import Metrics
+from gateway.serving import ServingCore
+
+
+@dataclass(frozen=True)
+class Served:
+    core: ServingCore
+    model_name: str  # the public name: what `model` in a request must be, what /v1/models lists
+    metrics: Metrics
+    backends: dict[str, grpc.aio.Channel]  # whose health /health reports (none in-process)
+
+
+def served(request: Request) -> Served:
+    return request.app.state.served

@@ -1,0 +1,166 @@
+"""Response bodies of chat and text completions, whole or as server-sent events, in OpenAI's shapes."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from gateway.serving import TextDelta, TokenLogprob
+from mmserve.wire import Usage
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def usage_json(usage: Usage) -> dict:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def finite_logprob(value: float) -> float:
+    """JSON has no -inf (a token the model rules out): vLLM's stand-in."""
+    return value if math.isfinite(value) else -9999.0
+
+
+def token_json(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": finite_logprob(logprob), "bytes": list(token.encode("utf-8"))}
+
+
+class Render:
+    """Builds response bodies of one route; subclasses say how a choice and a delta look."""
+
+    object_full = object_chunk = ""
+
+    def __init__(self, request_id: str, model: str):
+        self.request_id, self.model, self.created = request_id, model, int(time.time())
+
+    def full_choice(self, text: str) -> dict:
+        raise NotImplementedError
+
+    def stream_head(self) -> dict | None:
+        raise NotImplementedError
+
+    def chunk_choice(self, text: str) -> dict:
+        raise NotImplementedError
+
+    def logprobs_json(self, entries: list[TokenLogprob]) -> dict:
+        raise NotImplementedError
+
+    def choice(self, body: dict, logprobs: list[TokenLogprob] | None, finish_reason: str | None) -> dict:
+        """A choice: its route-specific `body`, then `logprobs` (null when not requested), finish_reason."""
+        lp = None if logprobs is None else self.logprobs_json(logprobs)
+        return {"index": 0, **body, "logprobs": lp, "finish_reason": finish_reason}
+
+    def envelope(self, obj: str, choices: list, **extra) -> dict:
+        return {
+            "id": self.request_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+    def full(
+        self,
+        text: str,
+        ids: list[int],
+        last: TextDelta,
+        prompt_ids: list[int],
+        with_ids: bool,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> dict:
+        assert last.usage is not None, "the last delta carries usage"
+        choice = self.choice(self.full_choice(text), logprobs, last.finish_reason)
+        extra: dict[str, Any] = {"usage": usage_json(last.usage)}
+        if with_ids:
+            choice["token_ids"] = ids
+            extra["prompt_token_ids"] = prompt_ids
+        return self.envelope(self.object_full, [choice], **extra)
+
+    async def stream(
+        self,
+        first: TextDelta,
+        rest: AsyncIterator[TextDelta],
+        prompt_ids: list[int],
+        include_usage: bool,
+        with_ids: bool,
+    ) -> AsyncGenerator[str, None]:
+        """The events of a stream; MeteredStream turns an error into an error event and closes `rest`."""
+        head = self.stream_head()
+        if head is not None:
+            yield sse(self.envelope(self.object_chunk, [self.choice(head, None, None)]))
+        delta: TextDelta | None = first
+        usage = None
+        while delta is not None:
+            choice = self.choice(self.chunk_choice(delta.text), delta.logprobs, delta.finish_reason)
+            if with_ids:
+                choice["token_ids"] = delta.token_ids
+            yield sse(self.envelope(self.object_chunk, [choice]))
+            usage = delta.usage
+            delta = await anext(rest, None)
+        if include_usage and usage is not None:
+            yield sse(self.envelope(self.object_chunk, [], usage=usage_json(usage)))
+        yield DONE
+
+
+class ChatRender(Render):
+    object_full, object_chunk = "chat.completion", "chat.completion.chunk"
+
+    def full_choice(self, text):
+        return {"message": {"role": "assistant", "content": text}}
+
+    def stream_head(self):
+        return {"delta": {"role": "assistant", "content": ""}}
+
+    def chunk_choice(self, text):
+        return {"delta": {"content": text} if text else {}}
+
+    def logprobs_json(self, entries):
+        """OpenAI chat's shape: per token its string, bytes, logprob and the top alternatives."""
+        return {
+            "content": [
+                {**token_json(e.token, e.logprob), "top_logprobs": [token_json(t, v) for t, v in e.top]}
+                for e in entries
+            ]
+        }
+
+
+class TextRender(Render):
+    object_full = object_chunk = "text_completion"
+
+    def full_choice(self, text):
+        return {"text": text}
+
+    def stream_head(self):
+        return None
+
+    def chunk_choice(self, text):
+        return {"text": text}
+
+    def logprobs_json(self, entries):
+        """Legacy completions' shape: parallel lists; each top_logprobs dict holds the alternatives and,
+        as OpenAI documents, always the sampled token (so up to n + 1 entries; tokens whose strings
+        coincide share one key, the likelier one's)."""
+        top_logprobs = []
+        for e in entries:
+            top: dict[str, float] = {}
+            for token, value in [*e.top, (e.token, e.logprob)]:
+                top.setdefault(token, finite_logprob(value))
+            top_logprobs.append(top)
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [finite_logprob(e.logprob) for e in entries],
+            "top_logprobs": top_logprobs,
+            "text_offset": [e.text_offset for e in entries],
+        }
