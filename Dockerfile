@@ -21,7 +21,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # In a container the services must listen on all interfaces (the code defaults to 127.0.0.1).
-# MMSERVE_HOME: `python -m mmserve.demo` with no argument builds /models/demo-llava.
+# MMSERVE_HOME: `python -m tools.demo` with no argument builds /models/demo-llava.
 ENV VISION_HOST=0.0.0.0 \
     LLM_HOST=0.0.0.0 \
     HOST=0.0.0.0 \
@@ -57,11 +57,11 @@ RUN if [ "$INSTALL_GPU_EXTRA" = true ]; then \
         && rm /tmp/gpu.txt; \
     fi
 
-# The source tree. Editable install on purpose: mmserve.proto locates protos/ relative to the package
-# folder (../protos) and writes the generated stubs next to itself, which only works from /app.
+# The source tree. Editable install on purpose: the stubs are generated into the package folder
+# (mmserve/proto/, next to ../protos), and tools/ (the demo checkpoint builder) runs from /app.
 COPY . .
 RUN pip install -e . \
-    && python -c "from mmserve.proto import generate_stubs; generate_stubs()" \
+    && python -m tools.protos \
     && python -c "from mmserve.proto import llm_pb2_grpc, tensor_pb2, vision_pb2_grpc"
 
 USER mmserve

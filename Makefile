@@ -21,18 +21,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install mmserve with its test tools
+install: $(STAMP) protos ## create .venv, install mmserve with its test tools, generate the stubs
 
+# The build generates the stubs (here, and in the Dockerfile); importing mmserve.proto never does.
 $(PROTO_STUBS): $(wildcard protos/*.proto) $(STAMP)
-	$(PY) -c "from mmserve.proto import generate_stubs; generate_stubs()"
+	$(PY) -m tools.protos
 
 protos: $(PROTO_STUBS) ## generate the gRPC/protobuf stubs from protos/
 
+# No MODEL / CHECKPOINT_PATH: build the demo checkpoint first (tools.demo prints its folder), serve that.
 run: install protos ## start vision + LLM + gateway on http://127.0.0.1:8000 (PORT=..., MODEL=... to serve a checkpoint)
-	CHECKPOINT_PATH="$(or $(MODEL),$(CHECKPOINT_PATH))" $(PY) -m mmserve.start_server
+	@checkpoint="$(or $(MODEL),$(CHECKPOINT_PATH))"; \
+	if [ -z "$$checkpoint" ]; then checkpoint="$$($(PY) -m tools.demo)" || exit 1; fi; \
+	CHECKPOINT_PATH="$$checkpoint" exec $(PY) -m mmserve.start_server
 
 demo: install ## build the random-weight demo checkpoint (done by `make run` when needed)
-	$(PY) -m mmserve.demo
+	$(PY) -m tools.demo
 
 test: install protos ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

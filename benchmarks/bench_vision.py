@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from mmserve.demo import ANCHOR_SHAPE, build_llava_checkpoint
+from tools.checkpoints import ANCHOR_SHAPE, build_llava_checkpoint
 from mmserve.grpc_util import channel_options
 from mmserve.images import content_hash
 from mmserve.proto import vision_pb2, vision_pb2_grpc

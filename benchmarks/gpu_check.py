@@ -80,7 +80,7 @@ def parity(device: str, backends: list[str], report: dict) -> bool:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from llm_service.models.llava import LlavaLanguageModel
-    from mmserve.demo import build_llava_checkpoint
+    from tools.checkpoints import build_llava_checkpoint
     from tests.helpers import make_image
     from tests.reference import assert_greedy_close, greedy_with_logprobs
 

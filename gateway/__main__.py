@@ -1,26 +1,49 @@
-"""gateway entry point: `python -m gateway --vision ADDR --llm ADDR --checkpoint DIR --port N`."""
+"""gateway entry point: `python -m gateway --vision ADDR --llm ADDR --checkpoint DIR --port N` (port 0: the
+OS picks one, printed in the ready line)."""
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
+import sys
 
 import uvicorn
 from fastapi import FastAPI
 
-from gateway.api import create_app
 from gateway.clients import GrpcLLMClient, GrpcVisionClient
 from gateway.config import GatewayConfig
-from gateway.generation_defaults import GenerationDefaults
+from gateway.drain import Drain
+from gateway.http.app import create_app
 from gateway.media import MediaFetcher
-from gateway.serving import Drain, ServingCore
+from gateway.serving import ServingCore
+from mmserve.cli import StartupError, check_port_free, debug_requested, startup_errors
 from mmserve.families import adapter, detect_family
+from mmserve.sampling import GenerationDefaults
+
+# mmserve.supervisor starts the gateway with the backends still binding their ports (port 0): with this
+# flag the gateway loads its tokenizer meanwhile, then reads their addresses as one JSON line on stdin.
+BACKENDS_ON_STDIN = "--backends-on-stdin"
 
 
-def build_app(config: GatewayConfig) -> tuple[FastAPI, ServingCore]:
+def load_prompt(config: GatewayConfig):
+    """The family's prompt adapter (loads the tokenizer and chat template)."""
     family = detect_family(config.checkpoint, config.model_type)
-    prompt = adapter(family, "prompt")(
+    return adapter(family, "prompt")(
         config.checkpoint, config.tokenizer_path or config.checkpoint, chat_template=config.chat_template
     )
+
+
+def read_backends(config: GatewayConfig) -> GatewayConfig:
+    """`config` with the vision and LLM addresses of the JSON line on stdin."""
+    line = sys.stdin.readline()
+    if not line:
+        raise StartupError(f"{BACKENDS_ON_STDIN}: stdin closed before the backend addresses came")
+    addresses = json.loads(line)
+    return dataclasses.replace(config, vision_addr=addresses["vision"], llm_addr=addresses["llm"])
+
+
+def build_app(config: GatewayConfig, prompt) -> tuple[FastAPI, ServingCore]:
     vision = GrpcVisionClient(config.vision_addr, config.max_message_bytes, config.backend_timeout_s)
     llm = GrpcLLMClient(config.llm_addr, config.max_message_bytes, config.backend_timeout_s)
     defaults = GenerationDefaults.from_checkpoint(config.checkpoint)
@@ -44,6 +67,11 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.drain, self.drain_timeout_s = drain, drain_timeout_s
 
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        port = self.servers[0].sockets[0].getsockname()[1]  # the bound one, also when asked for port 0
+        print(f"gateway ready on http://{self.config.host}:{port}", flush=True)
+
     def handle_exit(self, sig, frame) -> None:
         self.drain.start(self.drain_timeout_s)
         super().handle_exit(sig, frame)
@@ -56,17 +84,19 @@ class _Server(uvicorn.Server):
 
 
 def main(argv=None) -> None:
-    from mmserve.cli import check_port_free, debug_requested, startup_errors
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
     argv, debug = debug_requested(argv)
+    wait_for_backends = BACKENDS_ON_STDIN in argv
     with startup_errors("gateway", debug):  # one line + exit 2, before the tokenizer loads
-        config = GatewayConfig.from_args(argv)
+        config = GatewayConfig.from_args([a for a in argv if a != BACKENDS_ON_STDIN])
         check_port_free(config.host, config.port, "PORT")
+        prompt = load_prompt(config)
+        if wait_for_backends:
+            config = read_backends(config)
 
     async def serve():
         with startup_errors("gateway", debug):
-            app, core = build_app(config)  # inside the loop: grpc.aio channels bind to it
+            app, core = build_app(config, prompt)  # inside the loop: grpc.aio channels bind to it
         server = _Server(
             uvicorn.Config(
                 app,
@@ -79,7 +109,6 @@ def main(argv=None) -> None:
             core.drain,
             config.drain_timeout_s,
         )
-        print(f"gateway ready on http://{config.host}:{config.port}", flush=True)
         await server.serve()
 
     asyncio.run(serve())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmserve.demo import LlavaShape, build_llava_checkpoint
+from tools.checkpoints import LlavaShape, build_llava_checkpoint
 from tests.helpers import make_image
 
 # Embeddings of this shape are 576 x 2048 float32 = 4.7 MB per image: over gRPC's 4 MB default.

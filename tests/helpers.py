@@ -1,22 +1,23 @@
-"""Test helpers: images, free ports, a loopback image server and the three-process stack."""
+"""Test helpers: images, free ports, a loopback image server, the three-process stack, health and metrics."""
 
 from __future__ import annotations
 
 import base64
 import http.server
 import io
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
+
+from mmserve.supervisor import StackError, StackSpec, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,7 +108,8 @@ def greedy_chat(client, text: str, urls: list[str], max_tokens: int, **kwargs):
 
 
 class Stack:
-    """vision_service + llm_service + gateway as three real processes on loopback."""
+    """vision_service + llm_service + gateway as three real processes on loopback, started by
+    mmserve.supervisor (as `make run` starts them) on ports the OS binds and reports back."""
 
     def __init__(
         self,
@@ -119,111 +121,83 @@ class Stack:
     ):
         """`dtype` of both services: float32 by default (parity with transformers is checked in
         float32); None leaves the services' own default (auto: the checkpoint's dtype)."""
-        self.checkpoint = checkpoint
-        self.dtype_args = ["--dtype", dtype] if dtype else []
+        dtype_args = ["--dtype", dtype] if dtype else []
         self.log_dir = log_dir
-        self.vision_port, self.llm_port, self.port, self.llm_metrics_port, self.vision_metrics_port = (
-            free_ports(5)
+        # a metrics port of 0 is off, and the services do not report one the OS chose: picked free here
+        self.llm_metrics_port, self.vision_metrics_port = free_ports(2)
+        self.spec = StackSpec(
+            str(checkpoint),
+            vision_args=dtype_args,
+            llm_args=[*dtype_args, *llm_args],
+            gateway_args=list(gateway_args),
+            llm_metrics_port=self.llm_metrics_port,
+            vision_metrics_port=self.vision_metrics_port,
         )
-        self.gateway_args = list(gateway_args)
-        self.llm_args = list(llm_args)
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.supervisor = Supervisor(log_dir=log_dir)
+        self.vision_port = self.llm_port = self.port = 0  # known once started
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, args: list[str]) -> None:
-        log = open(self.log_dir / f"{name}.log", "w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+    @property
+    def procs(self) -> dict[str, subprocess.Popen]:
+        return {name: child.process for name, child in self.supervisor.children.items()}
 
     def start(self, timeout_s: float = 180) -> Stack:
-        ck = str(self.checkpoint)
-        self._spawn(
-            "vision",
-            [
-                "vision_service",
-                "--checkpoint",
-                ck,
-                "--port",
-                str(self.vision_port),
-                "--metrics-port",
-                str(self.vision_metrics_port),
-                *self.dtype_args,
-            ],
-        )
-        self._spawn(
-            "llm",
-            [
-                "llm_service",
-                "--checkpoint",
-                ck,
-                "--port",
-                str(self.llm_port),
-                "--metrics-port",
-                str(self.llm_metrics_port),
-                *self.dtype_args,
-                *self.llm_args,
-            ],
-        )
-        self._spawn(
-            "gateway",
-            [
-                "gateway",
-                "--checkpoint",
-                ck,
-                "--port",
-                str(self.port),
-                "--vision",
-                f"127.0.0.1:{self.vision_port}",
-                "--llm",
-                f"127.0.0.1:{self.llm_port}",
-                *self.gateway_args,
-            ],
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"stack not healthy after {timeout_s}s:\n{self.logs()}")
+        try:
+            ports = self.supervisor.start(self.spec, timeout_s)
+        except StackError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}:\n{self.logs()}") from None
+        self.vision_port, self.llm_port, self.port = ports.vision, ports.llm, ports.gateway
+        wait_healthy(self.base_url + "/health", timeout_s, self.procs["gateway"], self.logs)
+        return self
 
-    def llm_metric(self, name: str) -> float:
-        """Current value of a metric of the LLM service (`name` may include labels)."""
-        return _metric(self.llm_metrics_port, name)
+    def llm_metric(self, name: str, absent: float | None = None) -> float:
+        """Current value of a metric of the LLM service (`name` may include labels); see `metric`."""
+        return metric(self.llm_metrics_port, name, absent)
 
-    def vision_metric(self, name: str) -> float:
-        return _metric(self.vision_metrics_port, name)
+    def vision_metric(self, name: str, absent: float | None = None) -> float:
+        return metric(self.vision_metrics_port, name, absent)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        self.supervisor.stop()
 
 
-def _metric(port: int, name: str) -> float:
+def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen, logs: Callable[[], str]) -> None:
+    """Until GET `url` answers 200; an AssertionError naming `url`, with `logs()`, when `process` exits
+    first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"exited with code {process.returncode} before {url} was healthy:\n{logs()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} not healthy after {timeout_s:.0f}s:\n{logs()}")
+        time.sleep(0.5)
+
+
+def metric(port: int, name: str, absent: float | None = None) -> float:
+    """The value of `name` (labels included, as exported) on the /metrics page at `port`.
+
+    A metric missing from the page fails, naming it (a renamed metric must not read as 0), unless
+    `absent` is given: the value of a labelled series prometheus_client exports only from its first
+    increment on (e.g. an outcome not seen yet)."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
-    return 0.0  # a labelled counter that was never incremented is not exported yet
+    if absent is None:
+        raise AssertionError(f"metric {name} is not exported on :{port}/metrics")
+    return absent
 
 
 def serve_vision(encoder, body):

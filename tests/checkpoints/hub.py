@@ -1,6 +1,6 @@
 """Tiny random-weight checkpoints built from the *real* Hub files (shared/reference/configs).
 
-Our other builders (tests/checkpoints/*.py, mmserve/demo.py) write checkpoints in the shape our own code
+Our other builders (tests/checkpoints/*.py, tools/checkpoints.py) write checkpoints in the shape our own code
 expects; they hid real bugs (e.g. the Qwen2-VL Hub config.json is flat: no `text_config`). Here each
 checkpoint starts from a reference folder: config.json is the real JSON with only the size values
 replaced (key order, nesting, sparseness, token ids, `vocab_size`, `torch_dtype`, `rope_scaling` shape,
@@ -568,9 +568,9 @@ def qwen2_tokenizer_json(tokenizer_config: Mapping[str, Any]) -> str:
 
 
 def _corpus() -> list[str]:
-    from mmserve.demo import _corpus as demo_corpus
+    from tools.checkpoints import corpus
 
-    return demo_corpus() + [
+    return corpus() + [
         "[INST] What is shown in this picture? [/INST]",
         "A chat between a curious human and an artificial intelligence assistant.",
         "USER: Describe the image in detail. ASSISTANT: The image shows a small cat.",
@@ -652,18 +652,14 @@ def _torch_dtype(spec_dtype: str | None, config: Mapping[str, Any]):
     return getattr(torch, name)
 
 
-def _widen_init(model, seed: int) -> None:
-    """Default init leaves tiny random models emitting one token forever (see mmserve/demo.py)."""
+def _random_model(model_class, config, seed: int):
+    """tools.checkpoints.random_model, widened from a generator of its own seeded `seed`."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                std = 1.0 if "embed_tokens" in name or "lm_head" in name else 0.2
-                param.copy_(torch.randn(param.shape, generator=g) * std)
-            elif name.endswith("image_newline"):
-                param.copy_(torch.randn(param.shape, generator=g))
+    from tools.checkpoints import random_model
+
+    generator = torch.Generator().manual_seed(seed)
+    return random_model(model_class, config, seed, ("embed_tokens", "lm_head"), generator)
 
 
 def collapse_layers(keys) -> set[str]:
@@ -720,14 +716,11 @@ def _rename(state: Mapping[str, Any], prefixes: list[tuple[str, str]]) -> dict[s
 
 def _native_state(out: Path, cls_name: str, seed: int, dtype, renames: list[tuple[str, str]], tied: bool):
     """transformers' own model from the written config.json, widened random init, Hub key names."""
-    import torch
     import transformers
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(out)
-    torch.manual_seed(seed)
-    model = getattr(transformers, cls_name)(config).eval()
-    _widen_init(model, seed)
+    model = _random_model(getattr(transformers, cls_name), config, seed)
     if tied:
         model.tie_weights()
     state = dict(model.state_dict())
@@ -865,7 +858,6 @@ def _build_clip_tower(out: Path, width: int, seed: int) -> None:
     """A tiny openai/clip-vit-large-patch14-336 look-alike: a full CLIPModel (text + vision towers,
     model_type clip) saved with transformers, plus the openai repo's preprocessor_config.json shape
     (int `size` / `crop_size`, CLIPFeatureExtractor) with 56 px instead of 336."""
-    import torch
     from transformers import CLIPConfig, CLIPModel
 
     out.mkdir(parents=True, exist_ok=True)
@@ -889,9 +881,7 @@ def _build_clip_tower(out: Path, width: int, seed: int) -> None:
         },
         projection_dim=width,
     )
-    torch.manual_seed(seed + 1)
-    model = CLIPModel(config).eval()
-    _widen_init(model, seed + 1)
+    model = _random_model(CLIPModel, config, seed + 1)
     model.save_pretrained(out)
     _write_json(
         out / "preprocessor_config.json",
@@ -916,9 +906,7 @@ def _build_llava_original(spec: HubSpec, out: Path, cfg: dict, seed: int, dtype)
     (out / "tokenizer.model").write_bytes(train_sentencepiece())
     skip = {"architectures", "model_type", "transformers_version", "torch_dtype", "_name_or_path"}
     text = LlamaConfig(**{k: v for k, v in cfg.items() if k not in skip and not k.startswith("mm_")})
-    torch.manual_seed(seed)
-    lm = LlamaForCausalLM(text).eval()
-    _widen_init(lm, seed)
+    lm = _random_model(LlamaForCausalLM, text, seed)
     state: dict[str, Any] = {}
     head_dim = text.hidden_size // text.num_attention_heads
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))

@@ -16,12 +16,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from mmserve.demo import (
+from tools.checkpoints import (
     LLAVA_CHAT_TEMPLATE,
     LlavaShape,
     build_llava_checkpoint,
     build_tokenizer,
+    save_random_model,
     tower_and_text_configs,
+    write_marker,
 )
 
 # The vicuna_v1 system line of the original LLaVA conversation templates.
@@ -37,18 +39,6 @@ def default_grid_pinpoints(image_size: int) -> list[list[int]]:
     return [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]
 
 
-def _widen_init(model) -> None:
-    """Default init leaves tiny random models emitting one token forever (see mmserve.demo)."""
-    import torch
-
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 1.0 if "embed" in name or "lm_head" in name else 0.2)
-            elif name.endswith("image_newline"):
-                param.normal_(0.0, 1.0)
-
-
 def build_llava_next_checkpoint(
     path: str | Path,
     shape: LlavaShape | None = None,
@@ -58,7 +48,6 @@ def build_llava_next_checkpoint(
 ) -> Path:
     """Write a random-weight `LlavaNextForConditionalGeneration` checkpoint with tokenizer and processor."""
     shape = shape or LlavaShape()
-    import torch
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -77,12 +66,9 @@ def build_llava_next_checkpoint(
         image_grid_pinpoints=pinpoints,
         image_seq_length=(side // shape.patch_size) ** 2,
     )
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config)
-    _widen_init(model)
-    model.to(getattr(torch, dtype)).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
+    save_random_model(
+        path, LlavaNextForConditionalGeneration, config, seed, dtype, pad_token_id=tokenizer.pad_token_id
+    )
 
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(
@@ -97,7 +83,7 @@ def build_llava_next_checkpoint(
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     processor.save_pretrained(path)
-    (path / "mmserve_demo.json").write_text(json.dumps({"seed": seed, **asdict(shape)}))
+    write_marker(path, seed, **asdict(shape))
     return path
 
 
@@ -182,7 +168,5 @@ def build_llava_original_checkpoint(
     tokenizer.save_pretrained(path)
     for leftover in ("chat_template.jinja", "chat_template.json"):
         (path / leftover).unlink(missing_ok=True)
-    (path / "mmserve_demo.json").write_text(
-        json.dumps({"seed": seed, "llava_hf": str(hf_path), **asdict(shape)})
-    )
+    write_marker(path, seed, llava_hf=str(hf_path), **asdict(shape))
     return path

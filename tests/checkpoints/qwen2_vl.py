@@ -8,10 +8,9 @@ template, a `Qwen2VLImageProcessorPil` with small pixel bounds, and random weigh
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from mmserve.demo import train_byte_bpe
+from tools.checkpoints import save_random_model, train_byte_bpe, write_marker
 
 # Qwen2-VL Instruct's template, reduced to images: a default system turn, typed content parts,
 # `<|vision_start|><|image_pad|><|vision_end|>` per image.
@@ -68,7 +67,6 @@ def build_qwen2_vl_checkpoint(
     path: str | Path, version: str = "qwen2_vl", seed: int = 0, tie_word_embeddings: bool = False
 ) -> Path:
     """Write a random-weight Qwen2-VL (`version="qwen2_vl"`) or Qwen2.5-VL (`"qwen2_5_vl"`) checkpoint."""
-    import torch
     from transformers import Qwen2VLImageProcessorPil
 
     vision_config: dict[str, object]
@@ -119,25 +117,21 @@ def build_qwen2_vl_checkpoint(
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=tie_word_embeddings,
     )
-    torch.manual_seed(seed)
-    model = Model(config)
-    # Default init leaves tiny random models emitting one token forever; wider weights make the
-    # greedy path depend on the input (as mmserve/demo.py does).
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 1.0 if "embed_tokens" in name or "lm_head" in name else 0.2)
-    if tie_word_embeddings:
-        model.tie_weights()
-    model.eval()
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.save_pretrained(path)
+    save_random_model(
+        path,
+        Model,
+        config,
+        seed,
+        wide=("embed_tokens", "lm_head"),
+        tie=tie_word_embeddings,
+        pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+    )
     tokenizer.save_pretrained(path)
     Qwen2VLImageProcessorPil(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}).save_pretrained(
         path
     )
-    (path / "mmserve_demo.json").write_text(json.dumps({"seed": seed, "version": version}))
+    write_marker(path, seed, version=version)
     return path
 
 

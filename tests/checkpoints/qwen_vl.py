@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.checkpoints import write_marker
+
 N_QUERIES = 256  # Qwen-VL's resampler: 256 embeddings per image
 
 
@@ -186,7 +188,7 @@ def build_qwen_vl_checkpoint(
         json.dumps({"model_max_length": 8192, "tokenizer_class": "QWenTokenizer"}, indent=2)
     )
     save_file(random_weights(shape, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "mmserve_demo.json").write_text(json.dumps({"seed": seed, **asdict(shape)}))
+    write_marker(path, seed, **asdict(shape))
     return path
 
 

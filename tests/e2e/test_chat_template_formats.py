@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from mmserve.demo import build_llava_checkpoint
+from tools.checkpoints import build_llava_checkpoint
 from tests.helpers import greedy_chat, openai_client, serving
 from tests.reference import LlavaReference
 

@@ -30,7 +30,7 @@ STARTED = "starting the vision and LLM services"  # the launcher's line just bef
 @pytest.fixture(scope="module")
 def demo_checkpoint(tmp_path_factory) -> Path:
     """The `make run` demo's geometry (336 px -> 576 image tokens), tiny widths."""
-    from mmserve.demo import DEMO_SHAPE, build_llava_checkpoint
+    from tools.checkpoints import DEMO_SHAPE, build_llava_checkpoint
 
     return build_llava_checkpoint(tmp_path_factory.mktemp("startup") / "demo", DEMO_SHAPE)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mmserve.checkpoint import checkpoint_dtype, resolve_dtype
-from mmserve.demo import LlavaShape, build_llava_checkpoint
+from tools.checkpoints import LlavaShape, build_llava_checkpoint
 from mmserve.proto import vision_pb2, vision_pb2_grpc
 from tests.helpers import ROOT, Stack, greedy_chat, openai_client
 

@@ -10,12 +10,12 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.api import create_app
 from gateway.config import MediaConfig
+from gateway.http.app import create_app
 from gateway.media import MediaFetcher
 from gateway.serving import ServingCore
-from mmserve.demo import build_tokenizer
 from mmserve.wire import FinishReason, GenerateOutput, LLMInfo, TokenLogprobs, Usage
+from tools.checkpoints import build_tokenizer
 
 MODEL = "fake-model"
 

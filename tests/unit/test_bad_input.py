@@ -12,12 +12,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.api import create_app
 from gateway.config import MediaConfig
+from gateway.http.app import create_app
 from gateway.media import MediaFetcher
 from gateway.serving import MAX_BYTES_PER_TOKEN, ServingCore
-from mmserve.demo import build_tokenizer
 from tests.unit.test_api import MODEL, FakePrompt, ScriptedLLM
+from tools.checkpoints import build_tokenizer
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 MAX_MODEL_LEN = 4096  # ScriptedLLM's

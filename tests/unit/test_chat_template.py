@@ -10,7 +10,6 @@ import pydantic
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.api import create_app
 from gateway.chat_template import (
     RESERVED_TEMPLATE_KWARGS,
     ChatTemplate,
@@ -19,12 +18,13 @@ from gateway.chat_template import (
     load_chat_template,
 )
 from gateway.config import GatewayConfig, MediaConfig
+from gateway.http.app import create_app
 from gateway.media import MediaFetcher
 from gateway.prompt_qwen2_vl import Qwen2VLPrompt
 from gateway.prompts import LlavaPrompt
 from gateway.protocol import ChatCompletionRequest
 from gateway.serving import ServingCore
-from mmserve.demo import LLAVA_CHAT_TEMPLATE, build_tokenizer
+from tools.checkpoints import LLAVA_CHAT_TEMPLATE, build_tokenizer
 from mmserve.errors import CheckpointError, InvalidInputError
 from tests.checkpoints.hub import REFERENCE_DIR
 from tests.unit.test_api import ScriptedLLM

@@ -9,7 +9,7 @@ def test_flags_override_env_and_env_overrides_defaults(tiny_checkpoint, monkeypa
     monkeypatch.setenv("LLM_MAX_RUNNING", "3")
     monkeypatch.setenv("LLM_PORT", "6000")
     config = LLMConfig.from_args(["--checkpoint", str(tiny_checkpoint), "--port", "7000"])
-    assert (config.max_running, config.port, config.max_waiting) == (3, 7000, 256)
+    assert (config.engine.max_running, config.port, config.engine.max_waiting) == (3, 7000, 256)
 
 
 def test_gateway_media_policy_from_flags_and_env(tiny_checkpoint, monkeypatch):

@@ -3,7 +3,7 @@ import random
 import pytest
 
 from gateway.detokenizer import HeldTokens, IncrementalDetokenizer, StopStrings
-from mmserve.demo import build_tokenizer
+from tools.checkpoints import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,16 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from gateway.api import create_app
 from gateway.chat_template import RESERVED_TEMPLATE_KWARGS, ChatTemplate
 from gateway.config import MediaConfig
+from gateway.http.app import create_app
 from gateway.media import MediaFetcher
 from gateway.serving import ServingCore
-from mmserve.demo import LLAVA_CHAT_TEMPLATE, build_tokenizer
 from mmserve.wire import ImageFeatures
 from tests.helpers import data_url, make_image
 from tests.unit.test_api import MODEL, FakePrompt, ScriptedLLM
 from tests.unit.test_bad_input import CHAT, COMPLETIONS, assert_still_serving, send
+from tools.checkpoints import LLAVA_CHAT_TEMPLATE, build_tokenizer
 
 FUZZ = settings(
     max_examples=150,

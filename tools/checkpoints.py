@@ -1,14 +1,13 @@
-"""Build small random-weight llava-hf checkpoints offline (the `make run` demo model and the tests' models).
+"""Small random-weight checkpoints built offline: the one builder behind the `make run` demo, the tests'
+checkpoints (tests/checkpoints/) and the benchmarks'.
 
 Everything is created locally: a byte-level BPE tokenizer trained on a built-in corpus, a CLIP image
-processor, a chat template and random weights. No network access is needed.
+processor, a chat template and random weights (seeded, widened: see `widen_init`). No network access.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,7 +43,8 @@ _EXTRA = [
 ]
 
 
-def _corpus() -> list[str]:
+def corpus() -> list[str]:
+    """The built-in text the tiny tokenizers are trained on (words, a few scripts, emoji, digits)."""
     lines = []
     for i, word in enumerate(_WORDS):
         tail = " ".join(_WORDS[(i * 7 + k) % len(_WORDS)] for k in range(8))
@@ -65,7 +65,7 @@ def train_byte_bpe(vocab_size: int, special_tokens: list[str], unk_token: str | 
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus(), trainer=trainer)
     return tok
 
 
@@ -157,12 +157,70 @@ def tower_and_text_configs(shape: LlavaShape, tokenizer, image_size: int | None 
     }
 
 
+def widen_init(model, wide: tuple[str, ...] = ("embed", "lm_head"), generator=None) -> None:
+    """Redraw the weights: N(0, 1) for parameters named by `wide` (and LLaVA-NeXT's image_newline),
+    N(0, 0.2) for the other matrices.
+
+    Default init leaves tiny random models emitting one token forever; wider weights make the greedy
+    path depend on the input, which is what parity tests need."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                std = 1.0 if any(part in name for part in wide) else 0.2
+            elif name.endswith("image_newline"):
+                std = 1.0
+            else:
+                continue
+            param.normal_(0.0, std, generator=generator)
+
+
+def random_model(
+    model_class, config, seed: int, wide: tuple[str, ...] = ("embed", "lm_head"), generator=None
+):
+    """`model_class(config)` in eval mode, torch seeded with `seed` first, its weights widened."""
+    import torch
+
+    torch.manual_seed(seed)  # before construction: that draws the biases and norms widen_init keeps
+    model = model_class(config)
+    widen_init(model, wide, generator)
+    return model.eval()
+
+
+def save_random_model(
+    path: Path,
+    model_class,
+    config,
+    seed: int,
+    dtype: str = "float32",
+    wide: tuple[str, ...] = ("embed", "lm_head"),
+    tie: bool = False,
+    **generation: int,
+):
+    """`random_model(model_class, config, seed, wide)` cast to `dtype`, saved at `path`; `generation`
+    (pad_token_id=..., eos_token_id=...) goes into its generation_config."""
+    import torch
+
+    model = random_model(model_class, config, seed, wide)
+    if tie:
+        model.tie_weights()
+    model.to(getattr(torch, dtype))
+    for key, value in generation.items():
+        setattr(model.generation_config, key, value)
+    model.save_pretrained(path)
+
+
+def write_marker(path: Path, seed: int, **info) -> None:
+    """mmserve_demo.json: how a random-weight checkpoint was built (the launcher's banner reads it)."""
+    (path / "mmserve_demo.json").write_text(json.dumps({"seed": seed, **info}))
+
+
 def build_llava_checkpoint(
     path: str | Path, shape: LlavaShape | None = None, seed: int = 0, dtype: str = "float32"
 ) -> Path:
     """Write a random-weight `LlavaForConditionalGeneration` checkpoint with tokenizer and processor."""
     shape = shape or LlavaShape()
-    import torch
     from transformers import (
         CLIPImageProcessorPil,
         LlavaConfig,
@@ -179,17 +237,9 @@ def build_llava_checkpoint(
         image_token_index=image_token_id,
         image_seq_length=(shape.image_size // shape.patch_size) ** 2,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    # Default init leaves tiny random models emitting one token forever; wider logits make the
-    # greedy path depend on the input, which is what parity tests need.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 1.0 if "embed" in name or "lm_head" in name else 0.2)
-    model.to(getattr(torch, dtype)).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
+    save_random_model(
+        path, LlavaForConditionalGeneration, config, seed, dtype, pad_token_id=tokenizer.pad_token_id
+    )
 
     side = shape.image_size
     processor = LlavaProcessor(
@@ -203,30 +253,5 @@ def build_llava_checkpoint(
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     processor.save_pretrained(path)
-    (path / "mmserve_demo.json").write_text(json.dumps({"seed": seed, **asdict(shape)}))
+    write_marker(path, seed, **asdict(shape))
     return path
-
-
-def default_demo_dir() -> Path:
-    home = Path(os.environ.get("MMSERVE_HOME", Path.home() / ".cache" / "mmserve"))
-    return home / "demo-llava"
-
-
-def ensure_demo_checkpoint(path: Path | None = None) -> Path:
-    """The demo checkpoint folder, built on first use."""
-    path = Path(path) if path else default_demo_dir()
-    if not (path / "config.json").is_file() or not (path / "mmserve_demo.json").is_file():
-        print(f"Building the random-weight demo checkpoint at {path} (offline, once) ...", flush=True)
-        build_llava_checkpoint(path, DEMO_SHAPE)
-    return path
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("path", nargs="?", help="output folder (default: the demo checkpoint location)")
-    args = parser.parse_args()
-    print(ensure_demo_checkpoint(Path(args.path) if args.path else None))
-
-
-if __name__ == "__main__":
-    main()

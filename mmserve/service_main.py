@@ -1,0 +1,67 @@
+"""The entry-point shape the two gRPC services share: load (a bad setting, checkpoint or busy port is one
+line and exit code 2), start metrics, serve until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from mmserve.cli import debug_requested, startup_errors
+from mmserve.grpc_util import BindError, serve, serve_metrics
+
+
+class ServiceSettings(Protocol):
+    """The fields of LLMConfig / VisionConfig that serving reads."""
+
+    host: str
+    port: int
+    max_message_bytes: int
+    drain_timeout_s: float
+    metrics_port: int
+
+
+@dataclass
+class LoadedService:
+    """A service whose model is loaded: what `serve` needs to run it."""
+
+    settings: ServiceSettings
+    service_name: str  # the gRPC service's full name (health, reflection)
+    add_servicer: Callable[[grpc.aio.Server], None]
+    metrics_registry: Any  # prometheus_client.CollectorRegistry
+    on_stop: Callable[[], None]  # after the drain, or when the bind fails after loading
+    liveness: Callable[[], bool] | None = None  # NOT_SERVING once this turns false
+
+
+def run_grpc_service(prog: str, load: Callable[[list[str]], LoadedService], argv=None) -> None:
+    """`prog`'s main: `load(argv)` checks the settings and port before it loads any weights, where it can
+    (MMSERVE_DEBUG=1 / --debug shows tracebacks); then serve until SIGINT/SIGTERM."""
+    short = prog.removesuffix("_service")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {short} %(levelname)s %(message)s")
+    argv, debug = debug_requested(argv)
+    with startup_errors(prog, debug):
+        service = load(argv)
+    settings = service.settings
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port, settings.host, service.metrics_registry)
+    try:
+        asyncio.run(
+            serve(
+                service.add_servicer,
+                service.service_name,
+                settings.host,
+                settings.port,
+                settings.max_message_bytes,
+                grace_seconds=settings.drain_timeout_s,
+                on_stop=service.on_stop,
+                liveness=service.liveness,
+            )
+        )
+    except BindError:  # the port was taken while the model loaded
+        service.on_stop()
+        with startup_errors(prog, debug):
+            raise

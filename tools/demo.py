@@ -1,0 +1,37 @@
+"""`python -m tools.demo [DIR]`: build the `make run` demo checkpoint once (random weights, offline) and
+print its folder; `make run` serves it when no MODEL is given."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tools.checkpoints import DEMO_SHAPE, build_llava_checkpoint
+
+
+def default_demo_dir() -> Path:
+    home = Path(os.environ.get("MMSERVE_HOME", Path.home() / ".cache" / "mmserve"))
+    return home / "demo-llava"
+
+
+def ensure_demo_checkpoint(path: Path | None = None) -> Path:
+    """The demo checkpoint folder, built on first use."""
+    path = Path(path) if path else default_demo_dir()
+    if not (path / "config.json").is_file() or not (path / "mmserve_demo.json").is_file():
+        # stderr: stdout is the folder alone, for `make run` to read
+        print(f"Building the random-weight demo checkpoint at {path} (offline, once) ...", file=sys.stderr)
+        build_llava_checkpoint(path, DEMO_SHAPE)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("path", nargs="?", help="output folder (default: $MMSERVE_HOME/demo-llava)")
+    args = parser.parse_args()
+    print(ensure_demo_checkpoint(Path(args.path) if args.path else None))
+
+
+if __name__ == "__main__":
+    main()
