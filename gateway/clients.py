@@ -6,7 +6,6 @@ so the serving code above them is one code path.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,6 +13,7 @@ import grpc
 from mmserve.errors import MMServeError, NotFoundError, UnavailableError, error_for_grpc_code
 from mmserve.grpc_util import channel_options
 from mmserve.proto import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc
+from mmserve.resend import CACHE_ID_METADATA, ReplicaMemory
 from mmserve.wire import (
     GenerateOutput,
     GenerateRequest,
@@ -38,6 +38,12 @@ def _domain_error(exc: grpc.aio.AioRpcError, service: str) -> MMServeError:
     return kind(exc.details())
 
 
+def _cache_id(metadata: grpc.aio.Metadata | None) -> str:
+    """The answering replica's cache id ("" from a replica that sends none)."""
+    value = metadata.get(CACHE_ID_METADATA, "") if metadata is not None else ""
+    return value if isinstance(value, str) else value.decode()
+
+
 def _channel(address: str, max_message_bytes: int) -> grpc.aio.Channel:
     # round_robin spreads calls over every address a name resolves to (replicas behind one DNS name).
     options = channel_options(max_message_bytes) + [("grpc.lb_policy_name", "round_robin")]
@@ -45,42 +51,49 @@ def _channel(address: str, max_message_bytes: int) -> grpc.aio.Channel:
 
 
 class GrpcVisionClient:
-    """Sends only the hash of images the vision service was recently given (it caches embeddings by
-    content); when the service no longer holds one it answers NOT_FOUND and the bytes are resent."""
+    """Sends only the hash of images the vision replicas were recently given (they cache embeddings by
+    content); a replica that no longer holds one answers NOT_FOUND and the bytes are resent.
+
+    `address` may name several replicas (`dns:///name:port`, `ipv4:a:p,b:p`): calls are spread over
+    them, and what each was given is remembered per replica (mmserve.resend.ReplicaMemory)."""
 
     def __init__(self, address: str, max_message_bytes: int, timeout_s: float, remember: int = 4096):
         self._channel = _channel(address, max_message_bytes)
         self._stub = vision_pb2_grpc.VisionServiceStub(self._channel)
         self._timeout = timeout_s
-        self._sent: OrderedDict[str, None] = OrderedDict()  # hashes the service has seen, LRU
-        self._remember = remember
+        self.replicas = ReplicaMemory(remember)
         self.resends = 0
 
     async def _call(
         self, images: list[ImageInput], request_id: str, pixels: PixelLimits | None
-    ) -> list[ImageFeatures]:
-        request = embed_request_to_pb(images, request_id, pixels)
+    ) -> tuple[list[ImageFeatures], str]:
+        """The features of `images`, and the cache id of the replica that answered."""
+        call = self._stub.Embed(embed_request_to_pb(images, request_id, pixels), timeout=self._timeout)
         try:
-            response = await self._stub.Embed(request, timeout=self._timeout)
+            response = await call
         except grpc.aio.AioRpcError as exc:
-            raise _domain_error(exc, "vision") from None
-        return [image_features_from_pb(e) for e in response.embeddings]
+            error = _domain_error(exc, "vision")
+            if isinstance(error, NotFoundError):
+                self.replicas.not_found(_cache_id(exc.initial_metadata()))
+            raise error from None
+        cache_id = _cache_id(await call.initial_metadata())
+        return [image_features_from_pb(e) for e in response.embeddings], cache_id
 
     async def embed(
         self, images: list[ImageInput], request_id: str, pixels: PixelLimits | None = None
     ) -> list[ImageFeatures]:
         """`pixels`: per-request resize bounds (dynamic-resolution families); None = the service's default."""
-        slim = [ImageInput(b"", i.content_hash) if i.content_hash in self._sent else i for i in images]
+        sent = [(image.content_hash, pixels or PixelLimits()) for image in images]
+        slim = [
+            ImageInput(b"", image.content_hash) if self.replicas.held_everywhere(key) else image
+            for image, key in zip(images, sent, strict=True)
+        ]
         try:
-            features = await self._call(slim, request_id, pixels)
+            features, cache_id = await self._call(slim, request_id, pixels)
         except NotFoundError:
             self.resends += 1
-            features = await self._call(images, request_id, pixels)
-        for image in images:
-            self._sent[image.content_hash] = None
-            self._sent.move_to_end(image.content_hash)
-        while len(self._sent) > self._remember:
-            self._sent.popitem(last=False)
+            features, cache_id = await self._call(images, request_id, pixels)
+        self.replicas.answered(cache_id, sent)
         return features
 
     async def model_info(self) -> vision_pb2.VisionModelInfo:

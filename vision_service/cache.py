@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ class EmbeddingKey:
 
 class EmbeddingCache:
     def __init__(self, budget_bytes: int, metrics: VisionMetrics | None = None):
+        # Names this cache to clients (mmserve.resend): a restarted service is a new cache holding none
+        # of the images the old one was given.
+        self.id = uuid.uuid4().hex
         self.budget = budget_bytes
         self.bytes = 0
         self._entries: OrderedDict[EmbeddingKey, ImageFeatures] = OrderedDict()

@@ -6,6 +6,7 @@ import time
 
 from mmserve.grpc_util import map_errors
 from mmserve.proto import vision_pb2, vision_pb2_grpc
+from mmserve.resend import CACHE_ID_METADATA
 from mmserve.tensor_codec import dtype_name
 from mmserve.wire import image_features_to_pb, image_input_from_pb, pixel_limits_from_pb
 from vision_service.encoder import VisionEncoder
@@ -17,6 +18,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     @map_errors
     async def Embed(self, request, context):
+        # First, so that a NOT_FOUND carries it too: the client learns which replica lacked the image.
+        await context.send_initial_metadata(((CACHE_ID_METADATA, self.encoder.cache.id),))
         images = [image_input_from_pb(image) for image in request.images]
         remaining = context.time_remaining()  # None without a client deadline
         deadline = None if remaining is None else time.monotonic() + remaining

@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from gateway.clients import GrpcVisionClient
+from mmserve.grpc_util import start_server
 from mmserve.images import content_hash
-from mmserve.proto import vision_pb2
+from mmserve.proto import vision_pb2, vision_pb2_grpc
 from mmserve.tensor_codec import tensor_from_pb
 from mmserve.wire import ImageFeatures, ImageInput, PixelLimits
 from tests.helpers import make_image, serve_vision
 from vision_service.cache import EmbeddingCache, EmbeddingKey
 from vision_service.config import VisionConfig
 from vision_service.encoder import VisionEncoder
+from vision_service.server import VisionServicer
 
 SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 IMAGES = [
@@ -145,6 +147,59 @@ def test_gateway_client_sends_hashes_and_resends_bytes_on_not_found(make_encoder
     first, second, resends = serve(encoder, body)
     assert resends == 1
     assert torch.equal(first[0].embedding, second[0].embedding)
+
+
+def serve_replicas(encoders, body):
+    """Run `await body(addresses)` against one real VisionService server per encoder (replicas)."""
+
+    async def go():
+        servers = []
+        try:
+            for encoder in encoders:
+                servicer = VisionServicer(encoder)
+                servers.append(
+                    await start_server(
+                        lambda s, servicer=servicer: vision_pb2_grpc.add_VisionServiceServicer_to_server(
+                            servicer, s
+                        ),
+                        SERVICE,
+                        "127.0.0.1",
+                        0,
+                        64 << 20,
+                    )
+                )
+            return await body([f"127.0.0.1:{port}" for _, _, port in servers])
+        finally:
+            for server, _, _ in servers:
+                await server.stop(0)
+
+    return asyncio.run(go())
+
+
+def test_hash_only_memory_is_kept_per_replica(make_encoder):
+    replicas = [make_encoder(), make_encoder()]  # two caches, one client balancing over both
+    image = ImageInput(IMAGES[5], content_hash(IMAGES[5]))
+
+    def served(encoder):
+        return count(encoder, "encoded") + count(encoder, "cached")
+
+    async def body(addresses):
+        client = GrpcVisionClient("ipv4:" + ",".join(addresses), 64 << 20, 30)
+        answers = []
+        # round_robin reaches the second replica within a few calls; then a few more, hash-only to both
+        while len(answers) < 40 and (not all(served(r) for r in replicas) or len(answers) < 8):
+            answers.append((await client.embed([image], f"r{len(answers)}"))[0])
+        await client.close()
+        return answers, client.resends, len(client.replicas)
+
+    answers, resends, known = serve_replicas(replicas, body)
+    assert known == 2 and all(served(r) for r in replicas)
+    # The replica that never saw the bytes answered NOT_FOUND once; from then on the client sent it the
+    # bytes until it held the image (a memory per client resends about every other call).
+    assert resends == 1
+    assert [count(r, "encoded") for r in replicas] == [1, 1]
+    assert all(torch.equal(a.embedding, answers[0].embedding) for a in answers)
+    assert {a.content_hash for a in answers} == {image.content_hash}
 
 
 def test_expired_requests_are_dropped_from_the_queue(make_encoder):
