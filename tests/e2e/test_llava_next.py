@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-from gateway.pipeline import ModelFactory, Pipeline
+from pipeline import ModelFactory, Pipeline
 from tests.checkpoints.llava_variants import build_llava_next_checkpoint
 from tests.helpers import Stack, data_url, greedy_chat, make_image, openai_client
 

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from gateway.pipeline import ModelFactory, Pipeline
 from gateway.prompt_llava_original import VICUNA_V1_SYSTEM
 from mmserve.errors import CheckpointError
+from pipeline import ModelFactory, Pipeline
 from tests.checkpoints.llava_variants import build_llava_original_checkpoint
 from tests.helpers import ROOT, Stack, data_url, free_ports, greedy_chat, make_image, openai_client
 from tests.reference import LlavaReference

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.pipeline import ModelFactory, Pipeline
+from pipeline import ModelFactory, Pipeline
 from tests.reference import LlavaReference
 
 

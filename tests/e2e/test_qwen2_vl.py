@@ -17,7 +17,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from gateway.pipeline import ModelFactory, Pipeline
+from pipeline import ModelFactory, Pipeline
 from tests.checkpoints.qwen2_vl import build_qwen2_vl_checkpoint
 from tests.helpers import data_url, make_image, openai_client, serving
 

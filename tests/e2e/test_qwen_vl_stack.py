@@ -235,7 +235,7 @@ def test_context_limit_2048(served):
 
 
 def test_pipeline_seed_calls(qwen_ckpt, served, direct, images):
-    from gateway.pipeline import ModelFactory, Pipeline
+    from pipeline import ModelFactory, Pipeline
 
     _, http_base = served
     model = ModelFactory.from_huggingface(str(qwen_ckpt))

@@ -1,0 +1,81 @@
+"""The Python API's generate_config (rtp-llm's key names), onto the one settings builder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmserve.sampling import GenerationDefaults, GenerationSettings, SamplingChoices, generation_settings
+from mmserve.wire import PixelLimits
+
+CONFIG_KEYS = frozenset(
+    {
+        "max_new_tokens",
+        "min_new_tokens",
+        "top_k",
+        "top_p",
+        "temperature",
+        "repetition_penalty",
+        "random_seed",
+        "seed",
+        "ignore_eos",
+        "stop_words_str",
+        "stop_words_list",
+        # image resize bounds of this call (Qwen2-VL family), also accepted nested as vLLM's mm_processor_kwargs
+        "min_pixels",
+        "max_pixels",
+        "mm_processor_kwargs",
+    }
+)
+PIXEL_KEYS = ("min_pixels", "max_pixels")
+DEFAULT_MAX_NEW_TOKENS = 256  # when neither the call nor the checkpoint's generation_config sets one
+
+
+def _refuse_unknown(keys: Any, supported: Any, what: str) -> None:
+    unknown = sorted(set(keys) - set(supported))
+    if unknown:
+        raise ValueError(f"unknown {what} keys {unknown}; supported: {sorted(supported)}")
+
+
+def _number(config: dict, key: str, kind: type) -> Any:
+    value = config.get(key)
+    return None if value is None else kind(value)
+
+
+def _stop_token_ids(config: dict) -> tuple[int, ...]:
+    ids = []
+    for words in config.get("stop_words_list", []):
+        if len(words) != 1:
+            raise ValueError("stop_words_list entries must be single token ids, e.g. [[151645]]")
+        ids.append(int(words[0]))
+    return tuple(ids)
+
+
+def _pixels(config: dict) -> PixelLimits:
+    nested = dict(config.get("mm_processor_kwargs") or {})
+    _refuse_unknown(nested, PIXEL_KEYS, "mm_processor_kwargs")
+    merged = {**config, **nested}
+    return PixelLimits(*(_number(merged, key, int) for key in PIXEL_KEYS))
+
+
+def settings_from_generate_config(
+    config: dict | None, defaults: GenerationDefaults | None = None
+) -> GenerationSettings:
+    """rtp-llm's generate_config; keys it leaves unset come from the checkpoint's generation_config.json."""
+    config = dict(config or {})
+    defaults = defaults or GenerationDefaults()
+    _refuse_unknown(config, CONFIG_KEYS, "generate_config")
+    choices = SamplingChoices(
+        temperature=_number(config, "temperature", float),
+        top_p=_number(config, "top_p", float),
+        top_k=_number(config, "top_k", int),
+        repetition_penalty=_number(config, "repetition_penalty", float),
+        min_new_tokens=_number(config, "min_new_tokens", int),
+        ignore_eos=_number(config, "ignore_eos", bool),
+        stop_token_ids=_stop_token_ids(config),
+        seed=config.get("random_seed", config.get("seed")),
+    )
+    max_tokens = _number(config, "max_new_tokens", int)
+    if max_tokens is None:
+        max_tokens = defaults.max_tokens or DEFAULT_MAX_NEW_TOKENS
+    stop = list(config.get("stop_words_str", []))
+    return generation_settings(choices, defaults, max_tokens=max_tokens, stop=stop, pixels=_pixels(config))
