@@ -363,7 +363,8 @@ def chat_template_format(summary: CheckpointSummary) -> str:
     if summary.family == "qwen_vl":
         return "built in (ChatML)"
     try:
-        from gateway.chat_template import detect_content_format, load_chat_template
+        from gateway.chat_template import load_chat_template
+        from gateway.template_format import detect_content_format
     except ImportError:
         return "unknown (gateway.chat_template is not available)"
     folder = Path(summary.path)

@@ -13,7 +13,6 @@ from fastapi.testclient import TestClient
 from gateway.chat_template import (
     RESERVED_TEMPLATE_KWARGS,
     ChatTemplate,
-    detect_content_format,
     flatten_content,
     load_chat_template,
 )
@@ -24,10 +23,11 @@ from gateway.prompt_qwen2_vl import Qwen2VLPrompt
 from gateway.prompts import LlavaPrompt
 from gateway.protocol import ChatCompletionRequest
 from gateway.serving import ServingCore
-from tools.checkpoints import LLAVA_CHAT_TEMPLATE, build_tokenizer
+from gateway.template_format import detect_content_format
 from mmserve.errors import CheckpointError, InvalidInputError
 from tests.checkpoints.hub import REFERENCE_DIR
 from tests.unit.test_api import ScriptedLLM
+from tools.checkpoints import LLAVA_CHAT_TEMPLATE, build_tokenizer
 
 REFERENCE = REFERENCE_DIR
 
