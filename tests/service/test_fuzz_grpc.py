@@ -339,6 +339,19 @@ def test_fuzzed_generate_requests_never_fail_internally(engine, tiny_checkpoint)
     assert engine.num_free_blocks() == engine.block_manager.num_blocks  # nothing leaked
 
 
+def count_outcome(outcomes: dict[str, int], name: str) -> None:
+    """Tally one call's outcome (a status name, or OK), also for hypothesis' statistics."""
+    event(name)
+    outcomes[name] = outcomes.get(name, 0) + 1
+
+
+def check_refusal(outcomes: dict[str, int], exc: grpc.RpcError, allowed: set[grpc.StatusCode]) -> None:
+    """A refused call: an allowed status, with a message saying why."""
+    count_outcome(outcomes, exc.code().name)
+    assert exc.code() in allowed, (exc.code(), exc.details())
+    assert exc.details()
+
+
 # ---- the vision service ---------------------------------------------------------------------------------
 
 
@@ -447,13 +460,9 @@ def test_fuzzed_embed_requests_never_fail_internally(encoder):
             try:
                 response = stub.Embed(request, timeout=CALL_TIMEOUT_S)
             except grpc.RpcError as exc:
-                event(exc.code().name)
-                outcomes[exc.code().name] = outcomes.get(exc.code().name, 0) + 1
-                assert exc.code() in allowed, (exc.code(), exc.details())
-                assert exc.details()
+                check_refusal(outcomes, exc, allowed)
                 return
-            event("OK")
-            outcomes["OK"] = outcomes.get("OK", 0) + 1
+            count_outcome(outcomes, "OK")
             assert len(response.embeddings) == len(request.images)
             for got, sent in zip(response.embeddings, request.images, strict=True):
                 tensor = tensor_from_pb(got.embedding)
