@@ -23,7 +23,9 @@ from mmserve.sampling import GenerationDefaults, GenerationSettings, SamplingCho
 from mmserve.wire import PixelLimits
 
 
-def settings_from_body(body: ChatCompletionRequest | CompletionRequest, defaults: GenerationDefaults):
+def settings_from_body(
+    body: ChatCompletionRequest | CompletionRequest, defaults: GenerationDefaults
+) -> GenerationSettings:
     """The REST entry point's fields, onto the one settings builder."""
     choices = SamplingChoices(
         temperature=body.temperature,
@@ -69,16 +71,15 @@ class Completion:
 
 async def respond(request: Request, served: Served, job: Completion) -> Response:
     """Generates `job`'s answer; a client that goes away cancels it. A stream records its own end."""
-    started = time.monotonic()
+    generation = _Generation(served, job)
     outcome: str | None = "error"  # None: the stream records its own end
     try:
-        settings = settings_from_body(job.body, served.core.defaults)
-        prepared, deltas = await _start(request, served, job, settings)
+        await generation.start(request)
         if job.body.stream:
-            response: Response = await _streamed(request, served, job, prepared, deltas, started)
+            response: Response = await generation.streamed(request)
             outcome = None
         else:
-            response = await cancel_on_disconnect(request, _whole(served, job, prepared, deltas, started))
+            response = await cancel_on_disconnect(request, generation.whole())
             outcome = "completed"
         return response
     except asyncio.CancelledError:
@@ -86,62 +87,65 @@ async def respond(request: Request, served: Served, job: Completion) -> Response
         raise
     finally:
         if outcome is not None:
-            served.metrics.ended(job.route, outcome, started)
+            generation.ended(outcome)
 
 
-async def _start(
-    request: Request, served: Served, job: Completion, settings: GenerationSettings
-) -> tuple[PreparedPrompt, AsyncGenerator[TextDelta, None]]:
-    core = served.core
-    prepare = core.prepare(job.text, job.urls, job.request_id, settings.pixels, prompt_param=job.prompt_param)
-    prepared = await cancel_on_disconnect(request, prepare)
-    deltas = core.generate(
-        prepared,
-        settings,
-        job.request_id,
-        prompt_param=job.prompt_param,
-        max_tokens_param=job.body.token_limit_field,
-    )
-    return prepared, deltas
+class _Generation:
+    """One completion under way: its latency counts from here, its metrics are recorded here."""
 
+    prepared: PreparedPrompt
+    deltas: AsyncGenerator[TextDelta, None]
 
-async def _streamed(
-    request: Request,
-    served: Served,
-    job: Completion,
-    prepared: PreparedPrompt,
-    deltas: AsyncGenerator[TextDelta, None],
-    started: float,
-) -> Response:
-    # errors before the first token still get a status code
-    first = await cancel_on_disconnect(request, anext(deltas))
-    served.metrics.ttft.observe(time.monotonic() - started)
-    body = job.body
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    events = job.render.stream(first, deltas, prepared.token_ids, include_usage, bool(body.return_token_ids))
-    return MeteredStream(events, deltas, lambda ended: served.metrics.ended(job.route, ended, started))
+    def __init__(self, served: Served, job: Completion):
+        self.served, self.job = served, job
+        self.started = time.monotonic()
 
+    def ended(self, outcome: str) -> None:
+        self.served.metrics.ended(self.job.route, outcome, self.started)
 
-async def _whole(
-    served: Served,
-    job: Completion,
-    prepared: PreparedPrompt,
-    deltas: AsyncGenerator[TextDelta, None],
-    started: float,
-) -> Response:
-    parts: list[str] = []
-    ids: list[int] = []
-    logprobs: list[TokenLogprob] | None = None if job.body.num_logprobs is None else []
-    last: TextDelta | None = None
-    async for delta in deltas:
-        if not ids:
-            served.metrics.ttft.observe(time.monotonic() - started)
-        parts.append(delta.text)
-        ids.extend(delta.token_ids)
-        if logprobs is not None:
-            logprobs.extend(delta.logprobs or [])
-        last = delta
-    assert last is not None, "a generation always ends with a finishing delta"
-    with_ids = bool(job.body.return_token_ids)
-    full = job.render.full("".join(parts), ids, last, prepared.token_ids, with_ids, logprobs)
-    return JSONResponse(full)
+    def _first_token(self) -> None:
+        self.served.metrics.ttft.observe(time.monotonic() - self.started)
+
+    async def start(self, request: Request) -> None:
+        """The prompt prepared (images fetched and embedded), the generation's deltas ready to come."""
+        core, job = self.served.core, self.job
+        settings = settings_from_body(job.body, core.defaults)
+        prepare = core.prepare(
+            job.text, job.urls, job.request_id, settings.pixels, prompt_param=job.prompt_param
+        )
+        self.prepared = await cancel_on_disconnect(request, prepare)
+        self.deltas = core.generate(
+            self.prepared,
+            settings,
+            job.request_id,
+            prompt_param=job.prompt_param,
+            max_tokens_param=job.body.token_limit_field,
+        )
+
+    async def streamed(self, request: Request) -> Response:
+        # errors before the first token still get a status code
+        first = await cancel_on_disconnect(request, anext(self.deltas))
+        self._first_token()
+        body = self.job.body
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        with_ids = bool(body.return_token_ids)
+        events = self.job.render.stream(first, self.deltas, self.prepared.token_ids, include_usage, with_ids)
+        return MeteredStream(events, self.deltas, self.ended)
+
+    async def whole(self) -> Response:
+        parts: list[str] = []
+        ids: list[int] = []
+        logprobs: list[TokenLogprob] | None = None if self.job.body.num_logprobs is None else []
+        last: TextDelta | None = None
+        async for delta in self.deltas:
+            if not ids:
+                self._first_token()
+            parts.append(delta.text)
+            ids.extend(delta.token_ids)
+            if logprobs is not None:
+                logprobs.extend(delta.logprobs or [])
+            last = delta
+        assert last is not None, "a generation always ends with a finishing delta"
+        with_ids = bool(self.job.body.return_token_ids)
+        full = self.job.render.full("".join(parts), ids, last, self.prepared.token_ids, with_ids, logprobs)
+        return JSONResponse(full)

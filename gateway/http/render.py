@@ -62,14 +62,8 @@ class Render:
         return {"index": 0, **body, "logprobs": lp, "finish_reason": finish_reason}
 
     def envelope(self, obj: str, choices: list, **extra) -> dict:
-        return {
-            "id": self.request_id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            **extra,
-        }
+        head = {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
+        return {**head, "choices": choices, **extra}
 
     def full(
         self,
