@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.prompts import LlavaPrompt
+from gateway.prompt_llava import LlavaPrompt
 
 
 class Qwen2VLPrompt(LlavaPrompt):

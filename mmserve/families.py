@@ -49,14 +49,14 @@ FAMILIES: dict[str, Family] = {
         "llava",
         "vision_service.models.llava_next:LlavaNextVision",
         "llm_service.models.llava:LlavaLanguageModel",
-        "gateway.prompts:LlavaPrompt",
+        "gateway.prompt_llava:LlavaPrompt",
         config_says("llava_next", "LlavaNextForConditionalGeneration"),
     ),
     "llava": Family(
         "llava",
         "vision_service.models.llava:LlavaVision",
         "llm_service.models.llava:LlavaLanguageModel",
-        "gateway.prompts:LlavaPrompt",
+        "gateway.prompt_llava:LlavaPrompt",
         config_says("llava", "LlavaForConditionalGeneration"),
     ),
     "qwen2_vl": Family(

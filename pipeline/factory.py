@@ -14,7 +14,7 @@ from vision_service.config import VisionConfig
 from vision_service.encoder import VisionEncoder
 
 if TYPE_CHECKING:
-    from gateway.prompts import LlavaPrompt
+    from gateway.prompt_llava import LlavaPrompt
 
 
 @dataclass

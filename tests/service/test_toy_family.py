@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from gateway.clients import GrpcLLMClient, GrpcVisionClient
-from gateway.prompts import LlavaPrompt, expand_image_tokens
+from gateway.prompt_llava import LlavaPrompt
+from gateway.prompts import expand_image_tokens
 from llm_service.config import LLMConfig
 from llm_service.engine import Engine
 from llm_service.models import load_language_model

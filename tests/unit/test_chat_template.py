@@ -19,8 +19,8 @@ from gateway.chat_template import (
 from gateway.config import GatewayConfig, MediaConfig
 from gateway.http.app import create_app
 from gateway.media import MediaFetcher
+from gateway.prompt_llava import LlavaPrompt
 from gateway.prompt_qwen2_vl import Qwen2VLPrompt
-from gateway.prompts import LlavaPrompt
 from gateway.protocol import ChatCompletionRequest
 from gateway.serving import ServingCore
 from gateway.template_format import detect_content_format

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from gateway.prompts import LlavaPrompt
+from gateway.prompt_llava import LlavaPrompt
 from mmserve import families
 from mmserve.errors import CheckpointError
 from mmserve.families import FAMILIES, adapter, config_says, detect_family, recognise, register

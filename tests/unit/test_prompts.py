@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from gateway.prompts import LlavaPrompt, expand_image_tokens
+from gateway.prompt_llava import LlavaPrompt
+from gateway.prompts import expand_image_tokens
 from mmserve.errors import InvalidInputError
 from mmserve.wire import ImageFeatures
 from tests.checkpoints.hub import REFERENCE_DIR
