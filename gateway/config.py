@@ -117,53 +117,8 @@ class GatewayConfig:
         p = argparse.ArgumentParser(
             prog="python -m gateway", description="mmserve gateway (OpenAI-compatible HTTP)"
         )
-        flags = EnvFlags(p, cls)
-        flags.add("checkpoint", "CHECKPOINT_PATH", help="model folder")
-        flags.add("tokenizer_path", "TOKENIZER_PATH", help="tokenizer folder", flag="--tokenizer")
-        flags.add("model_type", "MODEL_TYPE", help="family override")
-        flags.add("model_name", "MODEL_NAME", help="name served in /v1/models")
-        flags.add("vision_addr", "VISION_ADDR", help="vision service address", flag="--vision")
-        flags.add("llm_addr", "LLM_ADDR", help="LLM service address", flag="--llm")
-        flags.add("host", "HOST", help="bind address")
-        flags.add("port", "PORT", int, "HTTP port")
-        flags.add("api_key", "API_KEY", help="require this bearer token")
-        flags.add("max_images_per_request", "MAX_IMAGES_PER_REQUEST", int, "images per request")
-        flags.add("max_message_bytes", "GRPC_MAX_MESSAGE_BYTES", int, "gRPC message size limit")
-        flags.add(
-            "backend_timeout_s", "BACKEND_TIMEOUT", float, "seconds per vision call", flag="--backend-timeout"
-        )
-        flags.add("max_request_bytes", "MAX_REQUEST_BYTES", int, "HTTP request body limit")
-        flags.add(
-            "drain_timeout_s",
-            "DRAIN_TIMEOUT",
-            float,
-            "seconds in-flight requests get to finish after SIGTERM",
-            flag="--drain-timeout",
-        )
-        flags.add(
-            "chat_template",
-            "CHAT_TEMPLATE",
-            help="chat template overriding the checkpoint's: a file path or the Jinja text itself",
-        )
-        media = EnvFlags(p, MediaConfig)
-        media.add(
-            "fetch_timeout_s", "MEDIA_FETCH_TIMEOUT", float, "seconds per image url", flag="--fetch-timeout"
-        )
-        media.add("max_image_bytes", "MAX_IMAGE_BYTES", int, "bytes per image")
-        media.add("max_image_pixels", "MAX_IMAGE_PIXELS", int, "pixels per image, read from the header")
-        media.switch(
-            "allow_private_urls", "ALLOW_PRIVATE_URLS", "allow loopback/private/link-local image urls"
-        )
-        media.add(
-            "allowed_domains",
-            "ALLOWED_MEDIA_DOMAINS",
-            help="comma-separated allow-list of image url hosts, each host[:port] (subdomains included, "
-            "IPv6 in brackets); an entry without a port allows only the scheme's default port "
-            "(80 for http, 443 for https); every redirect hop is checked against it",
-        )
-        media.add(
-            "allowed_local_media_path", "ALLOWED_LOCAL_MEDIA_PATH", help="local images only under this folder"
-        )
+        _gateway_flags(EnvFlags(p, cls))
+        _media_flags(EnvFlags(p, MediaConfig))
         args = vars(p.parse_args(argv))
         if not args["checkpoint"]:
             p.error("--checkpoint (or CHECKPOINT_PATH) is required")
@@ -173,3 +128,54 @@ class GatewayConfig:
         media_names = {f.name for f in fields(MediaConfig)}
         media_args = {k: args.pop(k) for k in list(args) if k in media_names}
         return cls(**args, media=MediaConfig(**media_args, allowed_domains=domains))
+
+
+def _gateway_flags(flags: EnvFlags) -> None:
+    """GatewayConfig's flags, each with the environment variable it also reads."""
+    flags.add("checkpoint", "CHECKPOINT_PATH", help="model folder")
+    flags.add("tokenizer_path", "TOKENIZER_PATH", help="tokenizer folder", flag="--tokenizer")
+    flags.add("model_type", "MODEL_TYPE", help="family override")
+    flags.add("model_name", "MODEL_NAME", help="name served in /v1/models")
+    flags.add("vision_addr", "VISION_ADDR", help="vision service address", flag="--vision")
+    flags.add("llm_addr", "LLM_ADDR", help="LLM service address", flag="--llm")
+    flags.add("host", "HOST", help="bind address")
+    flags.add("port", "PORT", int, "HTTP port")
+    flags.add("api_key", "API_KEY", help="require this bearer token")
+    flags.add("max_images_per_request", "MAX_IMAGES_PER_REQUEST", int, "images per request")
+    flags.add("max_message_bytes", "GRPC_MAX_MESSAGE_BYTES", int, "gRPC message size limit")
+    flags.add(
+        "backend_timeout_s", "BACKEND_TIMEOUT", float, "seconds per vision call", flag="--backend-timeout"
+    )
+    flags.add("max_request_bytes", "MAX_REQUEST_BYTES", int, "HTTP request body limit")
+    flags.add(
+        "drain_timeout_s",
+        "DRAIN_TIMEOUT",
+        float,
+        "seconds in-flight requests get to finish after SIGTERM",
+        flag="--drain-timeout",
+    )
+    flags.add(
+        "chat_template",
+        "CHAT_TEMPLATE",
+        help="chat template overriding the checkpoint's: a file path or the Jinja text itself",
+    )
+
+
+def _media_flags(media: EnvFlags) -> None:
+    """MediaConfig's flags: the image-fetching policy."""
+    media.add(
+        "fetch_timeout_s", "MEDIA_FETCH_TIMEOUT", float, "seconds per image url", flag="--fetch-timeout"
+    )
+    media.add("max_image_bytes", "MAX_IMAGE_BYTES", int, "bytes per image")
+    media.add("max_image_pixels", "MAX_IMAGE_PIXELS", int, "pixels per image, read from the header")
+    media.switch("allow_private_urls", "ALLOW_PRIVATE_URLS", "allow loopback/private/link-local image urls")
+    media.add(
+        "allowed_domains",
+        "ALLOWED_MEDIA_DOMAINS",
+        help="comma-separated allow-list of image url hosts, each host[:port] (subdomains included, "
+        "IPv6 in brackets); an entry without a port allows only the scheme's default port "
+        "(80 for http, 443 for https); every redirect hop is checked against it",
+    )
+    media.add(
+        "allowed_local_media_path", "ALLOWED_LOCAL_MEDIA_PATH", help="local images only under this folder"
+    )
