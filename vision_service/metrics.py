@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# Every outcome an image can end with; each series exists from the start (at 0), so a reader can tell
+# "none yet" from a misspelt or renamed outcome.
+IMAGE_OUTCOMES = ("encoded", "cached", "coalesced", "invalid", "expired", "abandoned")
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -12,10 +15,12 @@ class VisionMetrics:
         self.registry = r = CollectorRegistry()
         self.images = Counter(
             "mmserve_vision_images",
-            "Images by outcome (encoded, cached, coalesced, invalid, expired)",
+            "Images by outcome (" + ", ".join(IMAGE_OUTCOMES) + ")",
             ["outcome"],
             registry=r,
         )
+        for outcome in IMAGE_OUTCOMES:
+            self.images.labels(outcome)
         self.queue_time = Histogram(
             "mmserve_vision_queue_seconds", "Preprocessed to encoder start", buckets=_SECONDS, registry=r
         )
