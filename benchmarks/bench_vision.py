@@ -28,11 +28,11 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tools.checkpoints import ANCHOR_SHAPE, build_llava_checkpoint
 from mmserve.grpc_util import channel_options
 from mmserve.images import content_hash
 from mmserve.proto import vision_pb2, vision_pb2_grpc
 from tests.helpers import ROOT, Stack, data_url, free_ports
+from tools.checkpoints import ANCHOR_SHAPE, build_llava_checkpoint
 
 DTYPE = "bfloat16"
 # Service configurations measured against the same baseline in one run.
@@ -150,6 +150,77 @@ def ttft(base_url: str, model: str, image: bytes, text: str) -> float:
     raise RuntimeError("no token came back")
 
 
+def measure_throughput(checkpoint: Path, images: list[bytes], logs: Path) -> dict:
+    """Images/s of each service configuration, and of the transformers baseline before and after them."""
+    results: dict = {}
+    baseline_runs = [baseline_images_per_s(checkpoint, images)]
+    for name, extra in CONFIGS.items():
+        proc, address, metrics = start_vision(checkpoint, extra, logs / f"vision-{name}.log")
+        try:
+            results[f"service_{name}_images_per_s"] = asyncio.run(service_images_per_s(address, images))
+            results[f"service_{name}_mean_batch"] = mean_batch(metrics)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    # The baseline again after the services: this machine is noisy, so the ratio uses its faster run.
+    baseline_runs.append(baseline_images_per_s(checkpoint, images))
+    results["hf_one_at_a_time_runs_images_per_s"] = baseline_runs
+    results["hf_one_at_a_time_images_per_s"] = max(baseline_runs)
+    return results
+
+
+def measure_ttft(checkpoint: Path, logs: Path, pairs: int) -> dict:
+    """TTFT through the whole stack of a new image, then of the same image with new text."""
+    stack = Stack(checkpoint, logs, ["--model-name", "anchor"]).start()
+    try:
+        new, repeat = [], []
+        for i in range(pairs):
+            image = photo_like(20_000 + i)
+            new.append(ttft(stack.base_url, "anchor", image, f"What is in picture {i}?"))
+            repeat.append(ttft(stack.base_url, "anchor", image, f"Describe the colours of picture {i}."))
+        # Where a repeat's time goes: the LLM's own submit-to-first-token (prefill), per request.
+        llm_ttft = stack.llm_metric("mmserve_llm_ttft_seconds_sum") / stack.llm_metric(
+            "mmserve_llm_ttft_seconds_count"
+        )
+        encode = stack.vision_metric("mmserve_vision_encode_seconds_sum") / stack.vision_metric(
+            "mmserve_vision_encode_seconds_count"
+        )
+    finally:
+        stack.stop()
+    return {
+        "llm_prefill_mean_s": llm_ttft,
+        "vision_encode_mean_s": encode,
+        "ttft_new_image_p50_s": statistics.median(new),
+        "ttft_repeat_image_p50_s": statistics.median(repeat),
+    }
+
+
+def report(results: dict, pairs: int) -> None:
+    base = results["hf_one_at_a_time_images_per_s"]
+    print(
+        f"\nVision throughput, {results['images']} distinct 336x336 JPEGs sent at once, {DTYPE}, {os.cpu_count()} CPUs"
+    )
+    runs = ", ".join(f"{r:.1f}" for r in results["hf_one_at_a_time_runs_images_per_s"])
+    print(
+        f"  HF processor + get_image_features, one at a time: {base:7.1f} images/s   1.00x  (best of {runs})"
+    )
+    for name in CONFIGS:
+        rate = results[f"service_{name}_images_per_s"]
+        mean = results[f"service_{name}_mean_batch"]
+        print(
+            f"  vision service over gRPC, {name:17s}: {rate:7.1f} images/s   {rate / base:.2f}x  (mean batch {mean:.1f})"
+        )
+    ratio = results["ttft_repeat_image_p50_s"] / results["ttft_new_image_p50_s"]
+    print(
+        f"\nTTFT p50 through the stack ({pairs} pairs): new image {results['ttft_new_image_p50_s'] * 1000:.0f} ms, "
+        f"repeated image + new text {results['ttft_repeat_image_p50_s'] * 1000:.0f} ms  ({ratio:.2f}x)"
+    )
+    print(
+        f"  of which: LLM prefill (submit to first token) {results['llm_prefill_mean_s'] * 1000:.0f} ms mean, "
+        f"vision encode of a new image {results['vision_encode_mean_s'] * 1000:.0f} ms mean"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,66 +234,9 @@ def main() -> None:
     logs = Path(args.out).parent
     logs.mkdir(parents=True, exist_ok=True)
     results: dict = {"images": args.images, "dtype": DTYPE, "cpus": os.cpu_count()}
-
-    baseline_runs = [baseline_images_per_s(checkpoint, images)]
-    for name, extra in CONFIGS.items():
-        proc, address, metrics = start_vision(checkpoint, extra, logs / f"vision-{name}.log")
-        try:
-            results[f"service_{name}_images_per_s"] = asyncio.run(service_images_per_s(address, images))
-            results[f"service_{name}_mean_batch"] = mean_batch(metrics)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-
-    # The baseline again after the services: this machine is noisy, so the ratio uses its faster run.
-    baseline_runs.append(baseline_images_per_s(checkpoint, images))
-    results["hf_one_at_a_time_runs_images_per_s"] = baseline_runs
-    results["hf_one_at_a_time_images_per_s"] = max(baseline_runs)
-
-    stack = Stack(checkpoint, logs, ["--model-name", "anchor"]).start()
-    try:
-        new, repeat = [], []
-        for i in range(args.ttft_pairs):
-            image = photo_like(20_000 + i)
-            new.append(ttft(stack.base_url, "anchor", image, f"What is in picture {i}?"))
-            repeat.append(ttft(stack.base_url, "anchor", image, f"Describe the colours of picture {i}."))
-        # Where a repeat's time goes: the LLM's own submit-to-first-token (prefill), per request.
-        llm_ttft = stack.llm_metric("mmserve_llm_ttft_seconds_sum") / stack.llm_metric(
-            "mmserve_llm_ttft_seconds_count"
-        )
-        encode = stack.vision_metric("mmserve_vision_encode_seconds_sum") / stack.vision_metric(
-            "mmserve_vision_encode_seconds_count"
-        )
-    finally:
-        stack.stop()
-    results["llm_prefill_mean_s"] = llm_ttft
-    results["vision_encode_mean_s"] = encode
-    results["ttft_new_image_p50_s"] = statistics.median(new)
-    results["ttft_repeat_image_p50_s"] = statistics.median(repeat)
-
-    base = results["hf_one_at_a_time_images_per_s"]
-    print(
-        f"\nVision throughput, {args.images} distinct 336x336 JPEGs sent at once, {DTYPE}, {os.cpu_count()} CPUs"
-    )
-    runs = ", ".join(f"{r:.1f}" for r in baseline_runs)
-    print(
-        f"  HF processor + get_image_features, one at a time: {base:7.1f} images/s   1.00x  (best of {runs})"
-    )
-    for name in CONFIGS:
-        rate = results[f"service_{name}_images_per_s"]
-        mean = results[f"service_{name}_mean_batch"]
-        print(
-            f"  vision service over gRPC, {name:17s}: {rate:7.1f} images/s   {rate / base:.2f}x  (mean batch {mean:.1f})"
-        )
-    ratio = results["ttft_repeat_image_p50_s"] / results["ttft_new_image_p50_s"]
-    print(
-        f"\nTTFT p50 through the stack ({args.ttft_pairs} pairs): new image {results['ttft_new_image_p50_s'] * 1000:.0f} ms, "
-        f"repeated image + new text {results['ttft_repeat_image_p50_s'] * 1000:.0f} ms  ({ratio:.2f}x)"
-    )
-    print(
-        f"  of which: LLM prefill (submit to first token) {llm_ttft * 1000:.0f} ms mean, "
-        f"vision encode of a new image {encode * 1000:.0f} ms mean"
-    )
+    results |= measure_throughput(checkpoint, images, logs)
+    results |= measure_ttft(checkpoint, logs, args.ttft_pairs)
+    report(results, args.ttft_pairs)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"results written to {args.out}")
 
