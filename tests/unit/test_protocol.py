@@ -1,11 +1,16 @@
-"""Request bodies: the sampling fields' ranges, and how they map onto SamplingParams."""
+"""Request bodies: the sampling fields' ranges, and how every entry point's fields map onto SamplingParams."""
+
+import dataclasses
 
 import pytest
 from pydantic import ValidationError
 
 from gateway.http.generation import settings_from_body
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from mmserve.proto import llm_pb2
 from mmserve.sampling import GenerationDefaults, SamplingParams
+from mmserve.wire import sampling_from_pb, sampling_to_pb
+from pipeline.settings import settings_from_generate_config
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -118,6 +123,38 @@ def test_unset_fields_take_the_checkpoints_generation_config(tmp_path):
     params = sampling_params(chat(temperature=0.7, top_k=-1, repetition_penalty=1.0, top_p=1.0), defaults)
     assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.7, 1.0, 0, 1.0)
     assert GenerationDefaults.from_checkpoint(str(tmp_path / "nothing-here")) == GenerationDefaults()
+
+
+# ---- one settings builder for REST, the Python API and gRPC ------------------------------------
+
+
+def test_the_three_entry_points_build_the_same_settings():
+    """The same choices through REST's body, the Python API's generate_config and the gRPC message
+    come out as the same engine settings (the checkpoint's defaults filling what is unset)."""
+    defaults = GenerationDefaults(temperature=0.5, repetition_penalty=1.25, top_k=7)  # exact in float32
+    rest = settings_from_body(completion(top_p=0.75, top_k=-1, min_tokens=2, seed=5, max_tokens=9), defaults)
+    python = settings_from_generate_config(
+        {"top_p": 0.75, "top_k": -1, "min_new_tokens": 2, "seed": 5, "max_new_tokens": 9}, defaults
+    )
+    assert rest == python
+    sampling = rest.sampling
+    assert (sampling.temperature, sampling.repetition_penalty, sampling.top_k) == (0.5, 1.25, 0)
+    sent = dataclasses.replace(rest.sampling, max_new_tokens=9)
+    assert sampling_from_pb(sampling_to_pb(sent)) == sent
+
+
+def test_grpc_zeros_mean_neutral_where_zero_is_meaningless():
+    """proto3 cannot send 'unset': a top_p or repetition_penalty of 0 is the neutral 1.0."""
+    params = sampling_from_pb(llm_pb2.SamplingParams(temperature=0.0, max_new_tokens=4))
+    assert params == SamplingParams(temperature=0.0, max_new_tokens=4)
+
+
+def test_settings_are_frozen():
+    settings = settings_from_body(chat(), GenerationDefaults())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.sampling.max_new_tokens = 5  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.max_tokens = 5  # type: ignore[misc]
 
 
 # ---- strict types, finite numbers, encodable text ----------------------------------------------
