@@ -80,9 +80,9 @@ def parity(device: str, backends: list[str], report: dict) -> bool:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from llm_service.models.llava import LlavaLanguageModel
-    from tools.checkpoints import build_llava_checkpoint
     from tests.helpers import make_image
     from tests.reference import assert_greedy_close, greedy_with_logprobs
+    from tools.checkpoints import build_llava_checkpoint
 
     folder = Path(tempfile.mkdtemp()) / "tiny-llava"
     build_llava_checkpoint(folder, seed=0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tools.checkpoints import LlavaShape, build_llava_checkpoint
 from tests.helpers import make_image
+from tools.checkpoints import LlavaShape, build_llava_checkpoint
 
 # Embeddings of this shape are 576 x 2048 float32 = 4.7 MB per image: over gRPC's 4 MB default.
 WIDE_SHAPE = LlavaShape(

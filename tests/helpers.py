@@ -5,8 +5,12 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import os
+import re
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -183,6 +187,44 @@ def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen, logs: Ca
         if time.monotonic() > deadline:
             raise AssertionError(f"{url} not healthy after {timeout_s:.0f}s:\n{logs()}")
         time.sleep(0.5)
+
+
+# The launcher's banner names each port with its variable: "http://127.0.0.1:8000 [PORT]", ":9090/metrics [LLM_METRICS_PORT]"
+BANNER_PORT = re.compile(r":(\d+)(?:/metrics)? \[([A-Z_]+)\]")
+BANNER_END = "Ctrl-C stops all three."
+
+
+@contextmanager
+def launched(env: dict[str, str], log_path: Path, timeout_s: float = 300):
+    """`python -m mmserve.start_server` (what `make run` runs) in its own process group; yields
+    (process, {variable: port} from its banner) once the gateway is healthy; then Ctrl-C, as a terminal
+    sends it (SIGINT to the whole group), and a clean exit is asserted."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mmserve.start_server"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while BANNER_END not in log_path.read_text():
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"no banner after {timeout_s:.0f}s:\n" + log_path.read_text()
+            time.sleep(0.3)
+        ports = {name: int(value) for value, name in BANNER_PORT.findall(log_path.read_text())}
+        wait_healthy(f"http://127.0.0.1:{ports['PORT']}/health", timeout_s, process, log_path.read_text)
+        yield process, ports
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    assert code in (0, -signal.SIGINT, 130), log_path.read_text()
 
 
 def metric(port: int, name: str, absent: float | None = None) -> float:

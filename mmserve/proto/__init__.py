@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 PROTO_FILES = ("tensor.proto", "vision.proto", "llm.proto")
-STUB_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+STUB_SUFFIXES = ("_pb2.py", "_pb2_grpc.py")  # (the .pyi type stubs are for mypy only)
 
 _HERE = Path(__file__).resolve().parent
 _PROTO_DIR = _HERE.parent.parent / "protos"  # present in a checkout, absent from an installed wheel

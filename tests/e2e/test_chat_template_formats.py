@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
-from tools.checkpoints import build_llava_checkpoint
 from tests.helpers import greedy_chat, openai_client, serving
 from tests.reference import LlavaReference
+from tools.checkpoints import build_llava_checkpoint
 
 MAX_TOKENS = 16
 

@@ -19,7 +19,7 @@ from gateway.prompt_llava_original import VICUNA_V1_SYSTEM
 from mmserve.errors import CheckpointError
 from pipeline import ModelFactory, Pipeline
 from tests.checkpoints.llava_variants import build_llava_original_checkpoint
-from tests.helpers import ROOT, Stack, data_url, free_ports, greedy_chat, make_image, openai_client
+from tests.helpers import ROOT, Stack, data_url, greedy_chat, make_image, openai_client
 from tests.reference import LlavaReference
 
 MAX_TOKENS = 16
@@ -177,7 +177,6 @@ def test_missing_projector_key_is_a_startup_error(broken_checkpoint):
         LlavaOriginalVision.from_checkpoint(str(broken_checkpoint), torch.float32, "cpu")
 
     # The vision service process refuses to start, naming the key.
-    port, metrics = free_ports(2)
     proc = subprocess.run(
         [
             sys.executable,
@@ -186,9 +185,7 @@ def test_missing_projector_key_is_a_startup_error(broken_checkpoint):
             "--checkpoint",
             str(broken_checkpoint),
             "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics),
+            "0",
         ],
         cwd=ROOT,
         capture_output=True,

@@ -16,6 +16,7 @@ import openai
 import pytest
 import torch
 
+from mmserve.errors import InvalidInputError
 from tests.helpers import data_url, make_image, openai_client, serving
 
 IMG, IMG_END, IMG_PAD = 151857, 151858, 151859
@@ -255,7 +256,7 @@ def test_pipeline_seed_calls(qwen_ckpt, served, direct, images):
             assert responses[-1].finished == [True]
             assert responses[-1].token_ids[0] == new
             assert responses[-1].batch_response[0] == direct.encoding.decode([t for t in new if t < 151643])
-        with pytest.raises(Exception, match="unclosed <img> tag"):
+        with pytest.raises(InvalidInputError, match="unclosed <img> tag"):
             list(pipeline("Picture 1:<img>/x.png\n这是什么", generate_config=config))
     finally:
         pipeline.stop()

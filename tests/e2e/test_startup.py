@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ROOT, free_ports
+from tests.helpers import ROOT, launched
 
 PORT_VARIABLES = ("PORT", "VISION_PORT", "LLM_PORT", "VISION_METRICS_PORT", "LLM_METRICS_PORT")
 STARTED = "starting the vision and LLM services"  # the launcher's line just before it starts any service
@@ -84,7 +83,32 @@ def listening_socket(port: int = 0):
         yield sock.getsockname()[1]
 
 
+# ---- the generated stubs ---------------------------------------------------------------------------
+
+
+def test_missing_stubs_fail_the_import_naming_make_protos(tmp_path):
+    """Stubs come from the build (`make protos`), never from an import: without them, importing the
+    services is an ImportError that says what to run, and protoc does not run."""
+    no_stubs = shutil.ignore_patterns("*_pb2*", "__pycache__")
+    for folder in ("mmserve", "gateway", "llm_service", "vision_service", "pipeline", "protos"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=no_stubs)
+    code = "import gateway, llm_service, vision_service"
+    # `-c` puts the working directory first on sys.path: the copy is imported, not the checkout
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "ImportError" in result.stderr and "make protos" in result.stderr, result.stderr
+    assert not list((tmp_path / "mmserve" / "proto").glob("*_pb2*")), "stubs were generated at import"
+
+
 # ---- the checkpoint ---------------------------------------------------------------------------------
+
+
+def test_no_checkpoint_named(tmp_path):
+    """The launcher never builds the demo itself (`make run` does, with tools.demo)."""
+    line = assert_one_line_error(launch(clean_env(tmp_path), "no CHECKPOINT_PATH"), "CHECKPOINT_PATH")
+    assert "make run" in line
 
 
 def test_no_such_path(tmp_path):
@@ -154,7 +178,7 @@ def test_port_in_use(tmp_path, demo_checkpoint, variable):
     with listening_socket() as port:
         env = clean_env(tmp_path, CHECKPOINT_PATH=str(demo_checkpoint), **{variable: str(port)})
         if variable != "PORT":
-            env["PORT"] = str(free_ports(1)[0])
+            env["PORT"] = "0"
         result = launch(env, f"{variable} in use")
     assert_one_line_error(result, f"{variable}={port}", "in use")
 
@@ -221,7 +245,7 @@ def test_vision_service_names_an_unservable_checkpoint(tmp_path):
         "--checkpoint",
         str(folder),
         "--port",
-        str(free_ports(1)[0]),
+        "0",
     ]
     result = run(args, clean_env(tmp_path), "vision_service on an unknown model_type")
     assert_one_line_error(result, "model_type='bert'", prog="vision_service")
@@ -287,49 +311,19 @@ def test_inspect_bad_folder(tmp_path):
 
 
 def test_launch_without_port_variables_picks_free_ports(tmp_path, demo_checkpoint):
-    # PORT is the public one (default 8000, which a shared test machine may not have free); the four
-    # internal ports are left unset for the launcher to choose.
-    (port,) = free_ports(1)
+    # PORT is the public one (default 8000, which a shared test machine may not have free): 0 lets the
+    # OS bind one; the four internal ports are left unset for the launcher to choose.
     log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mmserve.start_server"],
-            cwd=ROOT,
-            env=clean_env(tmp_path, CHECKPOINT_PATH=str(demo_checkpoint), PORT=str(port)),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    env = clean_env(tmp_path, CHECKPOINT_PATH=str(demo_checkpoint), PORT="0")
     started = time.monotonic()
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("the stack did not become healthy:\n" + log_path.read_text())
+    with launched(env, log_path) as (_, chosen):
         print(f"\n[startup timing] healthy after {time.monotonic() - started:.1f}s")
         text = log_path.read_text()
-        chosen = {name: int(value) for value, name in re.findall(r":(\d+)(?:/metrics)? \[([A-Z_]+)\]", text)}
         assert set(chosen) == set(PORT_VARIABLES), text
-        assert chosen["PORT"] == port
-        assert len(set(chosen.values())) == 5, chosen
+        assert len(set(chosen.values())) == 5 and 0 not in chosen.values(), chosen
         assert re.search(r"^  dtype\s+float32\b", text, re.M), text
         metrics = httpx.get(f"http://127.0.0.1:{chosen['LLM_METRICS_PORT']}/metrics", timeout=5)
         assert metrics.status_code == 200 and "mmserve_llm" in metrics.text
         for variable in ("VISION_PORT", "LLM_PORT"):  # the gRPC services listen where the banner says
             with socket.create_connection(("127.0.0.1", chosen[variable]), timeout=5):
                 pass
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
-    assert code in (0, -signal.SIGINT, 130), log_path.read_text()

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from mmserve.checkpoint import checkpoint_dtype, resolve_dtype
-from tools.checkpoints import LlavaShape, build_llava_checkpoint
 from mmserve.proto import vision_pb2, vision_pb2_grpc
 from tests.helpers import ROOT, Stack, greedy_chat, openai_client
+from tools.checkpoints import LlavaShape, build_llava_checkpoint
 
 # ~110M language-model parameters: 440 MB in float32, 220 MB in bf16 (the rest of the process is
 # imports, measured away by resetting the peak before loading).
