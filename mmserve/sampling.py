@@ -1,10 +1,4 @@
-"""Generation settings, built in one place for every entry point (REST, the Python API, gRPC).
-
-Each entry point translates its own field names into `SamplingChoices` (what the caller set; None:
-unset); `sampling_params` fills the unset fields from the checkpoint's generation_config.json (vLLM's
-`--generation-config auto`) and returns the frozen `SamplingParams` the engine runs with. Range checks
-happen once, at the engine's admission (llm_service/sampler.py), which every entry point reaches.
-"""
+"""Generation settings, built in one place for every entry point: REST, the Python API and gRPC."""
 
 from __future__ import annotations
 
@@ -88,7 +82,11 @@ def _pick(value, default):
 
 
 def sampling_params(choices: SamplingChoices, defaults: GenerationDefaults | None = None) -> SamplingParams:
-    """The engine's settings: what the caller chose, else the checkpoint's default, else neutral."""
+    """The engine's settings: what the caller chose, else the checkpoint's default, else neutral.
+
+    Each entry point translates its own field names into `SamplingChoices` and calls this (REST:
+    gateway/http/generation.py, the Python API: pipeline/settings.py, gRPC: mmserve.wire.sampling_from_pb).
+    Ranges are checked once, at the engine's admission (llm_service), which every entry point reaches."""
     d = defaults or GenerationDefaults()
     neutral = SamplingParams()
     return SamplingParams(

@@ -1,5 +1,4 @@
-"""The Pipeline: the gateway's ServingCore over in-process clients of the vision encoder and the LLM
-engine instead of gRPC ones; the same code path, one process, a synchronous iterator API."""
+"""The Pipeline: the gateway's ServingCore over in-process vision and LLM clients, as a sync iterator."""
 
 from __future__ import annotations
 
@@ -65,6 +64,9 @@ class _Progress:
 
 
 class Pipeline:
+    """The same code path as the HTTP gateway (ServingCore), with the vision encoder and the LLM engine
+    called in this process instead of over gRPC; the caller iterates synchronously."""
+
     def __init__(self, model: MultimodalModel, tokenizer=None, media: MediaConfig | None = None):
         """`media` sets the image-fetching policy; by default local files and private hosts are allowed,
         since the caller is the process owner (the HTTP gateway's defaults are strict)."""

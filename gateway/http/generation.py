@@ -1,5 +1,4 @@
-"""A chat or text completion after its route: settings, generation, the response whole or streamed, and
-its outcome and latency recorded once."""
+"""A chat or text completion past its route: its settings, its generation, its response, its metrics."""
 
 from __future__ import annotations
 
