@@ -8,10 +8,11 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 from mmserve.checkpoint import read_config
 from mmserve.errors import CheckpointError
-from mmserve.interfaces import HALVES
+from mmserve.interfaces import HALVES, LanguageAdapter, PromptAdapter, VisionAdapter
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,12 @@ def detect_family(checkpoint: str | Path, model_type: str | None = None) -> str:
     return family
 
 
+@overload
+def adapter(family: str, half: Literal["vision"]) -> type[VisionAdapter]: ...
+@overload
+def adapter(family: str, half: Literal["language"]) -> type[LanguageAdapter]: ...
+@overload
+def adapter(family: str, half: Literal["prompt"]) -> type[PromptAdapter]: ...
 def adapter(family: str, half: str) -> type:
     """The class serving `half` ("vision", "language" or "prompt") of `family`, checked against the
     half's declared interface (mmserve/interfaces.py)."""

@@ -27,7 +27,12 @@ class VisionAdapter(ABC):
     family: ClassVar[str]
     # Accepts min_pixels / max_pixels (server-wide and per request) in preprocess_one.
     dynamic_resolution: ClassVar[bool] = False
-    vision_tower: torch.nn.Module  # what --compile compiles
+    config: Any  # the family's config: its transformers class, or a typed stand-in with the same fields
+    vision_tower: Any  # the torch module --compile replaces with its compiled form
+
+    @abstractmethod
+    def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
+        """The keyword arguments of `collate` -> one (N_i, hidden_size) tensor per image."""
 
     @classmethod
     @abstractmethod
@@ -73,7 +78,7 @@ class VisionAdapter(ABC):
 
 class LanguageAdapter(ABC):
     """llm_service: the decoder the engine runs, the facts about it, and its token positions.
-    Constructed as `cls(checkpoint, dtype, device)`: the language half only, never the vision tower."""
+    The constructor reads the language half of a checkpoint only, never the vision tower."""
 
     family: ClassVar[str]
     position_dims: ClassVar[int] = 1  # 3 for M-RoPE models: positions() returns (3, n)
@@ -85,6 +90,11 @@ class LanguageAdapter(ABC):
     hidden_size: int
     max_model_len: int
     eos_token_ids: list[int]
+
+    def __init__(self, checkpoint: str, dtype: torch.dtype, device: str) -> None:
+        """Each family loads its language half here (not abstract: benchmarks build random models
+        through `__new__` on a base class)."""
+        raise NotImplementedError(f"{type(self).__name__} does not load checkpoints")
 
     @abstractmethod
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -99,13 +109,17 @@ class LanguageAdapter(ABC):
 
 
 class PromptAdapter(ABC):
-    """gateway: chat rendering, image tags and tokenization of one family's prompts.
-    Constructed as `cls(checkpoint, tokenizer_path, chat_template=None)` (a --chat-template override)."""
+    """gateway: chat rendering, image tags and tokenization of one family's prompts."""
 
     family: ClassVar[str]
     image_tag: ClassVar[str]  # how errors name the image tag to the user
     tokenizer: Any  # a transformers tokenizer
     image_token_id: int  # one per image after tokenizing; the gateway expands it to N_i rows
+
+    @abstractmethod
+    def __init__(self, checkpoint: str, tokenizer_path: str, chat_template: str | None = None) -> None:
+        """`chat_template`: a --chat-template override (a file or Jinja text); families whose chat format
+        is built in refuse one."""
 
     @abstractmethod
     def render_chat(self, messages: list[dict], chat_template_kwargs: dict | None = None) -> str:

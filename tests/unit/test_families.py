@@ -70,7 +70,7 @@ class _NamelessPrompt(LlavaPrompt):
         (
             _HalfAVisionAdapter,
             "vision",
-            "does not implement VisionAdapter's collate, from_checkpoint, hidden_size",
+            "does not implement VisionAdapter's __call__, collate, from_checkpoint, hidden_size",
         ),
         (_NamelessPrompt, "prompt", "does not set PromptAdapter's family"),
     ],
