@@ -6,7 +6,7 @@ import grpc
 from fastapi import APIRouter, FastAPI
 from starlette.routing import Route
 
-from gateway.http import routes_admin, routes_chat, routes_completions
+from gateway.http import routes_admin, routes_chat, routes_completions, routes_playground
 from gateway.http.context import Served
 from gateway.http.errors import install_error_handlers
 from gateway.http.metrics import Metrics
@@ -28,7 +28,7 @@ def create_app(
     metrics = app.state.metrics = Metrics()
     app.state.served = Served(core, model_name, metrics, dict(backends or {}))
     install_error_handlers(app)
-    routers = [module.router for module in (routes_admin, routes_chat, routes_completions)]
+    routers = [module.router for module in (routes_admin, routes_chat, routes_completions, routes_playground)]
     for router in routers:
         app.include_router(router)
     # Outermost last: count every response, then the API key, then the body size, then FastAPI.
