@@ -65,9 +65,9 @@ def assert_greedy_close(ours: list[int], reference: list[int], logprobs: torch.T
 
 
 def qwen_vl_reference_lm(checkpoint) -> torch.nn.Module:
-    """Qwen-VL v1's language model as transformers' own Qwen2ForCausalLM (weights mapped by
-    reference/models.md section 5; the mapping itself is checked against Qwen v1's math in
-    tests/test_qwen_vl.py)."""
+    """Qwen-VL v1's language model as transformers' own Qwen2ForCausalLM (weights mapped as
+    llm_service/models/qwen_vl.py maps them; the mapping itself is checked against Qwen v1's math in
+    tests/service/test_qwen_vl_halves.py)."""
     from transformers import Qwen2ForCausalLM
 
     from llm_service.models.qwen_vl import map_weights, qwen2_config

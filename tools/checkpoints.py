@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 # A llava-hf 1.5 style template. Like the real one it reads typed content parts only (a plain string
 # content renders as nothing), so the tests exercise what real checkpoints do: per message
@@ -128,6 +129,17 @@ DEMO_SHAPE = LlavaShape(
 )
 
 
+def decoder_sizes(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> dict[str, Any]:
+    """A transformers decoder config's size keywords (LlamaConfig, Qwen2-VL's text_config, ...)."""
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+    }
+
+
 def tower_and_text_configs(shape: LlavaShape, tokenizer, image_size: int | None = None) -> dict:
     """The CLIP tower and Llama text configs of `shape`, as LlavaConfig / LlavaNextConfig keywords."""
     from transformers import CLIPVisionConfig, LlamaConfig
@@ -144,11 +156,13 @@ def tower_and_text_configs(shape: LlavaShape, tokenizer, image_size: int | None 
         ),
         "text_config": LlamaConfig(
             vocab_size=max(len(tokenizer), shape.model_vocab_size or 0),
-            hidden_size=shape.text_hidden,
-            intermediate_size=shape.text_intermediate,
-            num_hidden_layers=shape.text_layers,
-            num_attention_heads=shape.text_heads,
-            num_key_value_heads=shape.text_kv_heads,
+            **decoder_sizes(
+                shape.text_hidden,
+                shape.text_intermediate,
+                shape.text_layers,
+                shape.text_heads,
+                shape.text_kv_heads,
+            ),
             max_position_embeddings=shape.max_position_embeddings,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -217,35 +231,41 @@ def write_marker(path: Path, seed: int, **info) -> None:
 
 
 def build_llava_checkpoint(
-    path: str | Path, shape: LlavaShape | None = None, seed: int = 0, dtype: str = "float32"
+    path: str | Path,
+    shape: LlavaShape | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    grid_pinpoints: list[list[int]] | None = None,
 ) -> Path:
-    """Write a random-weight `LlavaForConditionalGeneration` checkpoint with tokenizer and processor."""
-    shape = shape or LlavaShape()
-    from transformers import (
-        CLIPImageProcessorPil,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    """Write a random-weight llava-hf checkpoint with tokenizer and processor: a
+    `LlavaForConditionalGeneration`, or with `grid_pinpoints` a `LlavaNextForConditionalGeneration`
+    (anyres tiling over those resolutions, image_newline)."""
+    import transformers
 
+    shape = shape or LlavaShape()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(shape.vocab_size)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    config = LlavaConfig(
-        **tower_and_text_configs(shape, tokenizer),
-        image_token_index=image_token_id,
-        image_seq_length=(shape.image_size // shape.patch_size) ** 2,
-    )
-    save_random_model(
-        path, LlavaForConditionalGeneration, config, seed, dtype, pad_token_id=tokenizer.pad_token_id
-    )
-
     side = shape.image_size
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
-        ),
+    sizes: dict = {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
+    family, tiling = "Llava", dict[str, Any]()
+    if grid_pinpoints is not None:
+        family, tiling = "LlavaNext", {"image_grid_pinpoints": grid_pinpoints}
+    config = getattr(transformers, f"{family}Config")(
+        **tower_and_text_configs(shape, tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(side // shape.patch_size) ** 2,
+        **tiling,
+    )
+    model_class = getattr(transformers, f"{family}ForConditionalGeneration")
+    save_random_model(path, model_class, config, seed, dtype, pad_token_id=tokenizer.pad_token_id)
+    image_processor = (
+        transformers.LlavaNextImageProcessorPil(**sizes, **tiling)
+        if tiling
+        else transformers.CLIPImageProcessorPil(**sizes)
+    )
+    processor = getattr(transformers, f"{family}Processor")(
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=shape.patch_size,
         vision_feature_select_strategy="default",

@@ -17,12 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tools.checkpoints import (
-    LLAVA_CHAT_TEMPLATE,
     LlavaShape,
     build_llava_checkpoint,
-    build_tokenizer,
-    save_random_model,
-    tower_and_text_configs,
     write_marker,
 )
 
@@ -46,45 +42,10 @@ def build_llava_next_checkpoint(
     grid_pinpoints: list[list[int]] | None = None,
     dtype: str = "float32",
 ) -> Path:
-    """Write a random-weight `LlavaNextForConditionalGeneration` checkpoint with tokenizer and processor."""
-    shape = shape or LlavaShape()
-    from transformers import (
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-    )
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(shape.vocab_size)
-    side = shape.image_size
-    pinpoints = grid_pinpoints or default_grid_pinpoints(side)
-    config = LlavaNextConfig(
-        **tower_and_text_configs(shape, tokenizer, image_size=side),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=pinpoints,
-        image_seq_length=(side // shape.patch_size) ** 2,
-    )
-    save_random_model(
-        path, LlavaNextForConditionalGeneration, config, seed, dtype, pad_token_id=tokenizer.pad_token_id
-    )
-
-    processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(
-            size={"shortest_edge": side},
-            crop_size={"height": side, "width": side},
-            image_grid_pinpoints=pinpoints,
-        ),
-        tokenizer=tokenizer,
-        patch_size=shape.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(path)
-    write_marker(path, seed, **asdict(shape))
-    return path
+    """Write a random-weight `LlavaNextForConditionalGeneration` checkpoint with tokenizer and processor
+    (llava-hf's default pinpoints at the shape's image size unless `grid_pinpoints` are given)."""
+    side = (shape or LlavaShape()).image_size
+    return build_llava_checkpoint(path, shape, seed, dtype, grid_pinpoints or default_grid_pinpoints(side))
 
 
 def build_llava_original_checkpoint(

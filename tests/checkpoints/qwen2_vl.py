@@ -1,8 +1,8 @@
 """Build small random-weight Qwen2-VL / Qwen2.5-VL checkpoints offline (the tests' models).
 
 Everything is created locally: a byte-level BPE tokenizer with Qwen's special tokens and a ChatML chat
-template, a `Qwen2VLImageProcessorPil` with small pixel bounds, and random weights
-(shapes from /work/shared/reference/models.md section 8). No network access is needed.
+template, a `Qwen2VLImageProcessorPil` with small pixel bounds, and random weights. No network access is
+needed.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tools.checkpoints import save_random_model, train_byte_bpe, write_marker
+from tools.checkpoints import decoder_sizes, save_random_model, train_byte_bpe, write_marker
 
 # Qwen2-VL Instruct's template, reduced to images: a default system turn, typed content parts,
 # `<|vision_start|><|image_pad|><|vision_end|>` per image.
@@ -99,11 +99,7 @@ def build_qwen2_vl_checkpoint(
         vision_config=vision_config,
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **decoder_sizes(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2),
             max_position_embeddings=4096,
             rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
             bos_token_id=ids["<|endoftext|>"],

@@ -35,7 +35,7 @@ IMAGES = {
 
 
 class QwenReference:
-    """transformers' Qwen2(.5)-VL on the HF processor pieces (models.md section 8): tokenizer +
+    """transformers' Qwen2(.5)-VL on the HF processor pieces: tokenizer +
     Qwen2VLImageProcessorPil, `<|image_pad|>` expanded to grid.prod()//4, mm_token_type_ids."""
 
     def __init__(self, checkpoint, version: str):
@@ -245,7 +245,8 @@ def test_per_request_max_pixels_changes_the_image_tokens(served, client, referen
     assert small.choices[0].model_extra["token_ids"] == ref_new
 
     # The cache keeps both variants apart: asking again gives each its own answer, from the cache.
-    hits = stack.vision_metric('mmserve_vision_images_total{outcome="cached"}')
+    # exported from the first cache hit on
+    hits = stack.vision_metric('mmserve_vision_images_total{outcome="cached"}', absent=0.0)
     again = chat(
         client, "What is this?", [url], extra_body={"mm_processor_kwargs": {"max_pixels": 28 * 28 * 4}}
     )

@@ -3,9 +3,9 @@ against a direct computation (the vision module + Qwen2ForCausalLM.generate with
 
 transformers has no Qwen-VL v1 model, so this reference reuses our own vision module and weight mapping:
 it checks the serving path (prompts, ids, spans, batching, streaming), not the model halves. Those are
-checked against independent computations in tests/test_qwen_vl.py (a ViT block and the resampler
-against plain torch / nn.MultiheadAttention, the LM against a plain-torch Qwen v1 forward, the tokenizer
-against tiktoken)."""
+checked against independent computations in tests/service/test_qwen_vl_halves.py (a ViT block and the
+resampler against plain torch / nn.MultiheadAttention, the LM against a plain-torch Qwen v1 forward) and
+tests/unit/test_qwen_vl_prompt.py (the tokenizer against tiktoken)."""
 
 from __future__ import annotations
 
@@ -19,25 +19,12 @@ import torch
 from mmserve.errors import InvalidInputError
 from tests.helpers import data_url, make_image, openai_client, serving
 
+pytest_plugins = ("tests.qwen_vl_fixtures",)  # qwen_home (MMSERVE_HOME, inherited by the stack), qwen_ckpt
+
 IMG, IMG_END, IMG_PAD = 151857, 151858, 151859
 STOP_IDS = [151643, 151645, 151644]
 MAX_TOKENS = 12
 CHAT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-
-
-@pytest.fixture(scope="module")
-def qwen_home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:  # the converted-tokenizer cache; the stack inherits it
-        mp.setenv("MMSERVE_HOME", str(tmp_path_factory.mktemp("mmserve-home")))
-        yield
-
-
-@pytest.fixture(scope="module")
-def qwen_ckpt(tmp_path_factory, qwen_home):
-    pytest.importorskip("dashscope", reason="qwen.tiktoken ships in the dashscope wheel")
-    from tests.checkpoints.qwen_vl import build_qwen_vl_checkpoint
-
-    return build_qwen_vl_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-qwen-vl", seed=1)
 
 
 @pytest.fixture(scope="module")

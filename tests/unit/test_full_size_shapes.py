@@ -3,7 +3,7 @@
 For every real config file, copied as `config.json` into a tmp folder, both halves are built on the meta
 device through OUR config-reading code, and their parameter counts are compared with transformers' own
 model built from the same file (or, for Qwen-VL v1, which transformers lacks, with the remote code's
-tensor shapes: reference/models.md section 5). Checkpoint index files shipped with three of the configs
+tensor shapes: Qwen/Qwen-VL-Chat's modeling_qwen.py and visual.py). Checkpoint index files shipped with three of the configs
 (`total_size` in bytes) cross-check the totals independently.
 
 Two routes per half:
@@ -141,7 +141,7 @@ def make_checkpoint(case: Case, root: Path) -> Path:
 
 def qwen_vl_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor of a Qwen-VL (v1) checkpoint, named and shaped as the remote code
-    (modeling_qwen.py, visual.py) saves them: models.md section 5."""
+    (Qwen/Qwen-VL-Chat's modeling_qwen.py, visual.py) saves them."""
     hidden, layers, vocab = raw["hidden_size"], raw["num_hidden_layers"], raw["vocab_size"]
     mlp = raw["intermediate_size"] // 2  # w1 and w2 each hold half of intermediate_size
     shapes: dict[str, tuple[int, ...]] = {

@@ -190,7 +190,7 @@ def test_weight_names_and_files(built, name):
         assert collapse_layers(weight_map) == collapse_layers(real)
         shard = next(iter(real.values()))
         assert shard.startswith("model-" if spec.weight_format == "safetensors" else "pytorch_model-")
-    if spec.family in ("qwen2_vl", "qwen2_5_vl"):  # Hub layout, models.md section 6
+    if spec.family in ("qwen2_vl", "qwen2_5_vl"):  # the Hub repos' layout
         assert {k.split(".")[0] for k in weight_map} == (
             {"model", "visual"} | ({"lm_head"} - ({"lm_head"} if cfg["tie_word_embeddings"] else set()))
         )

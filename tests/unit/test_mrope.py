@@ -13,6 +13,7 @@ from transformers import (
 
 from llm_service.models.qwen2_vl import mrope_positions
 from mmserve.wire import ImageSpan
+from tools.checkpoints import decoder_sizes
 
 IMAGE_ID = 7
 
@@ -20,11 +21,7 @@ IMAGE_ID = 7
 def _tiny(version: str):
     text = dict(
         vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        **decoder_sizes(hidden=16, intermediate=32, layers=1, heads=2, kv_heads=1),
         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6},
     )
     if version == "qwen2_vl":
@@ -90,8 +87,8 @@ def test_positions_equal_get_rope_index(version, layout):
     assert delta == expected_delta
 
 
-def test_models_md_example():
-    """models.md section 3: grid [1,6,10] after 38 text tokens -> positions 38..42, next text 43, delta -10."""
+def test_worked_example():
+    """transformers' get_rope_index on a worked example: grid [1,6,10] after 38 text tokens -> positions 38..42, next text 43, delta -10."""
     ids, spans = _prompt([38, (1, 6, 10), 4])
     positions, delta = mrope_positions(len(ids), spans, merge=2)
     image = positions[:, 38 : 38 + 15]  # (6/2) x (10/2) merged tokens
