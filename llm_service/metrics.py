@@ -62,8 +62,8 @@ class EngineMetrics(Collector):
         for reason, count in dict(stats.finished).items():  # a copy: the worker may add an outcome
             finished.add_metric([reason], count)
         yield finished
-        for name, help_text, read in HISTOGRAMS:
-            yield _histogram(PREFIX + name, help_text, read(stats))
+        for name, help_text, distribution in HISTOGRAMS:
+            yield _histogram(PREFIX + name, help_text, distribution(stats))
 
 
 def _histogram(name: str, help_text: str, dist: Distribution) -> HistogramMetricFamily:
