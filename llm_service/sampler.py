@@ -85,12 +85,7 @@ def _masks_eos(row: SamplingRow) -> bool:
 
 def _is_plain_greedy(row: SamplingRow) -> bool:
     p = row.params
-    return (
-        (p.temperature < _MIN_TEMPERATURE or p.top_k == 1)
-        and p.logprobs is None
-        and not _has_penalties(p)
-        and not _masks_eos(row)
-    )
+    return is_greedy(p) and p.logprobs is None and not _has_penalties(p) and not _masks_eos(row)
 
 
 def sample(

@@ -58,10 +58,24 @@ class DecodeStaging:
             del self.rows[seq], self.staged[seq]
         if not decodes:
             return None
+        fills = self._assign(decodes)
+        num_rows = max(self.rows.values()) + 1
+        length = -(-max(d.end for d in decodes) // self.block_size) * self.block_size
+        if not self._reserve(num_rows, length):
+            self.rows.clear()
+            self.staged.clear()
+            self.fallbacks += 1
+            return None
+        self.peak_rows = max(self.peak_rows, num_rows)
+        return self._stage(decodes, fills, num_rows)
+
+    def _assign(self, decodes: list[ScheduledSequence]) -> list[tuple[int, torch.Tensor]]:
+        """A row for every decode (compacting first when most rows are idle) -> the (row, blocks)
+        fills that bring rows up to date before this step's token."""
         if len(self.rows) + 8 < max(self.rows.values(), default=-1) // 2:  # mostly idle rows: compact
             self.rows.clear()
             self.staged.clear()
-        free = sorted(set(range(len(active) + len(self.rows))) - set(self.rows.values()), reverse=True)
+        free = sorted(set(range(len(decodes) + len(self.rows))) - set(self.rows.values()), reverse=True)
         fills = []
         for d in decodes:
             seq = d.seq
@@ -72,14 +86,11 @@ class DecodeStaging:
                 num_blocks = -(-d.start // self.block_size)
                 fills.append((self.rows[seq], torch.tensor(seq.block_table[:num_blocks])))
             self.staged[seq] = d.end
-        num_rows = max(self.rows.values()) + 1
-        length = -(-max(d.end for d in decodes) // self.block_size) * self.block_size
-        if not self._reserve(num_rows, length):
-            self.rows.clear()
-            self.staged.clear()
-            self.fallbacks += 1
-            return None
-        self.peak_rows = max(self.peak_rows, num_rows)
+        return fills
+
+    def _stage(
+        self, decodes: list[ScheduledSequence], fills: list[tuple[int, torch.Tensor]], num_rows: int
+    ) -> DecodeStage:
         device = self.layers[0].k.device
         lengths = torch.zeros(num_rows, dtype=torch.long)
         for seq, row in self.rows.items():

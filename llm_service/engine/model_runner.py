@@ -1,4 +1,4 @@
-"""The model runner: the only place a scheduled step becomes tensors.
+"""The model runner: where a scheduled step becomes tensors (the attention backend builds its share).
 
 It owns the paged KV cache (one key and one value tensor per layer, laid out by the attention
 backend) and, for each step, builds the flat batch (decodes first, then prefill chunks): token
