@@ -17,23 +17,22 @@ from __future__ import annotations
 import torch
 
 from llm_service.attention.flash import FLASH_BLOCK_SIZE, FlashAttention, FlashMetadata, flash_attn_available
-from llm_service.attention.paged import LayerCache
+from llm_service.attention.paged import LayerCache, PagedAttention
 from llm_service.attention.sdpa import PrefillChunk, SdpaAttention, SdpaMetadata
 
 BACKENDS = ("auto", "sdpa", "flash_attn")
 
 # What a decoder layer hands its backend: the metadata that backend built for this step.
 AttentionMetadata = SdpaMetadata | FlashMetadata
-AttentionBackend = SdpaAttention | FlashAttention
 
 __all__ = [
     "BACKENDS",
     "FLASH_BLOCK_SIZE",
-    "AttentionBackend",
     "AttentionMetadata",
     "FlashAttention",
     "FlashMetadata",
     "LayerCache",
+    "PagedAttention",
     "backend_block_size",
     "PrefillChunk",
     "SdpaAttention",
@@ -62,7 +61,7 @@ def backend_block_size(name: str, requested: int) -> int:
 
 def make_backend(
     name: str, block_size: int, device: torch.device, decode_staging_bytes: int = 0
-) -> AttentionBackend:
+) -> PagedAttention:
     """The backend `name` (a resolved name); decode staging is the sdpa backend's alone."""
     if name == "flash_attn":
         return FlashAttention(block_size, device)

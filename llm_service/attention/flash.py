@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llm_service.attention.paged import LayerCache, allocate_layers, slot_mapping
+from llm_service.attention.paged import LayerCache, PagedAttention, slot_mapping
 
 if TYPE_CHECKING:
     from llm_service.engine.scheduler import ScheduledSequence
@@ -44,25 +44,14 @@ class FlashMetadata:
     max_seqlen_k: int = 0
 
 
-class FlashAttention:
+class FlashAttention(PagedAttention[FlashMetadata]):
     name = "flash_attn"
-
-    def __init__(self, block_size: int, device: torch.device):
-        self.block_size = block_size
-        self.device = device
 
     @staticmethod
     def cache_shape(num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_blocks, block_size, kv_heads, head_dim)
 
-    def allocate(
-        self, num_layers: int, num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> list[LayerCache]:
-        shape = self.cache_shape(num_blocks, self.block_size, kv_heads, head_dim)
-        return allocate_layers(num_layers, shape, dtype, self.device)
-
     def metadata(self, decodes: list[ScheduledSequence], chunks: list[ScheduledSequence]) -> FlashMetadata:
-        """This step's metadata: decodes (one token each) first, then the multi-token chunks."""
         device, items = self.device, decodes + chunks
         width = max(len(i.seq.block_table) for i in items)
         meta = FlashMetadata(
@@ -86,7 +75,6 @@ class FlashAttention:
         return meta
 
     def __call__(self, q, k, v, cache: LayerCache, meta: FlashMetadata, scale: float) -> torch.Tensor:
-        """(T, heads, d) queries and the new (T, kv_heads, d) keys/values -> (T, heads, d)."""
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
         k_cache, v_cache = cache.k, cache.v

@@ -1,9 +1,11 @@
-"""What every attention backend shares: a layer's paged KV cache and the cache slots of new tokens."""
+"""What every attention backend shares: a layer's paged KV cache, the backend base class, and the
+cache slots of new tokens."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 import torch
 
@@ -22,15 +24,45 @@ class LayerCache:
     stage_v: torch.Tensor | None = None
 
 
-def allocate_layers(
-    num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> list[LayerCache]:
-    return [
-        LayerCache(
-            torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-        )
-        for _ in range(num_layers)
-    ]
+Metadata = TypeVar("Metadata")
+
+
+class PagedAttention(ABC, Generic[Metadata]):
+    """An attention backend over the paged KV cache: it lays out the cache, builds each step's
+    `Metadata` from the scheduled sequences, and computes attention in every decoder layer."""
+
+    name: ClassVar[str]
+
+    def __init__(self, block_size: int, device: torch.device):
+        self.block_size = block_size
+        self.device = device
+
+    @staticmethod
+    @abstractmethod
+    def cache_shape(num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """The shape of one layer's key (and value) cache."""
+
+    def allocate(
+        self, num_layers: int, num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> list[LayerCache]:
+        """The paged KV cache of every layer, zeroed."""
+        shape = self.cache_shape(num_blocks, self.block_size, kv_heads, head_dim)
+        return [
+            LayerCache(
+                torch.zeros(shape, dtype=dtype, device=self.device),
+                torch.zeros(shape, dtype=dtype, device=self.device),
+            )
+            for _ in range(num_layers)
+        ]
+
+    @abstractmethod
+    def metadata(self, decodes: list[ScheduledSequence], chunks: list[ScheduledSequence]) -> Metadata:
+        """This step's metadata: decodes (one token each) first, then the multi-token chunks."""
+
+    @abstractmethod
+    def __call__(self, q, k, v, cache: LayerCache, meta: Metadata, scale: float) -> torch.Tensor:
+        """(T, heads, d) queries and the new (T, kv_heads, d) keys/values -> (T, heads, d); writes the
+        new keys/values into `cache` at the metadata's slots first."""
 
 
 def slot_mapping(items: list[ScheduledSequence], block_size: int, device: torch.device) -> torch.Tensor:

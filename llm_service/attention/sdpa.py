@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from llm_service.attention.paged import LayerCache, allocate_layers, slot_mapping
+from llm_service.attention.paged import LayerCache, PagedAttention, slot_mapping
 from llm_service.attention.sdpa_staging import DecodeStage, DecodeStaging
 
 if TYPE_CHECKING:
@@ -42,12 +42,11 @@ class SdpaMetadata:
     stage: DecodeStage | None = None  # decodes read the staging rows instead of gathering blocks
 
 
-class SdpaAttention:
+class SdpaAttention(PagedAttention[SdpaMetadata]):
     name = "sdpa"
 
     def __init__(self, block_size: int = 16, device: torch.device | None = None, staging_bytes: int = 0):
-        self.block_size = block_size
-        self.device = device or torch.device("cpu")
+        super().__init__(block_size, device or torch.device("cpu"))
         self.staging_bytes = staging_bytes  # 0: decodes always gather their blocks
         self.staging: DecodeStaging | None = None  # made with the cache
         self._workspace: torch.Tensor | None = None  # reused gather buffer, grown on demand
@@ -60,14 +59,12 @@ class SdpaAttention:
         self, num_layers: int, num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> list[LayerCache]:
         """The paged KV cache of every layer, and the decode staging over it."""
-        shape = self.cache_shape(num_blocks, self.block_size, kv_heads, head_dim)
-        layers = allocate_layers(num_layers, shape, dtype, self.device)
+        layers = super().allocate(num_layers, num_blocks, kv_heads, head_dim, dtype)
         if self.staging_bytes > 0:
             self.staging = DecodeStaging(layers, self.block_size, self.staging_bytes)
         return layers
 
     def metadata(self, decodes: list[ScheduledSequence], chunks: list[ScheduledSequence]) -> SdpaMetadata:
-        """This step's metadata: decodes (one token each) first, then the multi-token chunks."""
         meta = SdpaMetadata(slot_mapping(decodes + chunks, self.block_size, self.device), len(decodes))
         meta.stage = self.staging.plan(decodes) if self.staging else None
         if decodes and meta.stage is None:
@@ -118,7 +115,6 @@ class SdpaAttention:
         return keys, values
 
     def __call__(self, q, k, v, cache: LayerCache, meta: SdpaMetadata, scale: float) -> torch.Tensor:
-        """(T, heads, d) queries and the new (T, kv_heads, d) keys/values -> (T, heads, d)."""
         k_cache, v_cache = cache.k, cache.v
         kv_heads, _, _, dim = k_cache.shape
         k_cache.view(kv_heads, -1, dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from llm_service.attention import AttentionBackend
+from llm_service.attention import PagedAttention
 from llm_service.engine.scheduler import ScheduledSequence, SchedulerOutput
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
@@ -40,7 +40,7 @@ def num_kv_blocks(model, block_size: int, budget: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model, attention: AttentionBackend, num_blocks: int):
+    def __init__(self, model, attention: PagedAttention, num_blocks: int):
         self.model = model
         self.attend = attention  # builds each step's metadata, and computes attention in every layer
         config = model.decoder.config
