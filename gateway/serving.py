@@ -19,6 +19,7 @@ from gateway.media import MediaError, MediaFetcher
 from gateway.prompts import expand_image_tokens
 from mmserve.errors import InvalidInputError, UnavailableError
 from mmserve.images import content_hash, probe_image
+from mmserve.interfaces import PromptAdapter
 from mmserve.sampling import GenerationDefaults, GenerationSettings
 from mmserve.wire import (
     GenerateOutput,
@@ -72,7 +73,7 @@ def new_request_id(prefix: str) -> str:
 class ServingCore:
     def __init__(
         self,
-        prompt,
+        prompt: PromptAdapter,
         vision_client,
         llm_client,
         fetcher: MediaFetcher,
@@ -126,9 +127,8 @@ class ServingCore:
         prompt_param: str = "prompt",
     ) -> PreparedPrompt:
         """`prompt_param`: the request field the prompt came from, named by errors about its size."""
-        extract = getattr(self.prompt, "extract_images", None)
-        if extract is not None:  # families whose prompts carry urls inline (Qwen-VL's <img>URL</img>)
-            text, urls = extract(text, list(urls))
+        # families whose prompts carry urls inline (Qwen-VL's <img>URL</img>) take them out here
+        text, urls = self.prompt.extract_images(text, list(urls))
         await self._check_prompt_bytes(text, prompt_param)
         token_ids = await asyncio.to_thread(self.prompt.tokenize, text)
         tags = sum(1 for t in token_ids if t == self.prompt.image_token_id)

@@ -14,7 +14,7 @@ from vision_service.config import VisionConfig
 from vision_service.encoder import VisionEncoder
 
 if TYPE_CHECKING:
-    from gateway.prompt_llava import LlavaPrompt
+    from mmserve.interfaces import PromptAdapter
 
 
 @dataclass
@@ -23,7 +23,7 @@ class MultimodalModel:
 
     checkpoint: str
     family: str
-    prompt: LlavaPrompt
+    prompt: PromptAdapter
     vision: VisionEncoder
     engine: Engine
 

@@ -60,7 +60,7 @@ class VisionEncoder:
         self.dtype = parse_dtype(dtype_name)
         self.adapter = adapter(self.family, "vision")
         self.model = self.adapter.from_checkpoint(config.checkpoint, self.dtype, config.device)
-        self.hidden_size = self.model.config.text_config.hidden_size
+        self.hidden_size = self.model.hidden_size
         self.model_key = model_fingerprint(config.checkpoint, self.family, dtype_name)
         self.metrics = VisionMetrics()
         self.cache = EmbeddingCache(config.cache_bytes, self.metrics)
@@ -198,8 +198,7 @@ class VisionEncoder:
                 job.future.set_exception(exc)
             return
         self.metrics.preprocess.observe(time.monotonic() - started)
-        cost = getattr(self.adapter, "cost", None)
-        job.cost = cost(job.inputs) if cost is not None else 0
+        job.cost = self.adapter.cost(job.inputs)
         batcher.submit(job)
 
     def _finished(self, job: EncodeJob, future: asyncio.Future) -> None:

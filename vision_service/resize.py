@@ -40,12 +40,11 @@ class ResizePolicy:
 
     @property
     def dynamic(self) -> bool:
-        return getattr(self.adapter, "dynamic_resolution", False)
+        return self.adapter.dynamic_resolution
 
     @functools.cached_property
     def _checkpoint_max_pixels(self) -> int:
-        size = getattr(self.adapter.load_processor(self.config.checkpoint), "size", None) or {}
-        return int(size.get("longest_edge") or 0)
+        return self.adapter.max_pixels(self.adapter.load_processor(self.config.checkpoint))
 
     def ceiling(self) -> int:
         """The largest resized image area this server allows: its --max-pixels, else the checkpoint's."""

@@ -14,20 +14,22 @@ from gateway.config import MediaConfig
 from gateway.http.app import create_app
 from gateway.media import MediaFetcher
 from gateway.serving import ServingCore
+from mmserve.interfaces import PromptAdapter
 from mmserve.wire import FinishReason, GenerateOutput, LLMInfo, TokenLogprobs, Usage
 from tools.checkpoints import build_tokenizer
 
 MODEL = "fake-model"
 
 
-class FakePrompt:
+class FakePrompt(PromptAdapter):
+    family = "fake"
     image_tag = "<image>"
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer):  # type: ignore[override]  # a tokenizer instead of a checkpoint
         self.tokenizer = tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_tag)
 
-    def render_chat(self, messages):
+    def render_chat(self, messages, chat_template_kwargs=None):
         return " ".join(p["text"] for m in messages for p in m["content"] if p["type"] == "text")
 
     def normalize_raw(self, prompt):
