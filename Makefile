@@ -11,7 +11,7 @@ PROTO_STUBS := mmserve/proto/tensor_pb2.py mmserve/proto/vision_pb2.py mmserve/p
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
-	@echo "  variables: MODEL=/path/or/org/name  MODEL_TYPE=llava  TOKENIZER_PATH=...  PORT=8000  HOST=127.0.0.1  VISION_PORT LLM_PORT VISION_METRICS_PORT LLM_METRICS_PORT (unset: free ones)  LLM_DTYPE VISION_DTYPE (auto)  DRAIN_TIMEOUT=30  MMSERVE_DEBUG=1  PYTEST_ARGS=..."
+	@echo "  variables: MODEL=/path/or/org/name  MODEL_TYPE=llava  TOKENIZER_PATH=...  PORT=8000  HOST=127.0.0.1  VISION_PORT LLM_PORT (unset or 0: bound by the OS) VISION_METRICS_PORT LLM_METRICS_PORT (unset: free ones, 0: off); PORT=0: bound by the OS  LLM_DTYPE VISION_DTYPE (auto)  DRAIN_TIMEOUT=30  MMSERVE_DEBUG=1  PYTEST_ARGS=..."
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -75,63 +75,71 @@ async def run_requests(
     return await asyncio.gather(*(one(r) for r in requests))
 
 
-def parity(device: str, backends: list[str], report: dict) -> bool:
+PARITY_STEPS = 16
+
+
+def reference_cases(folder: Path, device: str, dtype) -> tuple[list, list[GenerateRequest]]:
+    """transformers' greedy tokens and logprobs on 16 requests (every other one with an image), and the
+    same requests for our engine (image embeddings computed by transformers' own tower)."""
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from llm_service.models.llava import LlavaLanguageModel
     from tests.helpers import make_image
-    from tests.reference import assert_greedy_close, greedy_with_logprobs
+    from tests.reference import greedy_with_logprobs
+
+    processor = AutoProcessor.from_pretrained(folder)
+    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    hf = hf.to(device).eval()  # type: ignore[arg-type]
+    cases, requests = [], []
+    for i in range(16):
+        images = [Image.open(io.BytesIO(make_image(60 + i, 50, seed=i))).convert("RGB")] * (i % 2)
+        text = "describe the picture " * (1 + i % 5)
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
+        inputs = processor(text=prompt, images=images or None, return_tensors="pt").to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        expected, logprobs = greedy_with_logprobs(hf, inputs, PARITY_STEPS)
+        ids = inputs["input_ids"][0].tolist()
+        spans = []
+        if images:
+            with torch.inference_mode():
+                feats = hf.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+            spans.append(ImageSpan(ids.index(hf.config.image_token_id), feats.cpu(), f"img{i}"))
+        sampling = SamplingParams(temperature=0, max_new_tokens=PARITY_STEPS, ignore_eos=True)
+        requests.append(GenerateRequest(f"r{i}", ids, spans, sampling))
+        cases.append((expected, logprobs.cpu()))
+    return cases, requests
+
+
+def our_tokens(folder: Path, device: str, dtype, backend: str, requests) -> list[list[int]]:
+    from llm_service.models.llava import LlavaLanguageModel
+
+    model = LlavaLanguageModel(str(folder), dtype, device)
+    engine = Engine(model, EngineConfig(attention_backend=backend, kv_cache_bytes=1 << 28))
+    try:
+        return [r[0] for r in asyncio.run(run_requests(engine, requests))]
+    finally:
+        engine.stop()
+
+
+def first_divergence(a, b) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), PARITY_STEPS)
+
+
+def parity(device: str, backends: list[str], report: dict) -> bool:
+    from tests.reference import assert_greedy_close
     from tools.checkpoints import build_llava_checkpoint
 
     folder = Path(tempfile.mkdtemp()) / "tiny-llava"
     build_llava_checkpoint(folder, seed=0)
-    processor = AutoProcessor.from_pretrained(folder)
-    steps = 16
-
-    def reference(dtype):
-        hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype)
-        hf = hf.to(device).eval()  # type: ignore[arg-type]
-        cases, requests = [], []
-        for i in range(16):
-            images = [Image.open(io.BytesIO(make_image(60 + i, 50, seed=i))).convert("RGB")] * (i % 2)
-            text = "describe the picture " * (1 + i % 5)
-            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-            prompt = processor.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True
-            )
-            inputs = processor(text=prompt, images=images or None, return_tensors="pt").to(device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-            expected, logprobs = greedy_with_logprobs(hf, inputs, steps)
-            ids = inputs["input_ids"][0].tolist()
-            spans = []
-            if images:
-                with torch.inference_mode():
-                    feats = hf.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
-                spans.append(ImageSpan(ids.index(hf.config.image_token_id), feats.cpu(), f"img{i}"))
-            sampling = SamplingParams(temperature=0, max_new_tokens=steps, ignore_eos=True)
-            requests.append(GenerateRequest(f"r{i}", ids, spans, sampling))
-            cases.append((expected, logprobs.cpu()))
-        return cases, requests
-
-    def ours(dtype, backend, requests):
-        model = LlavaLanguageModel(str(folder), dtype, device)
-        engine = Engine(model, EngineConfig(attention_backend=backend, kv_cache_bytes=1 << 28))
-        try:
-            return [r[0] for r in asyncio.run(run_requests(engine, requests))]
-        finally:
-            engine.stop()
-
-    def first_divergence(a, b):
-        return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), steps)
-
     ok = True
-    f32_cases, f32_requests = reference(torch.float32)
+    f32_cases, f32_requests = reference_cases(folder, device, torch.float32)
     try:
-        for i, (tokens, (expected, logprobs)) in enumerate(
-            zip(ours(torch.float32, "sdpa", f32_requests), f32_cases, strict=True)
-        ):
+        ours = our_tokens(folder, device, torch.float32, "sdpa", f32_requests)
+        for i, (tokens, (expected, logprobs)) in enumerate(zip(ours, f32_cases, strict=True)):
             assert_greedy_close(tokens, expected, logprobs, f"request {i}")
         print("parity float32 [sdpa]: every request equals transformers (near-ties allowed)")
         report["parity_float32"] = "pass"
@@ -140,21 +148,17 @@ def parity(device: str, backends: list[str], report: dict) -> bool:
         print(f"parity float32 [sdpa]: FAILED: {exc}")
         report["parity_float32"] = str(exc)
     truth = [c[0] for c in f32_cases]
-    bf16_cases, bf16_requests = reference(torch.bfloat16)
+    bf16_cases, bf16_requests = reference_cases(folder, device, torch.bfloat16)
     theirs = sum(first_divergence(c[0], t) for c, t in zip(bf16_cases, truth, strict=True)) / len(truth)
     print(f"bf16: transformers' first divergence from float32 at token {theirs:.1f} on average")
     report["bf16_first_divergence_transformers"] = theirs
     for backend in backends:
-        mine = sum(
-            first_divergence(o, t)
-            for o, t in zip(ours(torch.bfloat16, backend, bf16_requests), truth, strict=True)
-        )
-        mine /= len(truth)
+        ours = our_tokens(folder, device, torch.bfloat16, backend, bf16_requests)
+        mine = sum(first_divergence(o, t) for o, t in zip(ours, truth, strict=True)) / len(truth)
         good = mine >= 0.5 * theirs
         ok &= good
-        print(
-            f"bf16 [{backend}]: ours at token {mine:.1f} on average ({'ok' if good else 'FAILED: drifts much sooner'})"
-        )
+        verdict = "ok" if good else "FAILED: drifts much sooner"
+        print(f"bf16 [{backend}]: ours at token {mine:.1f} on average ({verdict})")
         report[f"bf16_first_divergence_{backend}"] = mine
     return ok
 

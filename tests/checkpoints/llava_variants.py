@@ -65,13 +65,7 @@ def build_llava_original_checkpoint(
     relative to the checkpoint folder unless `relative_tower_path` is False.
     """
     import torch
-    from safetensors.torch import save_file
-    from transformers import (
-        AutoTokenizer,
-        CLIPImageProcessorPil,
-        CLIPVisionModel,
-        LlavaForConditionalGeneration,
-    )
+    from transformers import LlavaForConditionalGeneration
 
     shape = shape or LlavaShape()
     if mm_use_im_start_end:  # room in the embeddings for <im_start> and <im_end>
@@ -80,18 +74,33 @@ def build_llava_original_checkpoint(
     clip_path = Path(clip_path) if clip_path else path.parent / f"{path.name}-clip"
     build_llava_checkpoint(hf_path, shape, seed=seed)
     hf = LlavaForConditionalGeneration.from_pretrained(hf_path, dtype=torch.float32)
-    hf_config: Any = hf.config  # a LlavaConfig
+    _save_clip_tower(hf, shape.image_size, clip_path)
+    path.mkdir(parents=True, exist_ok=True)
+    _save_original_weights(hf, path)
+    tower_ref = os.path.relpath(clip_path, path) if relative_tower_path else str(clip_path.resolve())
+    config = _original_config(hf.config, shape, tower_ref, mm_use_im_start_end, image_aspect_ratio)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    _save_original_tokenizer(hf_path, path, mm_use_im_start_end)
+    write_marker(path, seed, llava_hf=str(hf_path), **asdict(shape))
+    return path
 
-    # The CLIP tower as its own checkpoint, with the CLIP image processor.
-    tower = CLIPVisionModel(hf_config.vision_config)
+
+def _save_clip_tower(hf, side: int, clip_path: Path) -> None:
+    """The CLIP tower of llava-hf model `hf` as its own checkpoint, with the CLIP image processor."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionModel
+
+    tower = CLIPVisionModel(hf.config.vision_config)
     tower.load_state_dict(hf.model.vision_tower.state_dict(), strict=True)
     tower.save_pretrained(clip_path)
-    side = shape.image_size
     CLIPImageProcessorPil(
         size={"shortest_edge": side}, crop_size={"height": side, "width": side}
     ).save_pretrained(clip_path)
 
-    # LLaMA weights + model.mm_projector.{0,2}.* (mlp2x_gelu: index 1 is the GELU).
+
+def _save_original_weights(hf, path: Path) -> None:
+    """LLaMA weights + model.mm_projector.{0,2}.* (mlp2x_gelu: index 1 is the GELU)."""
+    from safetensors.torch import save_file
+
     state = {f"model.{k}": v for k, v in hf.model.language_model.state_dict().items()}
     state["lm_head.weight"] = hf.lm_head.weight
     projector = hf.model.multi_modal_projector
@@ -99,14 +108,17 @@ def build_llava_original_checkpoint(
     state["model.mm_projector.0.bias"] = projector.linear_1.bias
     state["model.mm_projector.2.weight"] = projector.linear_2.weight
     state["model.mm_projector.2.bias"] = projector.linear_2.bias
-    path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
 
+
+def _original_config(
+    hf_config: Any, shape: LlavaShape, tower_ref: str, mm_use_im_start_end: bool, image_aspect_ratio: str
+) -> dict:
+    """config.json of the original layout: the LLaMA text config plus the mm_* keys."""
     text = hf_config.text_config.to_dict()
     for key in ("architectures", "model_type", "transformers_version", "dtype", "_name_or_path"):
         text.pop(key, None)
-    tower_ref = os.path.relpath(clip_path, path) if relative_tower_path else str(clip_path.resolve())
-    config = {
+    return {
         **text,
         "architectures": ["LlavaLlamaForCausalLM"],
         "model_type": "llava",
@@ -121,7 +133,12 @@ def build_llava_original_checkpoint(
         "tune_mm_mlp_adapter": False,
         "use_mm_proj": True,
     }
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _save_original_tokenizer(hf_path: Path, path: Path, mm_use_im_start_end: bool) -> None:
+    """The llava-hf tokenizer without a chat template (original checkpoints ship none)."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(hf_path)
     if mm_use_im_start_end:
         tokenizer.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)
@@ -129,5 +146,3 @@ def build_llava_original_checkpoint(
     tokenizer.save_pretrained(path)
     for leftover in ("chat_template.jinja", "chat_template.json"):
         (path / leftover).unlink(missing_ok=True)
-    write_marker(path, seed, llava_hf=str(hf_path), **asdict(shape))
-    return path

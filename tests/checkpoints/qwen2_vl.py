@@ -63,39 +63,44 @@ def build_tokenizer(vocab_size: int = 400):
     return tokenizer
 
 
+# Tiny vision towers. Qwen2-VL: embed_dim is the ViT width, hidden_size the LLM's (the merger's output).
+# Qwen2.5-VL: hidden_size is the ViT width, out_hidden_size the LLM's; window attention in block 0, full
+# attention in block 1 (the last).
+VISION_CONFIGS: dict[str, dict[str, object]] = {
+    "qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+    "qwen2_5_vl": {
+        "depth": 2,
+        "hidden_size": 32,
+        "out_hidden_size": 64,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+    },
+}
+
+
+def _transformers_class(version: str, suffix: str):
+    """Qwen2VL{suffix} or Qwen2_5_VL{suffix} of transformers."""
+    import transformers
+
+    return getattr(transformers, ("Qwen2VL" if version == "qwen2_vl" else "Qwen2_5_VL") + suffix)
+
+
 def build_qwen2_vl_checkpoint(
     path: str | Path, version: str = "qwen2_vl", seed: int = 0, tie_word_embeddings: bool = False
 ) -> Path:
     """Write a random-weight Qwen2-VL (`version="qwen2_vl"`) or Qwen2.5-VL (`"qwen2_5_vl"`) checkpoint."""
     from transformers import Qwen2VLImageProcessorPil
 
-    vision_config: dict[str, object]
-    if version == "qwen2_vl":
-        from transformers import Qwen2VLConfig as Config
-        from transformers import Qwen2VLForConditionalGeneration as Model
-
-        vision_config = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
-    elif version == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig as Config  # type: ignore[assignment]
-        from transformers import Qwen2_5_VLForConditionalGeneration as Model  # type: ignore[assignment]
-
-        vision_config = dict(
-            depth=2,
-            hidden_size=32,
-            out_hidden_size=64,
-            intermediate_size=64,
-            num_heads=2,
-            window_size=56,
-            fullatt_block_indexes=[1],
-        )
-    else:
+    if version not in VISION_CONFIGS:
         raise ValueError(f"version must be qwen2_vl or qwen2_5_vl, got {version!r}")
-
+    vision_config = dict(VISION_CONFIGS[version])
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = Config(
+    config = _transformers_class(version, "Config")(
         vision_config=vision_config,
         text_config=dict(
             vocab_size=len(tokenizer),
@@ -115,7 +120,7 @@ def build_qwen2_vl_checkpoint(
     )
     save_random_model(
         path,
-        Model,
+        _transformers_class(version, "ForConditionalGeneration"),
         config,
         seed,
         wide=("embed_tokens", "lm_head"),

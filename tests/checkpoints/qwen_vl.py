@@ -37,14 +37,16 @@ class QwenVLShape:
     seq_length: int = 2048
 
 
-def dashscope_tiktoken() -> Path | None:
-    """qwen.tiktoken inside an installed dashscope package, if any."""
-    try:
-        import dashscope  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    path = Path(dashscope.__file__).parent / "resources" / "qwen.tiktoken"
-    return path if path.is_file() else None
+def dashscope_tiktoken() -> Path:
+    """qwen.tiktoken from the installed dashscope wheel (dashscope/resources/qwen.tiktoken), found
+    without importing dashscope (its import takes seconds)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("dashscope")
+    path = Path(spec.origin).parent / "resources" / "qwen.tiktoken" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError("qwen.tiktoken not found: `pip install dashscope`, or pass tiktoken_file")
+    return path
 
 
 def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
@@ -97,18 +99,27 @@ def qwen_vl_config(shape: QwenVLShape) -> dict:
     }
 
 
-def random_weights(shape: QwenVLShape, seed: int = 0) -> dict:
-    import torch
+class _Draw:
+    """Seeded random tensors: `normal` (weights, std 0.2 unless given) and `norm` (LayerNorm scales ~1)."""
 
-    g = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int):
+        import torch
 
-    def normal(*size: int, std: float = 0.2) -> torch.Tensor:
-        return torch.randn(*size, generator=g) * std
+        self.generator = torch.Generator().manual_seed(seed)
 
-    def norm(n: int) -> torch.Tensor:
-        return 1.0 + normal(n, std=0.1)
+    def normal(self, *size: int, std: float = 0.2):
+        import torch
 
-    w, d, hid = shape.vision_width, shape.hidden_size, int(shape.vision_width * shape.mlp_ratio)
+        return torch.randn(*size, generator=self.generator) * std
+
+    def norm(self, n: int):
+        return 1.0 + self.normal(n, std=0.1)
+
+
+def _vit_weights(shape: QwenVLShape, draw: _Draw) -> dict:
+    """transformer.visual.*: the patch conv and the ViT blocks."""
+    normal, norm = draw.normal, draw.norm
+    w, hid = shape.vision_width, int(shape.vision_width * shape.mlp_ratio)
     v = "transformer.visual."
     state = {
         v + "conv1.weight": normal(w, 3, shape.patch_size, shape.patch_size),
@@ -132,8 +143,18 @@ def random_weights(shape: QwenVLShape, seed: int = 0) -> dict:
             b + "mlp.c_proj.weight": normal(w, hid),
             b + "mlp.c_proj.bias": normal(w, std=0.05),
         }
+    return state
+
+
+def _resampler_weights(shape: QwenVLShape, draw: _Draw) -> dict:
+    """transformer.visual.attn_pool.* (256 learned queries) and the output projection."""
+    import torch
+
+    normal, norm = draw.normal, draw.norm
+    w, d = shape.vision_width, shape.hidden_size
+    v = "transformer.visual."
     p = v + "attn_pool."
-    state |= {
+    return {
         p + "pos_embed": torch.from_numpy(sincos_pos_embed(d, int(N_QUERIES**0.5))),
         p + "query": normal(N_QUERIES, d, std=0.5),
         p + "kv_proj.weight": normal(d, w),
@@ -149,8 +170,13 @@ def random_weights(shape: QwenVLShape, seed: int = 0) -> dict:
         v + "ln_post.bias": normal(d, std=0.05),
         v + "proj": normal(d, d, std=0.3),
     }
-    half = shape.intermediate_size // 2
-    state |= {
+
+
+def _lm_weights(shape: QwenVLShape, draw: _Draw) -> dict:
+    """transformer.wte / h.N / ln_f and lm_head: the Qwen (v1) language model."""
+    normal, norm = draw.normal, draw.norm
+    d, half = shape.hidden_size, shape.intermediate_size // 2
+    state = {
         "transformer.wte.weight": normal(shape.vocab_size, d, std=1.0),
         "transformer.ln_f.weight": norm(d),
         "lm_head.weight": normal(shape.vocab_size, d, std=1.0),
@@ -167,6 +193,13 @@ def random_weights(shape: QwenVLShape, seed: int = 0) -> dict:
             b + "mlp.w2.weight": normal(half, d),
             b + "mlp.c_proj.weight": normal(d, half),
         }
+    return state
+
+
+def random_weights(shape: QwenVLShape, seed: int = 0) -> dict:
+    """Every tensor of the checkpoint, under the remote code's key names, drawn from one seeded stream."""
+    draw = _Draw(seed)
+    state = _vit_weights(shape, draw) | _resampler_weights(shape, draw) | _lm_weights(shape, draw)
     return {k: t.contiguous() for k, t in state.items()}
 
 
@@ -178,8 +211,6 @@ def build_qwen_vl_checkpoint(
 
     shape = shape or QwenVLShape()
     source = Path(tiktoken_file) if tiktoken_file else dashscope_tiktoken()
-    if source is None or not source.is_file():
-        raise FileNotFoundError("qwen.tiktoken not found: `pip install dashscope`, or pass tiktoken_file")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, path / "qwen.tiktoken")

@@ -4,20 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import openai_client, serving
-
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def served(tiny_checkpoint, image_dir, tmp_path_factory):
-    with serving(tiny_checkpoint, image_dir, tmp_path_factory.mktemp("logs")) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai_client(served[0])
 
 
 def chat(client, served, **kwargs):

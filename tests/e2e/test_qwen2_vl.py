@@ -19,7 +19,7 @@ from transformers import (
 
 from pipeline import ModelFactory, Pipeline
 from tests.checkpoints.qwen2_vl import build_qwen2_vl_checkpoint
-from tests.helpers import data_url, make_image, openai_client, serving
+from tests.helpers import data_url, make_image, serving
 
 MAX_TOKENS = 16
 VERSIONS = ["qwen2_vl", "qwen2_5_vl"]
@@ -120,11 +120,6 @@ def served(checkpoint, qwen_images, tmp_path_factory):
         checkpoint, qwen_images, tmp_path_factory.mktemp("logs"), ["--model-name", "tiny-qwen"]
     ) as served:
         yield served
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai_client(served[0])
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mmserve.errors import InvalidInputError
-from tests.helpers import data_url, make_image, openai_client, serving
+from tests.helpers import data_url, make_image, serving
 
 pytest_plugins = ("tests.qwen_vl_fixtures",)  # qwen_home (MMSERVE_HOME, inherited by the stack), qwen_ckpt
 
@@ -39,11 +39,6 @@ def images(tmp_path_factory):
 def served(qwen_ckpt, images, tmp_path_factory):
     with serving(qwen_ckpt, images, tmp_path_factory.mktemp("logs")) as served:
         yield served
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai_client(served[0])
 
 
 class Direct:

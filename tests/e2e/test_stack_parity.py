@@ -6,21 +6,10 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import data_url, make_image, openai_client, serving
+from tests.helpers import data_url, make_image
 from tests.reference import LlavaReference
 
 MAX_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def served(tiny_checkpoint, image_dir, tmp_path_factory):
-    with serving(tiny_checkpoint, image_dir, tmp_path_factory.mktemp("logs")) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai_client(served[0])
 
 
 @pytest.fixture(scope="module")

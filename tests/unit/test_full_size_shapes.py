@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.checkpoints.hub import REFERENCE_DIR
+from tests.checkpoints.hub_specs import REFERENCE_DIR
 
 CONFIGS = REFERENCE_DIR
 BF16 = 2  # bytes per element of the shipped (bf16 / fp16) weights

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoints.hub import HUB_CONFIGS, collapse_layers, reference_dir
+from tests.checkpoints.hub_specs import HUB_CONFIGS, reference_dir
+from tests.checkpoints.hub_weights import collapse_layers
 
 NAMES = sorted(HUB_CONFIGS)
 NATIVE = [n for n in NAMES if HUB_CONFIGS[n].hf_class]
