@@ -46,7 +46,8 @@ class Child:
         )
         self.port: int | None = None
         self._settled = threading.Event()  # a ready line was seen, or the output ended
-        threading.Thread(target=self._copy, args=(sink,), daemon=True).start()
+        self._copier = threading.Thread(target=self._copy, args=(sink,), daemon=True)
+        self._copier.start()
 
     def _copy(self, sink: IO[str]) -> None:
         assert self.process.stdout is not None
@@ -71,11 +72,18 @@ class Child:
             raise StackError(f"the {self.name} exited with code {self.process.wait()} during start-up")
         return self.port
 
+    def finish_output(self, timeout_s: float = 5) -> None:
+        """Wait for the copy of an exited child's last lines (before its log is closed)."""
+        self._copier.join(timeout_s)
+
     def send(self, message: dict) -> None:
         """One JSON line on the child's stdin, which is then closed."""
         assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps(message) + "\n")
-        self.process.stdin.close()
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.close()
+        except BrokenPipeError:  # it exited already: wait_ready reports how
+            pass
 
 
 @dataclass
@@ -171,5 +179,6 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 child.process.kill()
                 child.process.wait()
+            child.finish_output()
         for log in self._logs:
             log.close()
