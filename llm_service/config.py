@@ -15,10 +15,6 @@ class LLMConfig(ServiceConfig):
     port: int = 50052
     engine: EngineConfig = field(default_factory=EngineConfig)  # validated by its own __post_init__
 
-    def engine_config(self) -> EngineConfig:
-        """The same as `engine`; kept until pipeline/factory.py reads `engine` directly."""
-        return self.engine
-
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> LLMConfig:
         p = argparse.ArgumentParser(prog="python -m llm_service", description="mmserve LLM service (gRPC)")

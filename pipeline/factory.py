@@ -63,5 +63,5 @@ class ModelFactory:
             VisionConfig(checkpoint=path, model_type=model_type, dtype=dtype, device=device)
         )
         llm_config = LLMConfig(checkpoint=path, model_type=model_type, dtype=dtype, device=device)
-        engine = Engine(load_language_model(llm_config), llm_config.engine_config())
+        engine = Engine(load_language_model(llm_config), llm_config.engine)
         return MultimodalModel(path, family, prompt, vision, engine)

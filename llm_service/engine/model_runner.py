@@ -13,6 +13,7 @@ import torch
 
 from llm_service.attention import PagedAttention
 from llm_service.engine.scheduler import ScheduledSequence, SchedulerOutput
+from mmserve.interfaces import LanguageAdapter
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 GPU_MEMORY_FRACTION = 0.9  # of the memory free after loading the weights, when no budget is set
@@ -40,14 +41,14 @@ def num_kv_blocks(model, block_size: int, budget: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model, attention: PagedAttention, num_blocks: int):
+    def __init__(self, model: LanguageAdapter, attention: PagedAttention, num_blocks: int):
         self.model = model
         self.attend = attention  # builds each step's metadata, and computes attention in every layer
         config = model.decoder.config
         self.kv_caches = attention.allocate(
             config.num_layers, num_blocks, config.num_kv_heads, config.head_dim, model.dtype
         )
-        self.mrope = getattr(model, "position_dims", 1) == 3
+        self.mrope = model.position_dims == 3
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> tuple[list[ScheduledSequence], torch.Tensor]:
