@@ -33,6 +33,12 @@ function setImage(url) {
   $("image-clear").hidden = !image;
 }
 
+function clearImage() {
+  $("image-url").value = "";
+  $("image-file").value = "";
+  setImage(null);
+}
+
 function readFile(file) {
   const reader = new FileReader();
   reader.onload = () => { $("image-url").value = ""; setImage(reader.result); };
@@ -139,8 +145,7 @@ async function send(event) {
     }
     history.push(message, { role: "assistant", content: answer.textContent });
     $("prompt").value = "";
-    setImage(null);
-    $("image-url").value = "";
+    clearImage();
     $("stats").textContent = stats(started, firstToken, performance.now(), usage);
     answer.parentElement.dataset.done = "true";
   } catch (err) {
@@ -173,7 +178,7 @@ $("prompt").addEventListener("keydown", (e) => {
 });
 $("image-file").addEventListener("change", (e) => e.target.files[0] && readFile(e.target.files[0]));
 $("image-url").addEventListener("change", (e) => setImage(e.target.value.trim()));
-$("image-clear").addEventListener("click", () => { $("image-url").value = ""; setImage(null); });
+$("image-clear").addEventListener("click", clearImage);
 document.addEventListener("paste", (e) => {
   const item = [...e.clipboardData.items].find((i) => i.type.startsWith("image/"));
   if (item) { e.preventDefault(); readFile(item.getAsFile()); }
