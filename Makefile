@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mmserve-installed
 PROTO_STUBS := mmserve/proto/tensor_pb2.py mmserve/proto/vision_pb2.py mmserve/proto/llm_pb2.py
 
 .DEFAULT_GOAL := help
-.PHONY: help install protos run demo test bench bench-vision bench-engine lint format compose-config compose-test clean
+.PHONY: help install browser protos run demo test bench bench-vision bench-engine lint format compose-config compose-test clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -38,7 +38,13 @@ run: install protos ## start vision + LLM + gateway on http://127.0.0.1:8000 (PO
 demo: install ## build the random-weight demo checkpoint (done by `make run` when needed)
 	$(PY) -m tools.demo
 
-test: install protos ## run the whole test suite
+# The playground's test drives a real headless Chromium: Debian's chromium + chromium-driver.
+browser: ## install Debian's chromium + chromium-driver when missing (the playground test; needs root or sudo)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update -q && $$sudo apt-get install -y -q chromium chromium-driver; }
+
+test: install protos browser ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: bench-vision bench-engine ## all benchmarks (results print and go to benchmarks/results/; see benchmarks/RESULTS.md)
