@@ -60,23 +60,17 @@ def container(engine: str, project: str, service: str) -> dict:
     return json.loads(out)[0]
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--project", required=True)
     p.add_argument("--engine", default="podman")
     p.add_argument("--recover-timeout", type=float, default=240)
-    args = p.parse_args()
+    return p.parse_args()
 
-    base = f"http://127.0.0.1:{args.port}"
-    client = openai.OpenAI(
-        base_url=base + "/v1", api_key=os.environ.get("API_KEY") or "unused", max_retries=0, timeout=60
-    )
-    image = image_data_url()
 
-    # 1. a real chat request with an image
-    model = client.models.list().data[0].id
-    log(f"model: {model}")
+def check_chat_with_image(client: openai.OpenAI, base: str, model: str, image: str) -> str:
+    """Step 1: a real chat request with an image; returns the greedy answer."""
     first = chat(client, model, image, max_tokens=16)
     text = first.choices[0].message.content
     usage = first.usage
@@ -100,8 +94,15 @@ def main() -> int:
     health = httpx.get(base + "/health", timeout=10)
     assert health.status_code == 200, health.text
     log("chat with an image OK (deterministic, stream == non-stream), /health 200")
+    return text
 
-    # 2. kill llm mid-run: a request in flight, then new requests, must end promptly with 503
+
+def kill_llm_during_request(
+    args: argparse.Namespace, client: openai.OpenAI, model: str, image: str
+) -> tuple[dict, float]:
+    """Step 2, first half: SIGKILL llm while a request is in flight; that request must end promptly.
+
+    Returns the llm container as it was before the kill, and the kill's time."""
     before = container(args.engine, args.project, "llm")
     result: dict = {}
 
@@ -127,7 +128,11 @@ def main() -> int:
     worker.join(timeout=30)
     assert not worker.is_alive(), "the in-flight request hangs after the llm container died"
     log(f"in-flight request: {result['outcome']} after {result['seconds']:.1f}s")
+    return before, t_kill
 
+
+def check_llm_down(client: openai.OpenAI, base: str, model: str, image: str) -> None:
+    """Step 2, second half: new requests while llm is down end promptly with 503; /health names llm."""
     t = time.monotonic()
     try:
         chat(client, model, image, max_tokens=8)
@@ -142,7 +147,18 @@ def main() -> int:
     log(f"/health while llm is down: {health.status_code} {health.text}")
     assert health.status_code == 503 and "llm" in health.json()["backends"], health.text
 
-    # 3. the restart policy brings llm back; the gateway (never restarted) answers again
+
+def check_recovery(
+    args: argparse.Namespace,
+    client: openai.OpenAI,
+    base: str,
+    model: str,
+    image: str,
+    text: str,
+    before: dict,
+    t_kill: float,
+) -> None:
+    """Step 3: the restart policy brings llm back; the gateway (never restarted) answers again."""
     deadline = time.monotonic() + args.recover_timeout
     attempts = 0
     while True:
@@ -161,12 +177,28 @@ def main() -> int:
         f"{before.get('RestartCount', 0)} -> {after.get('RestartCount', 0)}, state {after['State']['Status']}"
     )
     assert back.choices[0].message.content == text, (back.choices[0].message.content, text)
-    assert after["State"]["Pid"] != pid
+    assert after["State"]["Pid"] != before["State"]["Pid"]
     gw = container(args.engine, args.project, "gateway")
     assert gw["State"]["Status"] == "running" and gw.get("RestartCount", 0) == 0, "gateway restarted"
     health = httpx.get(base + "/health", timeout=10)
     assert health.status_code == 200, health.text
     log("llm restarted by the restart policy, same greedy answer, /health 200")
+
+
+def main() -> int:
+    args = parse_args()
+    base = f"http://127.0.0.1:{args.port}"
+    client = openai.OpenAI(
+        base_url=base + "/v1", api_key=os.environ.get("API_KEY") or "unused", max_retries=0, timeout=60
+    )
+    image = image_data_url()
+
+    model = client.models.list().data[0].id
+    log(f"model: {model}")
+    text = check_chat_with_image(client, base, model, image)
+    before, t_kill = kill_llm_during_request(args, client, model, image)
+    check_llm_down(client, base, model, image)
+    check_recovery(args, client, base, model, image, text, before, t_kill)
     return 0
 
 
