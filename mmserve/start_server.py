@@ -27,8 +27,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmserve.checkpoint_check import is_hub_id, resolve_checkpoint_path, served_dtype, validate_checkpoint
 from mmserve.cli import StartupError, check_port_free, debug_requested, free_port, parse_port, startup_errors
-from mmserve.inspect import is_hub_id, resolve_checkpoint_path, served_dtype, validate_checkpoint
 from mmserve.supervisor import BoundPorts, StackError, StackSpec, Stopped, Supervisor
 
 # Internal ports: (variable, what listens there, whether 0 means "off" rather than "choose one").

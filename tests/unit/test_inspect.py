@@ -1,4 +1,4 @@
-"""mmserve.inspect: the Hub-id rule, the shared start-up validation, and what `inspect` reports per family
+"""mmserve.checkpoint_check, checkpoint_facts and inspect: the Hub-id rule, the shared start-up validation, and what `inspect` reports per family
 (from hand-written config.json files and header-only safetensors files: nothing is loaded)."""
 
 from __future__ import annotations
@@ -9,18 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from mmserve.cli import StartupError
-from mmserve.errors import CheckpointError
-from mmserve.inspect import (
+from mmserve.checkpoint_check import (
     CheckpointSummary,
-    context_length,
-    describe,
-    format_report,
     is_hub_id,
     resolve_checkpoint_path,
-    tokens_per_image,
     validate_checkpoint,
 )
+from mmserve.checkpoint_facts import context_length, describe, tokens_per_image
+from mmserve.cli import StartupError
+from mmserve.errors import CheckpointError
+from mmserve.inspect import format_report
 
 LLAVA = {
     "architectures": ["LlavaForConditionalGeneration"],
