@@ -65,6 +65,7 @@ def train_byte_bpe(vocab_size: int, special_tokens: list[str], unk_token: str | 
         vocab_size=vocab_size,
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its progress bars write to stdout, which `python -m tools.demo` keeps for the path
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
     return tok

@@ -4,6 +4,7 @@ print its folder; `make run` serves it when no MODEL is given."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -20,10 +21,25 @@ def ensure_demo_checkpoint(path: Path | None = None) -> Path:
     """The demo checkpoint folder, built on first use."""
     path = Path(path) if path else default_demo_dir()
     if not (path / "config.json").is_file() or not (path / "mmserve_demo.json").is_file():
-        # stderr: stdout is the folder alone, for `make run` to read
         print(f"Building the random-weight demo checkpoint at {path} (offline, once) ...", file=sys.stderr)
-        build_llava_checkpoint(path, DEMO_SHAPE)
+        with _stdout_to_stderr():
+            build_llava_checkpoint(path, DEMO_SHAPE)
     return path
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """File descriptor 1 onto 2 for a while (native libraries write there too): stdout is the folder
+    alone, for `make run` to read."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def main() -> None:
