@@ -7,7 +7,7 @@ import asyncio
 from llm_service.engine import Engine
 from mmserve.grpc_util import map_errors
 from mmserve.proto import llm_pb2_grpc
-from mmserve.wire import generate_output_to_pb, generate_request_from_pb, llm_info_to_pb
+from mmserve.wire_pb import generate_output_to_pb, generate_request_from_pb, llm_info_to_pb
 
 
 class LLMServicer(llm_pb2_grpc.LLMServiceServicer):

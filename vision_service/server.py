@@ -8,7 +8,7 @@ from mmserve.grpc_util import map_errors
 from mmserve.proto import vision_pb2, vision_pb2_grpc
 from mmserve.resend import CACHE_ID_METADATA
 from mmserve.tensor_codec import dtype_name
-from mmserve.wire import image_features_to_pb, image_input_from_pb, pixel_limits_from_pb
+from mmserve.wire_pb import image_features_to_pb, image_input_from_pb, pixel_limits_from_pb
 from vision_service.encoder import VisionEncoder
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from mmserve.grpc_util import channel_options
 from mmserve.proto import llm_pb2_grpc
-from mmserve.wire import GenerateRequest, SamplingParams, generate_output_from_pb, generate_request_to_pb
+from mmserve.wire import GenerateRequest, SamplingParams
+from mmserve.wire_pb import generate_output_from_pb, generate_request_to_pb
 from tests.helpers import serving
 
 FLOOD = 64

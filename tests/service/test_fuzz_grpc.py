@@ -33,7 +33,7 @@ from mmserve.grpc_util import channel_options
 from mmserve.images import content_hash
 from mmserve.proto import llm_pb2, llm_pb2_grpc, tensor_pb2, vision_pb2, vision_pb2_grpc
 from mmserve.tensor_codec import tensor_from_pb, tensor_to_pb
-from mmserve.wire import generate_request_from_pb
+from mmserve.wire_pb import generate_request_from_pb
 from tests.helpers import make_image, serve_vision
 from tests.service.test_llm_service import with_server
 from vision_service.config import VisionConfig

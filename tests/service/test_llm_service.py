@@ -16,7 +16,8 @@ from llm_service.models import load_language_model
 from llm_service.server import LLMServicer
 from mmserve.grpc_util import channel_options, start_server
 from mmserve.proto import llm_pb2, llm_pb2_grpc
-from mmserve.wire import GenerateRequest, ImageSpan, SamplingParams, generate_request_to_pb
+from mmserve.wire import GenerateRequest, ImageSpan, SamplingParams
+from mmserve.wire_pb import generate_request_to_pb
 
 SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
 

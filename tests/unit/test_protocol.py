@@ -9,7 +9,7 @@ from gateway.http.generation import settings_from_body
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from mmserve.proto import llm_pb2
 from mmserve.sampling import GenerationDefaults, SamplingParams
-from mmserve.wire import sampling_from_pb, sampling_to_pb
+from mmserve.wire_pb import sampling_from_pb, sampling_to_pb
 from pipeline.settings import settings_from_generate_config
 
 MESSAGES = [{"role": "user", "content": "hi"}]
