@@ -19,11 +19,13 @@ from gateway.media import MediaFetcher
 from gateway.serving import ServingCore
 from mmserve.cli import StartupError, check_port_free, debug_requested, startup_errors
 from mmserve.families import adapter, detect_family
+from mmserve.internal_auth import log_state
 from mmserve.sampling import GenerationDefaults
 
 # mmserve.supervisor starts the gateway with the backends still binding their ports (port 0): with this
 # flag the gateway loads its tokenizer meanwhile, then reads their addresses as one JSON line on stdin.
 BACKENDS_ON_STDIN = "--backends-on-stdin"
+GENERATE_DEADLINE_MARGIN_S = 5.0
 
 
 def load_prompt(config: GatewayConfig):
@@ -44,15 +46,35 @@ def read_backends(config: GatewayConfig) -> GatewayConfig:
 
 
 def build_app(config: GatewayConfig, prompt) -> tuple[FastAPI, ServingCore]:
-    vision = GrpcVisionClient(config.vision_addr, config.max_message_bytes, config.backend_timeout_s)
-    llm = GrpcLLMClient(config.llm_addr, config.max_message_bytes, config.backend_timeout_s)
+    vision, llm = backend_clients(config)
     defaults = GenerationDefaults.from_checkpoint(config.checkpoint)
     core = ServingCore(
         prompt, vision, llm, MediaFetcher(config.media), config.max_images_per_request, defaults
     )
     backends = {"vision": vision._channel, "llm": llm._channel}
-    app = create_app(core, config.model_name or "mmserve", config.api_key, backends, config.max_request_bytes)
+    app = create_app(
+        core,
+        config.model_name or "mmserve",
+        config.api_key,
+        backends,
+        max_request_bytes=config.max_request_bytes,
+        max_pending_requests=config.max_pending_requests,
+        request_timeout_s=config.request_timeout_s,
+    )
     return app, core
+
+
+def backend_clients(config: GatewayConfig) -> tuple[GrpcVisionClient, GrpcLLMClient]:
+    """The gRPC clients, their deadlines derived from the request timeout: a vision call gets at most
+    the request's time; a generation's deadline comes a little after the gateway's own timeout (which
+    answers with a clear message first), so that the LLM service also stops it if the gateway cannot."""
+    timeout = config.request_timeout_s or None
+    vision_s = min(config.backend_timeout_s, timeout or config.backend_timeout_s)
+    generate_s = None if timeout is None else timeout + GENERATE_DEADLINE_MARGIN_S
+    token = config.internal_token
+    log_state(token, "every call to the vision and LLM services carries it")
+    vision = GrpcVisionClient(config.vision_addr, config.max_message_bytes, vision_s, token=token)
+    return vision, GrpcLLMClient(config.llm_addr, config.max_message_bytes, generate_s, token=token)
 
 
 class _Server(uvicorn.Server):

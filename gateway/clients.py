@@ -12,6 +12,7 @@ import grpc
 
 from mmserve.errors import MMServeError, NotFoundError, UnavailableError, error_for_grpc_code
 from mmserve.grpc_util import channel_options
+from mmserve.internal_auth import call_metadata
 from mmserve.proto import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc
 from mmserve.resend import CACHE_ID_METADATA, ReplicaMemory
 from mmserve.wire import GenerateOutput, GenerateRequest, ImageFeatures, ImageInput, LLMInfo, PixelLimits
@@ -52,10 +53,19 @@ class GrpcVisionClient:
     `address` may name several replicas (`dns:///name:port`, `ipv4:a:p,b:p`): calls are spread over
     them, and what each was given is remembered per replica (mmserve.resend.ReplicaMemory)."""
 
-    def __init__(self, address: str, max_message_bytes: int, timeout_s: float, remember: int = 4096):
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int,
+        timeout_s: float,
+        remember: int = 4096,
+        token: str | None = None,
+    ):
+        """`timeout_s`: each call's deadline; `token`: the services' shared secret, sent on every call."""
         self._channel = _channel(address, max_message_bytes)
         self._stub = vision_pb2_grpc.VisionServiceStub(self._channel)
         self._timeout = timeout_s
+        self._metadata = call_metadata(token)
         self.replicas = ReplicaMemory(remember)
         self.resends = 0
 
@@ -63,7 +73,8 @@ class GrpcVisionClient:
         self, images: list[ImageInput], request_id: str, pixels: PixelLimits | None
     ) -> tuple[list[ImageFeatures], str]:
         """The features of `images`, and the cache id of the replica that answered."""
-        call = self._stub.Embed(embed_request_to_pb(images, request_id, pixels), timeout=self._timeout)
+        request = embed_request_to_pb(images, request_id, pixels)
+        call = self._stub.Embed(request, timeout=self._timeout, metadata=self._metadata)
         try:
             response = await call
         except grpc.aio.AioRpcError as exc:
@@ -93,7 +104,8 @@ class GrpcVisionClient:
 
     async def model_info(self) -> vision_pb2.VisionModelInfo:
         try:
-            return await self._stub.GetModelInfo(vision_pb2.VisionModelInfoRequest(), timeout=10)
+            request = vision_pb2.VisionModelInfoRequest()
+            return await self._stub.GetModelInfo(request, timeout=10, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _domain_error(exc, "vision") from None
 
@@ -102,14 +114,23 @@ class GrpcVisionClient:
 
 
 class GrpcLLMClient:
-    def __init__(self, address: str, max_message_bytes: int, timeout_s: float):
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int,
+        generate_timeout_s: float | None = None,
+        token: str | None = None,
+    ):
+        """`generate_timeout_s`: each generation's deadline (None: none; the client going away or the
+        gateway's own request timeout cancels it); `token`: the services' shared secret."""
         self._channel = _channel(address, max_message_bytes)
         self._stub = llm_pb2_grpc.LLMServiceStub(self._channel)
-        self._timeout = timeout_s
+        self._generate_timeout = generate_timeout_s
+        self._metadata = call_metadata(token)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        # No deadline: a generation may run long; the client going away cancels it instead.
-        call = self._stub.Generate(generate_request_to_pb(request))
+        pb = generate_request_to_pb(request)
+        call = self._stub.Generate(pb, timeout=self._generate_timeout, metadata=self._metadata)
         try:
             async for message in call:
                 yield generate_output_from_pb(message)
@@ -120,7 +141,10 @@ class GrpcLLMClient:
 
     async def model_info(self) -> LLMInfo:
         try:
-            return llm_info_from_pb(await self._stub.GetModelInfo(llm_pb2.LLMModelInfoRequest(), timeout=10))
+            request = llm_pb2.LLMModelInfoRequest()
+            return llm_info_from_pb(
+                await self._stub.GetModelInfo(request, timeout=10, metadata=self._metadata)
+            )
         except grpc.aio.AioRpcError as exc:
             raise _domain_error(exc, "llm") from None
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from mmserve.cli import EnvFlags
 from mmserve.grpc_util import DEFAULT_MAX_MESSAGE_BYTES
 from mmserve.images import DEFAULT_MAX_IMAGE_PIXELS
+from mmserve.internal_auth import resolve_token
+from mmserve.service_config import internal_token_flags
 
 _HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
@@ -90,14 +92,25 @@ class GatewayConfig:
     api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
     max_images_per_request: int = 16
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    backend_timeout_s: float = 120.0  # deadline of each vision call (generation streams have none)
+    backend_timeout_s: float = 120.0  # deadline of each vision call (capped by request_timeout_s)
     max_request_bytes: int = 64 * 1024 * 1024  # HTTP request bodies over this get 413
+    # Chat/completion requests in flight at once (streams until their end); one more gets 429 with
+    # Retry-After at once, before its body is read. Above the LLM service's own queue (128 running +
+    # 256 waiting by default), so that one LLM replica's RESOURCE_EXHAUSTED usually comes first.
+    max_pending_requests: int = 512
+    # A chat/completion request's total time: when it passes, the generation is cancelled in the LLM
+    # service (its KV freed) and the client gets a 504 (a stream: an error event + [DONE]). 0 = no limit.
+    request_timeout_s: float = 600.0
     # On SIGTERM: stop accepting, let in-flight requests finish for this long, then end what is left
     # with an error (an SSE error event + [DONE]), then exit. Long enough for a typical generation.
     drain_timeout_s: float = 30.0
     # Chat template override: a file (.jinja, or .json with a chat_template key) or the Jinja text itself;
     # None: the checkpoint's (tokenizer's, else chat_template.jinja, else chat_template.json).
     chat_template: str | None = None
+    # The shared secret sent on every call to the services (mmserve.internal_auth), or a file holding
+    # it; both unset = none sent. After __post_init__, `internal_token` holds the secret either way.
+    internal_token: str | None = field(default=None, repr=False)
+    internal_token_file: str | None = None
     media: MediaConfig = field(default_factory=MediaConfig)
 
     def __post_init__(self):
@@ -109,6 +122,11 @@ class GatewayConfig:
             raise ValueError("max_images_per_request must be >= 0")
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.max_pending_requests < 1:
+            raise ValueError(f"max_pending_requests must be >= 1, got {self.max_pending_requests}")
+        if not self.request_timeout_s >= 0:
+            raise ValueError(f"request_timeout_s must be >= 0 (0 = no limit), got {self.request_timeout_s}")
+        self.internal_token = resolve_token(self.internal_token, self.internal_token_file)
         self.tokenizer_path = self.tokenizer_path or self.checkpoint
         self.model_name = self.model_name or Path(self.checkpoint).resolve().name
 
@@ -148,6 +166,19 @@ def _gateway_flags(flags: EnvFlags) -> None:
     )
     flags.add("max_request_bytes", "MAX_REQUEST_BYTES", int, "HTTP request body limit")
     flags.add(
+        "max_pending_requests",
+        "MAX_PENDING_REQUESTS",
+        int,
+        "chat/completion requests in flight; one more gets 429 + Retry-After",
+    )
+    flags.add(
+        "request_timeout_s",
+        "REQUEST_TIMEOUT",
+        float,
+        "seconds a chat/completion request may take in all (then 504), 0 = no limit",
+        flag="--request-timeout",
+    )
+    flags.add(
         "drain_timeout_s",
         "DRAIN_TIMEOUT",
         float,
@@ -159,6 +190,7 @@ def _gateway_flags(flags: EnvFlags) -> None:
         "CHAT_TEMPLATE",
         help="chat template overriding the checkpoint's: a file path or the Jinja text itself",
     )
+    internal_token_flags(flags)
 
 
 def _media_flags(media: EnvFlags) -> None:

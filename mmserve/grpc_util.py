@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mmserve.cli import StartupError
 from mmserve.errors import MMServeError
+from mmserve.internal_auth import RequireToken, log_state
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,23 @@ def map_errors(method):
     return unary_wrapper
 
 
-async def start_server(add_servicer, service_full_name: str, host: str, port: int, max_message_bytes: int):
-    """Start a grpc.aio server with the service, health checking (SERVING) and reflection.
+async def start_server(
+    add_servicer,
+    service_full_name: str,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    internal_token: str | None = None,
+):
+    """Start a grpc.aio server with the service, health checking (SERVING) and reflection; with
+    `internal_token`, calls other than health and reflection must carry it (mmserve.internal_auth).
 
     Returns (server, health servicer, bound port).
     """
-    server = grpc.aio.server(options=channel_options(max_message_bytes) + SERVER_OPTIONS)
+    interceptors = [RequireToken(internal_token)] if internal_token else []
+    server = grpc.aio.server(
+        options=channel_options(max_message_bytes) + SERVER_OPTIONS, interceptors=interceptors
+    )
     add_servicer(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -119,6 +131,7 @@ async def serve(
     grace_seconds: float = 5.0,
     on_stop=None,
     liveness=None,
+    internal_token: str | None = None,
 ) -> None:
     """Run the server until SIGINT/SIGTERM.
 
@@ -126,8 +139,9 @@ async def serve(
     then `on_stop()` (if given) runs.
     """
     server, health_servicer, bound = await start_server(
-        add_servicer, service_full_name, host, port, max_message_bytes
+        add_servicer, service_full_name, host, port, max_message_bytes, internal_token
     )
+    log_state(internal_token, "calls other than health and reflection need it")
     log.info("%s serving on %s:%d", service_full_name, host, bound)
     print(f"{service_full_name} ready on {host}:{bound}", flush=True)
 

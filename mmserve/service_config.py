@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmserve.checkpoint import check_model_dtype
 from mmserve.cli import EnvFlags
 from mmserve.grpc_util import DEFAULT_MAX_MESSAGE_BYTES
+from mmserve.internal_auth import TOKEN_ENV, TOKEN_FILE_ENV, resolve_token
 
 
 @dataclass
@@ -27,8 +28,13 @@ class ServiceConfig:
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
     drain_timeout_s: float = 30.0  # on SIGTERM: seconds in-flight calls get to finish (NOT_SERVING meanwhile)
+    # The shared secret calls must carry (health and reflection excepted), or a file holding it; both
+    # unset = off. After __post_init__, `internal_token` holds the secret either way.
+    internal_token: str | None = field(default=None, repr=False)
+    internal_token_file: str | None = None
 
     def __post_init__(self):
+        self.internal_token = resolve_token(self.internal_token, self.internal_token_file)
         if not Path(self.checkpoint).is_dir():
             raise ValueError(f"checkpoint folder {self.checkpoint!r} does not exist")
         check_model_dtype(self.dtype)
@@ -56,7 +62,15 @@ def service_flags(parser: argparse.ArgumentParser, config_cls: type[ServiceConfi
         "seconds in-flight calls get to finish after SIGTERM",
         flag="--drain-timeout",
     )
+    internal_token_flags(flags)
     return flags
+
+
+def internal_token_flags(flags: EnvFlags) -> None:
+    """The shared secret's flags (the gateway's too). Prefer the variable or the file to the flag: a
+    command line is visible to every local user."""
+    flags.add("internal_token", TOKEN_ENV, help="shared secret gRPC calls must carry; unset = off")
+    flags.add("internal_token_file", TOKEN_FILE_ENV, help="file holding the shared secret")
 
 
 def parse_service_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:

@@ -23,6 +23,7 @@ class ServiceSettings(Protocol):
     max_message_bytes: int
     drain_timeout_s: float
     metrics_port: int
+    internal_token: str | None
 
 
 @dataclass
@@ -59,6 +60,7 @@ def run_grpc_service(prog: str, load: Callable[[list[str]], LoadedService], argv
                 grace_seconds=settings.drain_timeout_s,
                 on_stop=service.on_stop,
                 liveness=service.liveness,
+                internal_token=settings.internal_token,
             )
         )
     except BindError:  # the port was taken while the model loaded

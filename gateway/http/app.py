@@ -10,10 +10,13 @@ from gateway.http import routes_admin, routes_chat, routes_completions, routes_p
 from gateway.http.context import Served
 from gateway.http.errors import install_error_handlers
 from gateway.http.metrics import Metrics
-from gateway.http.middleware import Auth, BodyLimit, CountResponses
+from gateway.http.middleware import Auth, BodyLimit, CountResponses, PendingLimit
 from gateway.serving import ServingCore
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_PENDING_REQUESTS = 512
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+GENERATION_PATHS = frozenset({routes_chat.ROUTE, routes_completions.ROUTE})
 
 
 def create_app(
@@ -22,17 +25,22 @@ def create_app(
     api_key: str | None = None,
     backends: dict[str, grpc.aio.Channel] | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_pending_requests: int = DEFAULT_MAX_PENDING_REQUESTS,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> FastAPI:
-    """`backends` maps a name to a gRPC channel whose health /health reports (None in-process)."""
+    """`backends` maps a name to a gRPC channel whose health /health reports (None in-process);
+    `request_timeout_s` bounds a chat/completion request's total time (0 = no bound)."""
     app = FastAPI(title="mmserve gateway")
     metrics = app.state.metrics = Metrics()
-    app.state.served = Served(core, model_name, metrics, dict(backends or {}))
+    app.state.served = Served(core, model_name, metrics, dict(backends or {}), request_timeout_s)
     install_error_handlers(app)
     routers = [module.router for module in (routes_admin, routes_chat, routes_completions, routes_playground)]
     for router in routers:
         app.include_router(router)
-    # Outermost last: count every response, then the API key, then the body size, then FastAPI.
+    # Outermost last: count every response, then the API key, then the cap on requests in flight, then
+    # the body size, then FastAPI.
     app.add_middleware(BodyLimit, limit=max_request_bytes)
+    app.add_middleware(PendingLimit, limit=max_pending_requests, paths=GENERATION_PATHS, metrics=metrics)
     app.add_middleware(Auth, expected=f"Bearer {api_key}".encode() if api_key else None)
     app.add_middleware(CountResponses, metrics=metrics, paths=route_paths(app.router, *routers))
     return app

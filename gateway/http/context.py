@@ -17,6 +17,7 @@ class Served:
     model_name: str  # the public name: what `model` in a request must be, what /v1/models lists
     metrics: Metrics
     backends: dict[str, grpc.aio.Channel]  # whose health /health reports (none in-process)
+    request_timeout_s: float = 0.0  # a chat/completion request's total time; 0 = no bound
 
 
 def served(request: Request) -> Served:

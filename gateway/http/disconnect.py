@@ -28,5 +28,6 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
     if not task.done():
         task.cancel()
+        await asyncio.wait({task})  # its own cleanup first: closing a generation cancels it in the engine
         raise asyncio.CancelledError("client disconnected")
     return task.result()

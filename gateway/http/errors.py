@@ -10,9 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mmserve.errors import MMServeError
+from mmserve.errors import MMServeError, OverloadedError
 
 log = logging.getLogger(__name__)
+
+# What a 429 asks the client to wait (seconds): a slot in a full queue frees as soon as one request ends.
+RETRY_AFTER_S = 1
+RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_S)}
 
 
 def printable(text: str) -> str:
@@ -45,10 +49,18 @@ def error_json(exc: MMServeError) -> dict:
     return error_body(str(exc), exc.error_type, exc.http_status, param=exc.param, code=exc.code)
 
 
-async def send_error(send, status: int, message: str, kind: str = "invalid_request_error") -> None:
-    """An error response sent from ASGI middleware (before FastAPI: the API key, the body size)."""
-    headers = [(b"content-type", b"application/json")]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+async def send_error(
+    send,
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+) -> None:
+    """An error response sent from ASGI middleware (before FastAPI: the API key, the body size, the
+    limit on requests in flight)."""
+    extra = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    headers_sent = [(b"content-type", b"application/json"), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers_sent})
     body = json.dumps(error_body(message, kind, status)).encode()
     await send({"type": "http.response.body", "body": body})
 
@@ -90,7 +102,8 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, MMServeError)
     if exc.http_status >= 500:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.http_status, exc)
-    return JSONResponse(error_json(exc), status_code=exc.http_status)
+    headers = RETRY_AFTER if isinstance(exc, OverloadedError) else None  # a full queue: come back soon
+    return JSONResponse(error_json(exc), status_code=exc.http_status, headers=headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

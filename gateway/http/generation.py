@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.http.context import Served
+from gateway.http.deadline import RequestDeadline
 from gateway.http.disconnect import cancel_on_disconnect
 from gateway.http.errors import clip
 from gateway.http.render import Render
@@ -78,7 +79,7 @@ async def respond(request: Request, served: Served, job: Completion) -> Response
             response: Response = await generation.streamed(request)
             outcome = None
         else:
-            response = await cancel_on_disconnect(request, generation.whole())
+            response = await cancel_on_disconnect(request, generation.deadline.run(generation.whole()))
             outcome = "completed"
         return response
     except asyncio.CancelledError:
@@ -98,6 +99,7 @@ class _Generation:
     def __init__(self, served: Served, job: Completion):
         self.served, self.job = served, job
         self.started = time.monotonic()
+        self.deadline = RequestDeadline(served.request_timeout_s)
 
     def ended(self, outcome: str) -> None:
         self.served.metrics.ended(self.job.route, outcome, self.started)
@@ -112,7 +114,7 @@ class _Generation:
         prepare = core.prepare(
             job.text, job.urls, job.request_id, settings.pixels, prompt_param=job.prompt_param
         )
-        self.prepared = await cancel_on_disconnect(request, prepare)
+        self.prepared = await cancel_on_disconnect(request, self.deadline.run(prepare))
         self.deltas = core.generate(
             self.prepared,
             settings,
@@ -123,12 +125,13 @@ class _Generation:
 
     async def streamed(self, request: Request) -> Response:
         # errors before the first token still get a status code
-        first = await cancel_on_disconnect(request, anext(self.deltas))
+        first = await cancel_on_disconnect(request, self.deadline.run(anext(self.deltas)))
         self._first_token()
         body = self.job.body
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         with_ids = bool(body.return_token_ids)
-        events = self.job.render.stream(first, self.deltas, self.prepared.token_ids, include_usage, with_ids)
+        rest = self.deadline.bounded(self.deltas)
+        events = self.job.render.stream(first, rest, self.prepared.token_ids, include_usage, with_ids)
         return MeteredStream(events, self.deltas, self.ended)
 
     async def whole(self) -> Response:

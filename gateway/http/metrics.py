@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -36,6 +36,11 @@ class Metrics:
             registry=self.registry,
         )
         self.ttft = Histogram("mmserve_gateway_ttft_seconds", "Time to first token", registry=self.registry)
+        self.pending = Gauge(
+            "mmserve_gateway_requests_pending",
+            "Chat/completion requests in flight (capped by MAX_PENDING_REQUESTS; beyond it, 429)",
+            registry=self.registry,
+        )
 
     def ended(self, route: str, outcome: str, started: float) -> None:
         assert outcome in self.OUTCOMES, outcome

@@ -1,4 +1,5 @@
-"""ASGI middleware around the app: response counting, the API key, the request body size limit."""
+"""ASGI middleware around the app: response counting, the API key, the cap on requests in flight, the
+request body size limit."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import hmac
 
 from starlette.requests import ClientDisconnect
 
-from gateway.http.errors import send_error
+from gateway.http.errors import RETRY_AFTER, RETRY_AFTER_S, send_error
 from gateway.http.metrics import Metrics
 
 
@@ -56,6 +57,33 @@ class Auth:
             if not hmac.compare_digest(given, self.expected):
                 return await send_error(send, 401, "invalid or missing API key", "authentication_error")
         await self.app(scope, receive, send)
+
+
+class PendingLimit:
+    """At most `limit` POSTs to `paths` (chat and completions) in flight, a stream until its last event:
+    one more gets 429 with Retry-After at once, before its body is read or any work starts. (One event
+    loop: the count needs no lock.)"""
+
+    def __init__(self, app, limit: int, paths: frozenset[str], metrics: Metrics):
+        self.app, self.limit, self.paths, self.metrics = app, limit, paths, metrics
+        self.pending = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        if self.pending >= self.limit:
+            message = (
+                f"the server is at its limit of {self.limit} requests in flight "
+                f"(MAX_PENDING_REQUESTS); retry after {RETRY_AFTER_S} s"
+            )
+            return await send_error(send, 429, message, "rate_limit_error", RETRY_AFTER)
+        self.pending += 1
+        self.metrics.pending.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.pending -= 1
+            self.metrics.pending.dec()
 
 
 class BodyLimit:
