@@ -88,6 +88,13 @@ def _is_plain_greedy(row: SamplingRow) -> bool:
     return is_greedy(p) and p.logprobs is None and not _has_penalties(p) and not _masks_eos(row)
 
 
+def nonfinite_rows(logits: torch.Tensor) -> list[int]:
+    """Rows of (B, vocab) logits holding a NaN or an infinity: the model's output is garbage there,
+    and `sample` would turn it into tokens (argmax picks a NaN; the draw falls back to argmax)."""
+    bad = ~torch.isfinite(logits).all(dim=-1)  # (B,)
+    return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
+
+
 def sample(
     logits: torch.Tensor,  # (B, vocab) float32; row i belongs to rows[i]
     rows: Sequence[SamplingRow],

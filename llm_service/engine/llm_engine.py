@@ -6,6 +6,8 @@ output loop hands each sequence's new token to its stream. `generate()` is an as
 `GenerateOutput`s; leaving it early (a cancelled RPC) aborts the sequence, and the worker frees its
 blocks before its next step. A bounded queue answers OverloadedError when full. What happens is
 counted in `stats` (an EngineStats; llm_service/metrics.py exports it).
+A failed step fails its batch (UNAVAILABLE); a few in a row, or a fatal one, stop the engine
+(`health`): the rest end UNAVAILABLE with the reason and `is_alive()` (gRPC health) turns false.
 """
 
 from __future__ import annotations
@@ -26,28 +28,20 @@ from llm_service.engine.model_runner import ModelRunner, kv_cache_bytes_per_bloc
 from llm_service.engine.scheduler import Scheduler, SchedulerOutput
 from llm_service.engine.sequence import ImageKey, Sequence, image_keys
 from llm_service.engine.stats import EngineStats
+from llm_service.engine.stream import RequestStream
 from llm_service.engine.validation import check_request
 from llm_service.metrics import EngineMetrics
-from llm_service.sampler import make_generator, sample
-from mmserve.errors import OverloadedError, UnavailableError
+from llm_service.sampler import make_generator, nonfinite_rows, sample
+from mmserve.errors import InvalidInputError, OverloadedError, UnavailableError
+from mmserve.step_health import StepHealth, describe
 from mmserve.wire import FinishReason, GenerateOutput, GenerateRequest, LLMInfo, TokenLogprobs, Usage
 
 log = logging.getLogger(__name__)
 
-
-class _Stream:
-    """The bridge from the worker thread to one caller's event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.closed = False
-
-    def put(self, item: GenerateOutput | Exception) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-            self.closed = True
+_NONFINITE = (
+    "the model's logits became NaN/Inf at output token {}; the request's inputs (e.g. image "
+    "embeddings of extreme magnitude) are outside what the model can compute with"
+)
 
 
 class Engine:
@@ -76,11 +70,12 @@ class Engine:
         )
         self.stats = EngineStats(kv_blocks=num_blocks)
         self.metrics = EngineMetrics(self.stats)  # its registry is served on --metrics-port
-        self._streams: dict[Sequence, _Stream] = {}
+        self._streams: dict[Sequence, RequestStream] = {}
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._num_waiting = 0  # submitted and not yet running (guarded by _lock)
         self._stopped = False
+        self.health = StepHealth()  # read by is_alive(): the gRPC health of the service
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -110,11 +105,11 @@ class Engine:
                 stream.closed = True  # read by the worker at its next step, which frees the blocks
                 self._inbox.put(None)  # wake it if idle
 
-    def _submit(self, seq: Sequence) -> _Stream:
-        stream = _Stream(asyncio.get_running_loop())
+    def _submit(self, seq: Sequence) -> RequestStream:
+        stream = RequestStream(asyncio.get_running_loop())
         with self._lock:  # the put happens under the lock so that stop() cannot strand it
             if self._stopped or not self._thread.is_alive():
-                raise UnavailableError("the engine is not running")
+                raise UnavailableError(self._stop_reason())
             if self._num_waiting >= self.config.max_waiting:
                 raise OverloadedError(f"waiting queue is full ({self.config.max_waiting} requests)")
             self._num_waiting += 1
@@ -140,7 +135,13 @@ class Engine:
         return self.block_manager.num_free_blocks
 
     def is_alive(self) -> bool:
+        """False once the engine stopped: asked to, or failed (its `health.reason` says why)."""
         return self._thread.is_alive() and not self._stopped
+
+    def _stop_reason(self) -> str:
+        if self.health.reason is not None:
+            return f"the engine failed and needs a restart: {self.health.reason}"
+        return "the engine is not running"
 
     def stop(self) -> None:
         with self._lock:
@@ -175,8 +176,9 @@ class Engine:
             with self._lock:  # no new request can enter past this point
                 self._stopped = True
             self._receive(block=False)
+            reason = "the engine stopped" if self.health.ok else self._stop_reason()
             for stream in list(self._streams.values()):
-                stream.put(UnavailableError("the engine stopped"))
+                stream.put(UnavailableError(reason))
 
     def _receive(self, block: bool) -> None:
         """Move submitted sequences into the scheduler (blocking while there is nothing to do)."""
@@ -202,19 +204,38 @@ class Engine:
             return
         try:
             sampling, logits = self.runner.execute(plan)
+            self.scheduler.update(plan)
+            rows, poisoned, (tokens, logprobs) = self._sample([item.seq for item in sampling], logits)
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the engine
-            log.exception("a step of %d sequences failed", len(plan.scheduled))
-            for item in plan.scheduled:
-                self._fail(item.seq, exc)
+            self._step_failed(plan, exc)
             return
-        self.scheduler.update(plan)
-        if not sampling:
-            return
-        rows = [item.seq for item in sampling]
-        tokens, logprobs = sample(logits, rows, self.model.eos_token_ids)
+        self.health.succeeded()
+        for seq in poisoned:
+            self._fail(seq, InvalidInputError(_NONFINITE.format(len(seq.output_token_ids))))
         now = time.monotonic()
         for seq, token, token_logprobs in zip(rows, tokens, logprobs, strict=True):
             self._append(seq, token, token_logprobs, now)
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor):
+        """-> (the rows that sampled, the rows whose logits are NaN/Inf, (their tokens, logprobs))."""
+        poisoned = set(nonfinite_rows(logits)) if rows else set()
+        bad = [seq for i, seq in enumerate(rows) if i in poisoned]
+        if poisoned:  # only those rows end; the rest of the batch samples as usual
+            kept = [i for i in range(len(rows)) if i not in poisoned]
+            logits, rows = logits[kept], [rows[i] for i in kept]
+        return rows, bad, sample(logits, rows, self.model.eos_token_ids) if rows else ([], [])
+
+    def _step_failed(self, plan: SchedulerOutput, exc: Exception) -> None:
+        """Fail the batch's requests with the error named; stop the engine when it has failed for good."""
+        log.exception("a step of %d sequences failed", len(plan.scheduled))
+        failed_for_good = self.health.failed(exc, "engine step")
+        message = f"the engine step running this request failed ({describe(exc)})"
+        for item in plan.scheduled:
+            self._fail(item.seq, UnavailableError(message))
+        if failed_for_good:
+            log.error("stopping the engine: %s", self.health.reason)
+            with self._lock:  # the loop ends; every request still in the engine gets the reason
+                self._stopped = True
 
     def _fail_unschedulable(self) -> None:
         """Cannot happen while max_model_len <= the cache's tokens (a lone sequence always fits); if
@@ -225,6 +246,7 @@ class Engine:
             self._fail(seq, UnavailableError("the request does not fit in the KV cache"))
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
+        """End `seq`'s stream with `error` and free its blocks."""
         self._streams[seq].put(error)
         self._finish(seq, "error")
 
