@@ -7,7 +7,8 @@ from contextlib import contextmanager
 import pytest
 
 from gateway.config import MediaConfig
-from gateway.media import MediaError, MediaFetcher, _is_public
+from gateway.media import MediaFetcher
+from gateway.media_policy import MediaError, is_public
 from tests.helpers import data_url, make_image
 
 PNG = make_image(20, 10, seed=0)
@@ -70,7 +71,7 @@ def fetch(config, url):
     ],
 )
 def test_address_classification(address, public):
-    assert _is_public(address) is public
+    assert is_public(address) is public
 
 
 def test_data_urls():
@@ -174,10 +175,10 @@ def test_the_checked_address_is_the_one_connected_to(monkeypatch):
         lookups.append(host)
         return [(2, 1, 6, "", ("127.0.0.1", port))]
 
-    import gateway.media
+    import gateway.media_policy
 
     monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
-    monkeypatch.setattr(gateway.media, "_is_public", lambda address: True)  # pretend loopback is public
+    monkeypatch.setattr(gateway.media_policy, "is_public", lambda address: True)  # pretend loopback is public
     try:
         assert fetch(MediaConfig(), f"http://images.example:{port}/a.png") == PNG
     finally:

@@ -3,8 +3,8 @@ that names what was wrong (the HTTP layer answers these with 400 in OpenAI's err
 
 No test here opens a connection to anything but loopback: an autouse fixture replaces the resolver
 with a fake DNS table (no packet leaves the machine) and makes every socket connect to a
-non-loopback address fail the test. The policy is tested on the address classifier (`_is_public`),
-the per-hop check (`MediaFetcher._checked_address`, which resolves through `socket.getaddrinfo`)
+non-loopback address fail the test. The policy is tested on the address classifier (`is_public`),
+the per-hop check (`AddressPolicy.checked_address`, which resolves through `socket.getaddrinfo`)
 and, for redirects, a loopback test server.
 """
 
@@ -23,9 +23,10 @@ from contextlib import contextmanager
 import pytest
 from PIL import Image
 
-import gateway.media
+import gateway.media_policy
 from gateway.config import GatewayConfig, MediaConfig
-from gateway.media import MediaError, MediaFetcher, _is_public
+from gateway.media import MediaFetcher
+from gateway.media_policy import AddressPolicy, MediaError, is_public
 from mmserve.errors import InvalidInputError
 from mmserve.images import decode_image, probe_image
 from tests.helpers import data_url, make_image
@@ -122,7 +123,7 @@ def run(coro_fn, config):
 
 def check(url, config=None):
     """The per-hop policy check alone: the address the fetcher would connect to."""
-    return run(lambda f: f._checked_address(url), config or MediaConfig())
+    return asyncio.run(AddressPolicy(config or MediaConfig()).checked_address(url))
 
 
 def fetch(url, config=None):
@@ -171,12 +172,12 @@ NON_PUBLIC_ADDRESSES = [
 
 @pytest.mark.parametrize("address", NON_PUBLIC_ADDRESSES)
 def test_non_public_addresses(address):
-    assert _is_public(address) is False
+    assert is_public(address) is False
 
 
 @pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2606:4700::1111"])
 def test_public_addresses(address):
-    assert _is_public(address) is True
+    assert is_public(address) is True
 
 
 # ---- SSRF spellings of loopback / private / link-local, checked per hop -------------------------------
@@ -578,8 +579,10 @@ REDIRECTS = {
 @pytest.fixture
 def loopback_is_public(monkeypatch):
     """127.0.0.1 (the test server) stands in for a public host; every other address keeps its class."""
-    real = gateway.media._is_public
-    monkeypatch.setattr(gateway.media, "_is_public", lambda address: address == "127.0.0.1" or real(address))
+    real = gateway.media_policy.is_public
+    monkeypatch.setattr(
+        gateway.media_policy, "is_public", lambda address: address == "127.0.0.1" or real(address)
+    )
 
 
 @pytest.mark.parametrize(
