@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 nvidia-smi --query-gpu=name,memory.total --format=csv || true
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA torch'; print(torch.__version__)"
-$PY -m mmserve.proto >/dev/null 2>&1 || true
+$PY -m tools.protos
 $PY -m benchmarks.gpu_check --device cuda --out "${OUT:-.}/gpu_check.json" 2>&1 | tee "${OUT:-.}/gpu_check.log"

@@ -21,7 +21,7 @@ from mmserve.wire import GenerateRequest, ImageSpan
 
 
 def mrope_positions(num_tokens: int, spans: Sequence[ImageSpan], merge: int) -> tuple[torch.Tensor, int]:
-    """(3, num_tokens) M-RoPE positions of a prompt and its rope delta (models.md section 3).
+    """(3, num_tokens) M-RoPE positions of a prompt and its rope delta (transformers' get_rope_index).
 
     Text tokens get p, p, p. An image span starting at s, with LLM grid (t, h/merge, w/merge), gets
     t = s + frame, h = s + row, w = s + col (raster order); the next text token starts at

@@ -1,6 +1,6 @@
 """Qwen-VL / Qwen-VL-Chat (v1) language half: Qwen-7B v1 weights mapped onto transformers' Qwen2ForCausalLM.
 
-The mapping (reference/models.md section 5) is exact for sequences of up to `seq_length` (2048) tokens:
+The mapping is exact for sequences of up to `seq_length` (2048) tokens:
 Qwen v1's logn attention scaling and dynamic-NTK RoPE only act beyond it, and Qwen2 has neither, so
 the served context is capped at `seq_length` (MAX_MODEL_LEN may lower it, never raise it).
 Image spans are `<img>` + 256 x `<imgpad>` + `</img>`; the pads' embeddings are replaced by the vision

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mmserve.errors import InvalidInputError
 from pipeline import ModelFactory, Pipeline
 from tests.reference import LlavaReference
 
@@ -57,7 +58,7 @@ def test_seed_prompt_form_and_batch(pipeline, image_dir):
 
 
 def test_pipeline_errors_are_clear(pipeline, image_dir):
-    with pytest.raises(Exception, match="2 image tags"):
+    with pytest.raises(InvalidInputError, match="2 image tags"):
         run(pipeline, "<image><image>", [str(image_dir / "a.png")])
     with pytest.raises(ValueError, match="unknown generate_config keys"):
         pipeline("hi", generate_config={"bogus": 1})

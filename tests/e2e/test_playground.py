@@ -15,7 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.helpers import ROOT, make_image, openai_client, serving
+from tests.helpers import ROOT, make_image, openai_client
 
 MAX_TOKENS = 12
 WAIT_S = 120
@@ -29,12 +29,6 @@ def chromium() -> webdriver.Chrome:
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver), options=options)
-
-
-@pytest.fixture(scope="module")
-def served(tiny_checkpoint, image_dir, tmp_path_factory):
-    with serving(tiny_checkpoint, image_dir, tmp_path_factory.mktemp("logs")) as served:
-        yield served
 
 
 @pytest.fixture(scope="module")

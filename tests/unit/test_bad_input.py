@@ -463,8 +463,8 @@ class GatedLLM(ScriptedLLM):
         try:
             inner = super().generate(request)
             yield await anext(inner)
-            while not self.gate.is_set():
-                await asyncio.sleep(0.005)
+            opened = await asyncio.to_thread(self.gate.wait, 60)
+            assert opened, "the test never opened the gate"
             async for output in inner:
                 yield output
         finally:
