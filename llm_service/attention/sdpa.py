@@ -7,6 +7,11 @@ matmul-softmax-matmul (GQA without repeating keys) over contiguous copies of the
 decode staging rows (llm_service/attention/sdpa_staging.py) or, when staging is off or over its memory
 budget, the decodes' blocks gathered afresh into a reused workspace. Each prefill chunk is one torch
 SDPA call.
+
+Masked positions (a block's tail past a sequence's length, the block-0 padding of shorter decodes, a
+staging row's columns past its length) hold whatever an earlier owner left there, NaN included. The
+masks select them away (-inf scores), and their keys/values are zeroed in the copies attended to,
+because a zero attention weight times a NaN value is NaN: nothing of another sequence's KV can leak.
 """
 
 from __future__ import annotations
@@ -138,6 +143,10 @@ class SdpaAttention(PagedAttention[SdpaMetadata]):
         else:
             ctx_k, ctx_v = self._gather(cache.k, cache.v, chunk.ctx_blocks)
             ctx_k, ctx_v = ctx_k.view(kv_heads, -1, dim), ctx_v.view(kv_heads, -1, dim)
+            assert chunk.mask is not None
+            stale = ~chunk.mask[-1][None, :, None]  # the last query attends to all the context: (1, n, 1)
+            ctx_k.masked_fill_(stale, 0)  # the workspace's copy: the last block's tail -> 0 (an additive
+            ctx_v.masked_fill_(stale, 0)  # mask would turn a NaN key into a NaN score)
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],  # (1, heads, q_len, d)
             ctx_k[None],
@@ -157,6 +166,8 @@ class SdpaAttention(PagedAttention[SdpaMetadata]):
         keys, values = self._gather(k_cache, v_cache, meta.decode_blocks)
         keys = keys.view(kv_heads, decodes, -1, dim)  # (kv_heads, D, L, d)
         values = values.view(kv_heads, decodes, -1, dim)
+        if meta.decode_valid is not None:  # the workspace's copy: stale values past each length -> 0
+            values.masked_fill_(~meta.decode_valid[None, :, :, None], 0)
         queries = q.view(decodes, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # (kv_heads, D, group, d)
         keep = None if meta.decode_valid is None else meta.decode_valid[None, :, None, :]
         out = _grouped_attention(queries, keys, values, keep, scale)  # (kv_heads, D, group, d)
@@ -174,6 +185,11 @@ def _decode_staged(q, k, v, cache: LayerCache, stage: DecodeStage, scale: float)
         columns = blocks.numel() * cache.k.shape[2]
         stage_k[row, :, :columns] = cache.k.index_select(1, blocks).view(kv_heads, columns, dim)
         stage_v[row, :, :columns] = cache.v.index_select(1, blocks).view(kv_heads, columns, dim)
+        # Past its length the row holds a block's stale tail or an earlier owner's tokens: zero them
+        # once here, so that every row stays zero past its length (only the new tokens get written).
+        stale = ~stage.valid[row][None, :, None]  # (1, L, 1)
+        stage_k[row].masked_fill_(stale, 0)
+        stage_v[row].masked_fill_(stale, 0)
     stage_k[stage.rows, :, stage.positions] = k
     stage_v[stage.rows, :, stage.positions] = v
     rows, length = stage.valid.shape

@@ -4,7 +4,8 @@ sequence's whole context from the paged cache (which cost more than the rest of 
 
 A row is handed to a sequence when it starts decoding, filled from the paged cache then (and again
 whenever the row does not already hold the sequence's tokens before this step: after a preemption or
-a compaction), and grows by the one new token of each step. A sequence's row is taken back at the
+a compaction), and grows by the one new token of each step. A fill also zeroes the row past the
+sequence's length (stale tokens of an earlier owner; the sdpa backend's docstring says why). A sequence's row is taken back at the
 first step it does not decode in (finished, aborted, preempted, or back in prefill). The paged cache
 stays the source of truth (prefix sharing, preemption).
 
@@ -79,12 +80,15 @@ class DecodeStaging:
         fills = []
         for d in decodes:
             seq = d.seq
-            if seq not in self.rows:
+            new_row = seq not in self.rows
+            if new_row:
                 self.rows[seq] = free.pop()
                 self.staged[seq] = 0
-            if self.staged[seq] != d.start:  # the row must hold tokens [0, start) before this step
+            # The row must hold tokens [0, start) before this step, and zeros past them: a new row
+            # holds an earlier owner's tokens even when start is 0 (a one-token first chunk).
+            if new_row or self.staged[seq] != d.start:
                 num_blocks = -(-d.start // self.block_size)
-                fills.append((self.rows[seq], torch.tensor(seq.block_table[:num_blocks])))
+                fills.append((self.rows[seq], torch.tensor(seq.block_table[:num_blocks], dtype=torch.long)))
             self.staged[seq] = d.end
         return fills
 
