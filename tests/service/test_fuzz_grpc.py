@@ -22,7 +22,7 @@ import zlib
 import grpc
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -34,18 +34,13 @@ from mmserve.images import content_hash
 from mmserve.proto import llm_pb2, llm_pb2_grpc, tensor_pb2, vision_pb2, vision_pb2_grpc
 from mmserve.tensor_codec import tensor_from_pb, tensor_to_pb
 from mmserve.wire_pb import generate_request_from_pb
+from tests.fuzz_settings import fuzz_settings
 from tests.helpers import make_image, serve_vision
 from tests.service.test_llm_service import with_server
 from vision_service.config import VisionConfig
 from vision_service.encoder import VisionEncoder
 
-FUZZ = settings(
-    max_examples=120,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+FUZZ = fuzz_settings(120)
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE}
 MAX_MODEL_LEN = 48  # keeps every generation short: a sequence ends at the context's end
 CALL_TIMEOUT_S = 60  # a call that hangs fails as DEADLINE_EXCEEDED
@@ -142,6 +137,23 @@ def embedding(draw, rows: int, hidden: int) -> tensor_pb2.Tensor:
 @st.composite
 def generate_request(draw, vocab: int, image_id: int, hidden: int) -> llm_pb2.GenerateRequest:
     text_id = st.integers(0, vocab - 1).filter(lambda t: t != image_id)
+    ids, spans = _draw_prompt(draw, text_id, image_id, hidden)
+    ids = _draw_structural_flaw(draw, ids, spans, text_id, hidden)
+    sampling = _draw_sampling(draw, vocab)
+    request_id = maybe(
+        draw,
+        st.just("fuzz"),
+        st.one_of(st.sampled_from(["", "a\nb", "x" * 257, "\x00", "\u202e"]), st.text(max_size=20)),
+    )
+    return llm_pb2.GenerateRequest(request_id=request_id, token_ids=ids, images=spans, sampling=sampling)
+
+
+# The helpers below take `draw` from generate_request (plain functions, not strategies of their own, so
+# the examples drawn are the ones one function drew before).
+
+
+def _draw_prompt(draw, text_id, image_id: int, hidden: int) -> tuple[list[int], list[llm_pb2.ImageSpan]]:
+    """Text, then up to two images: each a run of placeholders, its span and its embedding."""
     ids: list[int] = []
     spans: list[llm_pb2.ImageSpan] = []
     for k in range(draw(st.integers(0, 2)) + 1):
@@ -158,9 +170,13 @@ def generate_request(draw, vocab: int, image_id: int, hidden: int) -> llm_pb2.Ge
             )
             ids += [image_id] * rows
         ids += draw(st.lists(text_id, max_size=5))
-    ids = ids or [1]
+    return ids or [1], spans
 
-    # now and then, one structural flaw
+
+def _draw_structural_flaw(
+    draw, ids: list[int], spans: list[llm_pb2.ImageSpan], text_id, hidden: int
+) -> list[int]:
+    """Now and then, one structural flaw: the token ids returned, `spans` changed in place."""
     flaw = draw(
         st.sampled_from(["none"] * 12 + ["id", "no ids", "long", "offset", "length", "order", "span"])
     )
@@ -187,7 +203,10 @@ def generate_request(draw, vocab: int, image_id: int, hidden: int) -> llm_pb2.Ge
                     embedding=draw(embedding(max(rows, 1), hidden)),
                 )
             )
+    return ids
 
+
+def _draw_sampling(draw, vocab: int) -> llm_pb2.SamplingParams:
     sampling = llm_pb2.SamplingParams(
         temperature=maybe(draw, st.sampled_from([0.0, 0.0, 0.7, 1.0, 2.0]), FLOATS),
         top_p=maybe(draw, st.sampled_from([0.0, 0.5, 0.9, 1.0]), FLOATS),  # 0: unset (1)
@@ -212,12 +231,7 @@ def generate_request(draw, vocab: int, image_id: int, hidden: int) -> llm_pb2.Ge
         sampling.seed = draw(st.integers(0, 2**64 - 1))
     if draw(st.booleans()):  # logprobs show NaN or inf logits, which tokens alone may not
         sampling.logprobs = maybe(draw, st.integers(0, 20), int32s())
-    request_id = maybe(
-        draw,
-        st.just("fuzz"),
-        st.one_of(st.sampled_from(["", "a\nb", "x" * 257, "\x00", "\u202e"]), st.text(max_size=20)),
-    )
-    return llm_pb2.GenerateRequest(request_id=request_id, token_ids=ids, images=spans, sampling=sampling)
+    return sampling
 
 
 def check_generation(messages: list, request: llm_pb2.GenerateRequest, vocab: int) -> None:

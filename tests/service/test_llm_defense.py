@@ -11,6 +11,7 @@ a tiny checkpoint, and a real client sending raw protobuf.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import grpc
 import pytest
@@ -198,33 +199,43 @@ def test_non_finite_embeddings_are_invalid_argument(engine, value, dtype):
 
 def malformed(engine) -> dict[str, llm_pb2.GenerateRequest]:
     """needle -> a request that must be INVALID_ARGUMENT with `needle` in its message."""
-    info = engine.info()
-    img, vocab, hidden = info.image_token_id, engine.model.vocab_size, info.hidden_size
-    ids = prompt(engine)
-    real = embedding(engine, REAL)
+    img = engine.info().image_token_id
+    return {
+        **_malformed_ids(engine),
+        **_malformed_spans(engine),
+        **_malformed_sampling(engine),
+        # and a correct request behind a wrong hash-less twin: placeholders without a span
+        "prompt has 1 image placeholder tokens but the image spans cover 0": generate_pb([1, img, 2]),
+    }
 
-    def with_span(**fields) -> llm_pb2.GenerateRequest:
-        request = generate_pb(ids, [(2, real, H)])
-        span = request.images[0]
-        for name, value in fields.items():
-            if name == "embedding":
-                span.embedding.CopyFrom(value)
-            elif name == "grid_thw":
-                span.grid_thw[:] = value
-            else:
-                setattr(span, name, value)
-        return request
 
-    def bad_tensor(**fields):
-        message = tensor_to_pb(real)
-        for name, value in fields.items():
-            if name == "shape":
-                message.shape[:] = value
-            else:
-                setattr(message, name, value)
-        return message
+def _with_span(ids: list[int], real: torch.Tensor, **fields) -> llm_pb2.GenerateRequest:
+    """A request with one image span of `real` at offset 2, with `fields` of the span overwritten."""
+    request = generate_pb(ids, [(2, real, H)])
+    span = request.images[0]
+    for name, value in fields.items():
+        if name == "embedding":
+            span.embedding.CopyFrom(value)
+        elif name == "grid_thw":
+            span.grid_thw[:] = value
+        else:
+            setattr(span, name, value)
+    return request
 
-    half = embedding(engine, 4, rows=3)
+
+def _bad_tensor(real: torch.Tensor, **fields):
+    """`real` on the wire, with `fields` of the tensor message overwritten."""
+    message = tensor_to_pb(real)
+    for name, value in fields.items():
+        if name == "shape":
+            message.shape[:] = value
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def _malformed_ids(engine) -> dict[str, llm_pb2.GenerateRequest]:
+    vocab = engine.model.vocab_size
     return {
         # request_id
         "request_id is empty": generate_pb([1, 2], request_id=""),
@@ -235,6 +246,14 @@ def malformed(engine) -> dict[str, llm_pb2.GenerateRequest]:
         f"token_ids: token id {vocab} is outside the vocabulary": generate_pb([1, vocab]),
         "token_ids: token id -5 is outside the vocabulary": generate_pb([1, -5]),
         f"token_ids: prompt has {engine.max_model_len} tokens": generate_pb([1] * engine.max_model_len),
+    }
+
+
+def _malformed_spans(engine) -> dict[str, llm_pb2.GenerateRequest]:
+    ids, real, hidden = prompt(engine), embedding(engine, REAL), engine.info().hidden_size
+    half = embedding(engine, 4, rows=3)
+    with_span, bad_tensor = partial(_with_span, ids, real), partial(_bad_tensor, real)
+    return {
         # image spans: placement
         "image span 0: offset -1 is negative": with_span(offset=-1),
         "image span 0 has length 0": with_span(length=0),
@@ -270,6 +289,12 @@ def malformed(engine) -> dict[str, llm_pb2.GenerateRequest]:
         "image span 0: content_hash has 1000 characters": with_span(content_hash="f" * 1000),
         "image span 0: grid_thw [1, 2] must be empty or three": with_span(grid_thw=[1, 2]),
         "image span 0: grid_thw [1, 0, 6] must be empty or three": with_span(grid_thw=[1, 0, 6]),
+    }
+
+
+def _malformed_sampling(engine) -> dict[str, llm_pb2.GenerateRequest]:
+    vocab = engine.model.vocab_size
+    return {
         # sampling
         "temperature must be finite and >= 0, got -1": generate_pb([1, 2], temperature=-1.0),
         "temperature must be finite and >= 0, got nan": generate_pb([1, 2], temperature=float("nan")),
@@ -290,8 +315,6 @@ def malformed(engine) -> dict[str, llm_pb2.GenerateRequest]:
         "min_new_tokens must be >= 0": generate_pb([1, 2], min_new_tokens=-1),
         f"stop_token_ids must be in [0, {vocab})": generate_pb([1, 2], stop_token_ids=[5, vocab]),
         "stop_token_ids has 1025 ids; at most 1024": generate_pb([1, 2], stop_token_ids=[5] * 1025),
-        # and a correct request behind a wrong hash-less twin: placeholders without a span
-        "prompt has 1 image placeholder tokens but the image spans cover 0": generate_pb([1, img, 2]),
     }
 
 

@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from gateway.chat_template import RESERVED_TEMPLATE_KWARGS, ChatTemplate
@@ -26,18 +26,13 @@ from gateway.http.app import create_app
 from gateway.media import MediaFetcher
 from gateway.serving import ServingCore
 from mmserve.wire import ImageFeatures
+from tests.fuzz_settings import fuzz_settings
 from tests.helpers import data_url, make_image
 from tests.unit.test_api import MODEL, FakePrompt, ScriptedLLM
 from tests.unit.test_bad_input import CHAT, COMPLETIONS, assert_still_serving, send
 from tools.checkpoints import LLAVA_CHAT_TEMPLATE, build_tokenizer
 
-FUZZ = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+FUZZ = fuzz_settings(150)
 
 # ---- the app under test -------------------------------------------------------------------------------
 
