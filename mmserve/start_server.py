@@ -29,6 +29,7 @@ from pathlib import Path
 
 from mmserve.checkpoint_check import is_hub_id, resolve_checkpoint_path, served_dtype, validate_checkpoint
 from mmserve.cli import StartupError, check_port_free, debug_requested, free_port, parse_port, startup_errors
+from mmserve.internal_auth import TOKEN_ENV, TOKEN_FILE_ENV, resolve_token
 from mmserve.supervisor import BoundPorts, StackError, StackSpec, Stopped, Supervisor
 
 # Internal ports: (variable, what listens there, whether 0 means "off" rather than "choose one").
@@ -64,6 +65,7 @@ class Plan:
     ports: dict[str, int]  # PORT and INTERNAL_PORTS' variables (a metrics port of 0 is off)
     dtypes: dict[str, str]  # "llm" / "vision" -> the dtype served
     checkpoint_dtype: str
+    internal_token: bool = False  # the services get the shared secret from the environment
 
 
 def choose_ports(env, host: str) -> dict[str, int]:
@@ -100,6 +102,8 @@ def plan_startup(env) -> Plan:
         raise StartupError(f"TOKENIZER_PATH={tokenizer}: no such folder")
     host = env.get("HOST", "127.0.0.1")
     ports = choose_ports(env, host)  # cheap checks first: the checkpoint's need torch imported
+    # the services read it from the environment they inherit; a bad file is named here, before they start
+    internal_token = resolve_token(env.get(TOKEN_ENV), env.get(TOKEN_FILE_ENV)) is not None
     summary = validate_checkpoint(checkpoint, env.get("MODEL_TYPE") or None)
     dtypes = {}
     for what in ("llm", "vision"):
@@ -117,6 +121,7 @@ def plan_startup(env) -> Plan:
         ports=ports,
         dtypes=dtypes,
         checkpoint_dtype=summary.checkpoint_dtype,
+        internal_token=internal_token,
     )
 
 
@@ -174,6 +179,7 @@ def banner(plan: Plan, bound: BoundPorts) -> str:
         f"  gateway   http://{plan.host}:{bound.gateway} [PORT]  (OpenAI API: /v1/chat/completions, /v1/completions, /v1/models; /metrics)",
         f"  vision    127.0.0.1:{bound.vision} [VISION_PORT] (gRPC), {metrics('VISION_METRICS_PORT')}",
         f"  llm       127.0.0.1:{bound.llm} [LLM_PORT] (gRPC), {metrics('LLM_METRICS_PORT')}",
+        f"  internal  gRPC shared secret {'on' if plan.internal_token else 'off'} [{TOKEN_ENV}]",
         "  Ctrl-C stops all three.",
         "",
     ]

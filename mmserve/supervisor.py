@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from mmserve.internal_auth import TOKEN_ENV, TOKEN_FILE_ENV
+
 # The line each service prints once it listens (mmserve.grpc_util.serve, gateway.__main__), with the
 # port it bound: how port 0 is read back.
 READY_LINE = re.compile(r" ready on (?:http://)?\S+:(?P<port>\d+)\s*$")
@@ -101,6 +103,16 @@ class StackSpec:
     port: int = 0  # the gateway's HTTP port
     vision_metrics_port: int = 0
     llm_metrics_port: int = 0
+    # The shared secret between the gateway and the services, handed to all three in their environment
+    # (never on a command line, which every local user can read); None: whatever the environment says.
+    internal_token: str | None = field(default=None, repr=False)
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        """The services' environment: `base` with the secret, when the spec names one."""
+        if self.internal_token is None:
+            return base
+        others = {k: v for k, v in base.items() if k != TOKEN_FILE_ENV}
+        return {**others, TOKEN_ENV: self.internal_token}
 
     def argv(self, service: str) -> list[str]:
         base = ["--checkpoint", self.checkpoint, *self.common_args]
@@ -132,12 +144,14 @@ class Supervisor:
         self.children: dict[str, Child] = {}
         self._logs: list[IO[str]] = []
 
-    def spawn(self, name: str, argv: list[str], stdin: bool = False) -> Child:
+    def spawn(
+        self, name: str, argv: list[str], stdin: bool = False, env: dict[str, str] | None = None
+    ) -> Child:
         sink: IO[str] = sys.stdout
         if self.log_dir is not None:
             sink = open(self.log_dir / f"{name}.log", "w")
             self._logs.append(sink)
-        self.children[name] = Child(name, argv, self.env, sink, stdin)
+        self.children[name] = Child(name, argv, self.env if env is None else env, sink, stdin)
         return self.children[name]
 
     def start(self, spec: StackSpec, timeout_s: float, stopping: threading.Event | None = None) -> BoundPorts:
@@ -145,9 +159,10 @@ class Supervisor:
         as both are ready; return the bound ports once the gateway listens."""
         stopping = stopping or threading.Event()
         deadline = time.monotonic() + timeout_s
-        vision = self.spawn("vision", spec.argv("vision"))
-        llm = self.spawn("llm", spec.argv("llm"))
-        gateway = self.spawn("gateway", spec.argv("gateway"), stdin=True)
+        env = spec.env(self.env)
+        vision = self.spawn("vision", spec.argv("vision"), env=env)
+        llm = self.spawn("llm", spec.argv("llm"), env=env)
+        gateway = self.spawn("gateway", spec.argv("gateway"), stdin=True, env=env)
         ports = BoundPorts(vision.wait_ready(deadline, stopping), llm.wait_ready(deadline, stopping), 0)
         gateway.send({"vision": f"{LOOPBACK}:{ports.vision}", "llm": f"{LOOPBACK}:{ports.llm}"})
         ports.gateway = gateway.wait_ready(deadline, stopping)

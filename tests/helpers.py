@@ -78,12 +78,13 @@ def serving(
     extra_args: list[str] = (),
     llm_args: list[str] = (),
     dtype: str | None = "float32",
+    internal_token: str | None = None,
 ):
     """The three-process stack, allowed to read `image_dir` both as local files and over loopback
     http; yields (stack, http base url of image_dir). `extra_args` go to the gateway."""
     with image_server(image_dir) as http_base:
         args = ["--allow-private-urls", "--allowed-local-media-path", str(image_dir), *extra_args]
-        stack = Stack(checkpoint, log_dir, args, llm_args, dtype).start()
+        stack = Stack(checkpoint, log_dir, args, llm_args, dtype, internal_token).start()
         try:
             yield stack, http_base
         finally:
@@ -122,9 +123,11 @@ class Stack:
         gateway_args: list[str] = (),
         llm_args: list[str] = (),
         dtype: str | None = "float32",
+        internal_token: str | None = None,
     ):
         """`dtype` of both services: float32 by default (parity with transformers is checked in
-        float32); None leaves the services' own default (auto: the checkpoint's dtype)."""
+        float32); None leaves the services' own default (auto: the checkpoint's dtype).
+        `internal_token`: the shared secret the services then require and the gateway sends."""
         dtype_args = ["--dtype", dtype] if dtype else []
         self.log_dir = log_dir
         # a metrics port of 0 is off, and the services do not report one the OS chose: picked free here
@@ -136,6 +139,7 @@ class Stack:
             gateway_args=list(gateway_args),
             llm_metrics_port=self.llm_metrics_port,
             vision_metrics_port=self.vision_metrics_port,
+            internal_token=internal_token,
         )
         self.supervisor = Supervisor(log_dir=log_dir)
         self.vision_port = self.llm_port = self.port = 0  # known once started
