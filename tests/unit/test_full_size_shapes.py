@@ -20,6 +20,7 @@ lm_head as its own parameter, filled from embed_tokens when the config ties).
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -107,10 +108,7 @@ def count(module: torch.nn.Module) -> int:
 
 
 def numel(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
+    return math.prod(int(s) for s in shape)
 
 
 def raw_config(case: Case) -> dict:
@@ -142,6 +140,10 @@ def make_checkpoint(case: Case, root: Path) -> Path:
 def qwen_vl_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor of a Qwen-VL (v1) checkpoint, named and shaped as the remote code
     (Qwen/Qwen-VL-Chat's modeling_qwen.py, visual.py) saves them."""
+    return _qwen_vl_text_shapes(raw) | _qwen_vl_visual_shapes(raw)
+
+
+def _qwen_vl_text_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
     hidden, layers, vocab = raw["hidden_size"], raw["num_hidden_layers"], raw["vocab_size"]
     mlp = raw["intermediate_size"] // 2  # w1 and w2 each hold half of intermediate_size
     shapes: dict[str, tuple[int, ...]] = {
@@ -163,33 +165,35 @@ def qwen_vl_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
                 h + "mlp.c_proj.weight": (hidden, mlp),
             }
         )
+    return shapes
+
+
+def _qwen_vl_visual_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
     v = raw["visual"]
     width, out, patch = v["width"], v["output_dim"], v["patch_size"]
     ff = int(width * v["mlp_ratio"])
     queries = 256
     p = "transformer.visual."
-    shapes.update(
-        {
-            p + "conv1.weight": (width, 3, patch, patch),
-            p + "positional_embedding": (256, width),
-            p + "ln_pre.weight": (width,),
-            p + "ln_pre.bias": (width,),
-            p + "ln_post.weight": (out,),
-            p + "ln_post.bias": (out,),
-            p + "proj": (out, out),
-            p + "attn_pool.pos_embed": (queries, out),
-            p + "attn_pool.query": (queries, out),
-            p + "attn_pool.kv_proj.weight": (out, width),
-            p + "attn_pool.attn.in_proj_weight": (3 * out, out),
-            p + "attn_pool.attn.in_proj_bias": (3 * out,),
-            p + "attn_pool.attn.out_proj.weight": (out, out),
-            p + "attn_pool.attn.out_proj.bias": (out,),
-            p + "attn_pool.ln_q.weight": (out,),
-            p + "attn_pool.ln_q.bias": (out,),
-            p + "attn_pool.ln_kv.weight": (out,),
-            p + "attn_pool.ln_kv.bias": (out,),
-        }
-    )
+    shapes: dict[str, tuple[int, ...]] = {
+        p + "conv1.weight": (width, 3, patch, patch),
+        p + "positional_embedding": (256, width),
+        p + "ln_pre.weight": (width,),
+        p + "ln_pre.bias": (width,),
+        p + "ln_post.weight": (out,),
+        p + "ln_post.bias": (out,),
+        p + "proj": (out, out),
+        p + "attn_pool.pos_embed": (queries, out),
+        p + "attn_pool.query": (queries, out),
+        p + "attn_pool.kv_proj.weight": (out, width),
+        p + "attn_pool.attn.in_proj_weight": (3 * out, out),
+        p + "attn_pool.attn.in_proj_bias": (3 * out,),
+        p + "attn_pool.attn.out_proj.weight": (out, out),
+        p + "attn_pool.attn.out_proj.bias": (out,),
+        p + "attn_pool.ln_q.weight": (out,),
+        p + "attn_pool.ln_q.bias": (out,),
+        p + "attn_pool.ln_kv.weight": (out,),
+        p + "attn_pool.ln_kv.bias": (out,),
+    }
     for i in range(v["layers"]):
         b = f"{p}transformer.resblocks.{i}."
         shapes.update(
@@ -244,37 +248,10 @@ def reference(case: Case, ckpt: Path) -> Reference:
 
     raw = raw_config(case)
     if case.family == "qwen_vl":
-        shapes = qwen_vl_shapes(raw)
-        lang = sum(numel(s) for k, s in shapes.items() if not k.startswith("transformer.visual."))
-        vis = sum(numel(s) for k, s in shapes.items() if k.startswith("transformer.visual."))
-        return Reference(lang, vis, False, {str(ckpt): {k: _meta(s) for k, s in shapes.items()}})
-
+        return _qwen_vl_reference(raw, ckpt)
     with torch.device("meta"):
         if case.family == "llava_original":
-            text = transformers.LlamaConfig.from_dict(raw)  # flat LLaMA fields; mm_* ride along unused
-            lm = transformers.LlamaForCausalLM(text)
-            clip_full = transformers.CLIPConfig(vision_config=CLIP_VISION)
-            hf = transformers.LlavaForConditionalGeneration(
-                transformers.LlavaConfig(
-                    vision_config=CLIP_VISION | {"model_type": "clip_vision_model"},
-                    text_config=text.to_dict(),
-                    projector_hidden_act="gelu",
-                    vision_feature_layer=raw["mm_vision_select_layer"],
-                )
-            )
-            tied = lm.lm_head.weight is lm.model.embed_tokens.weight
-            vis = count(hf.model.vision_tower) + count(hf.model.multi_modal_projector)
-            llm_disk = dict(lm.state_dict())
-            if tied:
-                del llm_disk["lm_head.weight"]
-            llm_disk["model.mm_projector.0.weight"] = _meta((text.hidden_size, raw["mm_hidden_size"]))
-            llm_disk["model.mm_projector.0.bias"] = _meta((text.hidden_size,))
-            llm_disk["model.mm_projector.2.weight"] = _meta((text.hidden_size, text.hidden_size))
-            llm_disk["model.mm_projector.2.bias"] = _meta((text.hidden_size,))
-            # the Hub folder is a whole CLIPModel: vision_model.*, text_model.*, projections, logit_scale
-            clip_disk = dict(transformers.CLIPModel(clip_full).state_dict())
-            return Reference(count(lm), vis, tied, {str(ckpt): llm_disk, str(ckpt / CLIP_TOWER): clip_disk})
-
+            return _llava_original_reference(raw, ckpt)
         config = AutoConfig.from_pretrained(ckpt)
         model = getattr(transformers, config.architectures[0])(config)
     tied = model.lm_head.weight is model.model.language_model.embed_tokens.weight
@@ -298,6 +275,44 @@ def reference(case: Case, ckpt: Path) -> Reference:
         ]
     assert vis + lang == count(model), "the two halves should partition transformers' model"
     return Reference(lang, vis, tied, {str(ckpt): _rename(state, hub, drop)})
+
+
+def _qwen_vl_reference(raw: dict, ckpt: Path) -> Reference:
+    """Qwen-VL (v1) has no transformers model: the counts and the checkpoint come from its shapes."""
+    shapes = qwen_vl_shapes(raw)
+    lang = sum(numel(s) for k, s in shapes.items() if not k.startswith("transformer.visual."))
+    vis = sum(numel(s) for k, s in shapes.items() if k.startswith("transformer.visual."))
+    return Reference(lang, vis, False, {str(ckpt): {k: _meta(s) for k, s in shapes.items()}})
+
+
+def _llava_original_reference(raw: dict, ckpt: Path) -> Reference:
+    """Original LLaVA: transformers' LLaMA for the language half, its LLaVA model for the vision half's
+    count, and two folders on disk (the LLaMA checkpoint with mm_projector, the whole CLIP tower)."""
+    import transformers
+
+    text = transformers.LlamaConfig.from_dict(raw)  # flat LLaMA fields; mm_* ride along unused
+    lm = transformers.LlamaForCausalLM(text)
+    clip_full = transformers.CLIPConfig(vision_config=CLIP_VISION)
+    hf = transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(
+            vision_config=CLIP_VISION | {"model_type": "clip_vision_model"},
+            text_config=text.to_dict(),
+            projector_hidden_act="gelu",
+            vision_feature_layer=raw["mm_vision_select_layer"],
+        )
+    )
+    tied = lm.lm_head.weight is lm.model.embed_tokens.weight
+    vis = count(hf.model.vision_tower) + count(hf.model.multi_modal_projector)
+    llm_disk = dict(lm.state_dict())
+    if tied:
+        del llm_disk["lm_head.weight"]
+    llm_disk["model.mm_projector.0.weight"] = _meta((text.hidden_size, raw["mm_hidden_size"]))
+    llm_disk["model.mm_projector.0.bias"] = _meta((text.hidden_size,))
+    llm_disk["model.mm_projector.2.weight"] = _meta((text.hidden_size, text.hidden_size))
+    llm_disk["model.mm_projector.2.bias"] = _meta((text.hidden_size,))
+    # the Hub folder is a whole CLIPModel: vision_model.*, text_model.*, projections, logit_scale
+    clip_disk = dict(transformers.CLIPModel(clip_full).state_dict())
+    return Reference(count(lm), vis, tied, {str(ckpt): llm_disk, str(ckpt / CLIP_TOWER): clip_disk})
 
 
 # ---------------------------------------------------------------------------------------------------
