@@ -150,3 +150,17 @@ def test_autoscaler_targets_the_llm_on_a_metric_it_exports():
     name = metric["pods"]["metric"]["name"]
     exposition = generate_latest(EngineMetrics(EngineStats()).registry).decode()
     assert re.search(rf"^{name} \d", exposition, re.M), exposition
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_reads_the_internal_secret_from_one_optional_secret(overlay):
+    refs = {}
+    for name, deployment in of_kind(overlay, "Deployment").items():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        (entry,) = [e for e in container["env"] if e["name"] == "MMSERVE_INTERNAL_TOKEN"]
+        refs[name] = entry["valueFrom"]["secretKeyRef"]
+    assert set(refs) == set(MODULES)
+    # the same secret for all three, and optional: without it the stack runs with the secret off
+    assert all(
+        ref == {"name": "mmserve-internal-token", "key": "token", "optional": True} for ref in refs.values()
+    )
