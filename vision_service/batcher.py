@@ -2,7 +2,9 @@
 
 Preprocessed images of any requests wait in one queue. The loop takes the first, waits up to
 `max_wait` for more (up to `max_batch`), drops jobs nobody waits for any more or whose deadline
-passed, and runs one forward for the rest on a single encoder thread.
+passed, and runs one forward for the rest on a single encoder thread. A failed forward fails only its
+images (UNAVAILABLE naming the error); a few in a row, or a fatal one, fail the encoder for good
+(`health`): every later image is refused with the reason, and the service's health turns NOT_SERVING.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmserve.errors import DeadlineError, OverloadedError
+from mmserve.errors import DeadlineError, OverloadedError, UnavailableError
+from mmserve.step_health import StepHealth, describe
 from vision_service.cache import EmbeddingKey
 from vision_service.metrics import VisionMetrics
 
@@ -48,8 +51,10 @@ class EncodeBatcher:
         max_wait_s: float,
         metrics: VisionMetrics,
         max_batch_cost: int = 1 << 62,
+        health: StepHealth | None = None,
     ):
         self._run_batch = run_batch
+        self.health = health or StepHealth()  # the encoder's, shared by the batchers it makes
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_batch_cost = max_batch_cost
@@ -110,6 +115,9 @@ class EncodeBatcher:
             batch = [job for job in batch if self._still_wanted(job, now)]
             if not batch:
                 continue
+            if not self.health.ok:
+                self._refuse(batch)
+                continue
             for job in batch:
                 self.metrics.queue_time.observe(now - job.queued_at)
             await self._encode(batch, loop)
@@ -125,12 +133,9 @@ class EncodeBatcher:
                 for job in batch:
                     await self._encode([job], loop)
                 return
-            log.exception("encoder forward failed")
-            if isinstance(exc, MemoryError):
-                exc = OverloadedError("not enough memory to encode this image now")
-            if not batch[0].future.done():
-                batch[0].future.set_exception(exc)
+            self._failed(batch[0], exc)
             return
+        self.health.succeeded()
         self.metrics.encode.observe(time.monotonic() - started)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.images.labels("encoded").inc(len(batch))
@@ -138,6 +143,27 @@ class EncodeBatcher:
             if not job.future.done():
                 job.future.set_result(embedding)
 
+    def _failed(self, job: EncodeJob, exc: Exception) -> None:
+        """One image's forward failed: its waiters get a clean error, and the health counts it."""
+        log.exception("encoder forward failed")
+        if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+            error: Exception = OverloadedError("not enough memory to encode this image now")
+        else:
+            error = UnavailableError(f"the vision encoder's forward failed ({describe(exc)})")
+        if self.health.failed(exc, "encoder forward"):
+            log.error("the vision encoder failed: %s", self.health.reason)
+        if not job.future.done():
+            job.future.set_exception(error)
+
+    def _refuse(self, batch: list[EncodeJob]) -> None:
+        for job in batch:
+            if not job.future.done():
+                job.future.set_exception(UnavailableError(unhealthy_message(self.health)))
+
     def close(self) -> None:
         self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def unhealthy_message(health: StepHealth) -> str:
+    return f"the vision encoder failed and needs a restart: {health.reason}"

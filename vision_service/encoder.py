@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from mmserve.checkpoint import parse_dtype, resolve_dtype
-from mmserve.errors import DeadlineError, InvalidInputError, NotFoundError
+from mmserve.errors import DeadlineError, InvalidInputError, NotFoundError, UnavailableError
 from mmserve.families import adapter, detect_family
 from mmserve.images import content_hash
+from mmserve.step_health import StepHealth
 from mmserve.wire import ImageFeatures, ImageInput, PixelLimits
-from vision_service.batcher import EncodeBatcher, EncodeJob
+from vision_service.batcher import EncodeBatcher, EncodeJob, unhealthy_message
 from vision_service.cache import EmbeddingCache, EmbeddingKey
 from vision_service.config import VisionConfig
 from vision_service.metrics import VisionMetrics
@@ -77,6 +78,7 @@ class VisionEncoder:
         self._batcher: EncodeBatcher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: dict[EmbeddingKey, EncodeJob] = {}  # keys being encoded now
+        self.health = StepHealth()  # of the forwards; is_alive() (gRPC health) reads it
         log.info("vision model %s loaded from %s (dtype %s)", self.family, config.checkpoint, dtype_name)
 
     def _compile(self) -> None:
@@ -112,6 +114,7 @@ class VisionEncoder:
                 self.config.max_wait_ms / 1000,
                 self.metrics,
                 max_batch_cost=self.config.max_batch_patches,
+                health=self.health,
             )
             self._loop, self._inflight = loop, {}
         return self._batcher
@@ -127,6 +130,8 @@ class VisionEncoder:
         so that the caller resends its bytes. `pixels` bounds the resized area of every image
         (dynamic-resolution families only); the embedding cache keys include the bounds.
         """
+        if not self.health.ok:
+            raise UnavailableError(unhealthy_message(self.health))
         keys = self._keys(images, pixels)
         batcher = self._ensure_batcher()  # before the hash-only check: a new event loop has no jobs
         self._check_hash_only_known(images, keys)
@@ -237,6 +242,10 @@ class VisionEncoder:
 
     def _grid(self, job: EncodeJob) -> tuple[int, ...]:
         return self.adapter.grid_thw(job.inputs) if job.inputs is not None else ()
+
+    def is_alive(self) -> bool:
+        """False once the encoder's forwards have failed for good (`health.reason` says why)."""
+        return self.health.ok
 
     def close(self) -> None:
         if self._batcher is not None:

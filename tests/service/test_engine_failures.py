@@ -13,21 +13,20 @@ the way `serve` watches it.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from llm_service.config import LLMConfig
 from llm_service.engine import Engine
 from llm_service.models import load_language_model
 from llm_service.server import LLMServicer
-from mmserve.grpc_util import _watch, channel_options, start_server
 from mmserve.proto import llm_pb2, llm_pb2_grpc
 from mmserve.wire import GenerateRequest, SamplingParams
 from mmserve.wire_pb import generate_request_to_pb
+from tests.service.watched import health_status, serve_watched, wait_for_status
 
 SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -69,27 +68,12 @@ def failing(engine: Engine, monkeypatch, error: Exception) -> FailingSteps:
 
 
 def serve(engine: Engine, body):
-    """`body(stub, health_stub)` against a server whose health follows `engine.is_alive` as in `serve`."""
+    """`body(stub, channel)` against a server whose health follows `engine.is_alive` as in `serve`."""
 
-    async def go():
-        server, health, port = await start_server(
-            lambda s: llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(engine), s),
-            SERVICE,
-            "127.0.0.1",
-            0,
-            64 << 20,
-        )
-        watch = asyncio.get_running_loop().create_task(_watch(engine.is_alive, health, SERVICE))
-        try:
-            async with grpc.aio.insecure_channel(
-                f"127.0.0.1:{port}", options=channel_options(64 << 20)
-            ) as ch:
-                return await body(llm_pb2_grpc.LLMServiceStub(ch), health_pb2_grpc.HealthStub(ch))
-        finally:
-            watch.cancel()
-            await server.stop(0)
+    def add(server):
+        llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(engine), server)
 
-    return asyncio.run(go())
+    return serve_watched(add, SERVICE, engine.is_alive, lambda ch: body(llm_pb2_grpc.LLMServiceStub(ch), ch))
 
 
 def request(request_id: str = "r", ids=(1, 40, 41, 42), tokens: int = 5):
@@ -105,16 +89,8 @@ async def outcome(stub, pb) -> list[int] | grpc.aio.AioRpcError:
         return exc
 
 
-async def status(health) -> int:
-    return (await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))).status
-
-
-async def wait_for_status(health, wanted: int, deadline_s: float = 10.0) -> int:
-    """Poll the service's health until it reports `wanted`, or return what it reports at the deadline."""
-    until = time.monotonic() + deadline_s
-    while (got := await status(health)) != wanted and time.monotonic() < until:
-        await asyncio.sleep(0.1)
-    return got
+async def status(channel) -> int:
+    return await health_status(channel, SERVICE)
 
 
 def assert_unavailable(result, *needles: str) -> None:
@@ -127,10 +103,10 @@ def assert_unavailable(result, *needles: str) -> None:
 def test_a_failed_step_fails_its_batch_cleanly_and_the_engine_keeps_serving(engine, monkeypatch):
     steps = failing(engine, monkeypatch, RuntimeError("boom"))
 
-    async def body(stub, health):
+    async def body(stub, channel):
         steps.remaining = 1
         failed = await outcome(stub, request())
-        return failed, await status(health), await outcome(stub, request())
+        return failed, await status(channel), await outcome(stub, request())
 
     failed, health_after, next_tokens = serve(engine, body)
     assert_unavailable(failed, "engine step", "RuntimeError: boom")
@@ -142,12 +118,12 @@ def test_a_failed_step_fails_its_batch_cleanly_and_the_engine_keeps_serving(engi
 def test_a_success_resets_the_count_of_failed_steps(engine, monkeypatch):
     steps = failing(engine, monkeypatch, RuntimeError("flaky"))
 
-    async def body(stub, health):
+    async def body(stub, channel):
         results = []
         for _ in range(2):  # two failures, a success: twice
             steps.remaining = 2
             results += [await outcome(stub, request()) for _ in range(3)]
-        return results, await status(health)
+        return results, await status(channel)
 
     results, health_after = serve(engine, body)
     for failed in results[0:2] + results[3:5]:
@@ -159,11 +135,11 @@ def test_a_success_resets_the_count_of_failed_steps(engine, monkeypatch):
 def test_failed_steps_in_a_row_stop_the_engine_and_health_turns_not_serving(model, engine, monkeypatch):
     steps = failing(engine, monkeypatch, RuntimeError("stuck"))
 
-    async def body(stub, health):
-        assert await status(health) == SERVING
+    async def body(stub, channel):
+        assert await status(channel) == SERVING
         steps.remaining = 3
         failed = [await outcome(stub, request()) for _ in range(3)]
-        return failed, await wait_for_status(health, NOT_SERVING), await outcome(stub, request())
+        return failed, await wait_for_status(channel, SERVICE, NOT_SERVING), await outcome(stub, request())
 
     failed, health_after, refused = serve(engine, body)
     for result in failed:
@@ -174,7 +150,7 @@ def test_failed_steps_in_a_row_stop_the_engine_and_health_turns_not_serving(mode
     )
     restarted = Engine(model, kv_cache_bytes=SMALL_CACHE)  # a restart heals it
     try:
-        served = serve(restarted, lambda stub, health: outcome(stub, request()))
+        served = serve(restarted, lambda stub, channel: outcome(stub, request()))
         assert isinstance(served, list) and len(served) == 5 and restarted.is_alive()
     finally:
         restarted.stop()
@@ -183,10 +159,10 @@ def test_failed_steps_in_a_row_stop_the_engine_and_health_turns_not_serving(mode
 def test_a_cuda_error_stops_the_engine_at_once(engine, monkeypatch):
     steps = failing(engine, monkeypatch, RuntimeError("CUDA error: an illegal memory access was encountered"))
 
-    async def body(stub, health):
+    async def body(stub, channel):
         steps.remaining = 1
         failed = await outcome(stub, request())
-        return failed, await wait_for_status(health, NOT_SERVING), await outcome(stub, request())
+        return failed, await wait_for_status(channel, SERVICE, NOT_SERVING), await outcome(stub, request())
 
     failed, health_after, refused = serve(engine, body)
     assert_unavailable(failed, "CUDA error")
@@ -206,14 +182,14 @@ def test_nan_logits_end_their_own_request_only(engine, monkeypatch):
                 logits[row] = torch.nan
         return sampling, logits
 
-    async def body(stub, health):
+    async def body(stub, channel):
         clean = await outcome(stub, request("clean", tokens=12))
         monkeypatch.setattr(engine.runner, "execute", poisoning)
         together = await asyncio.gather(
             outcome(stub, request("poisoned", ids=(1, 50, 51), tokens=12)),
             outcome(stub, request("clean", tokens=12)),
         )
-        return clean, together, await status(health)
+        return clean, together, await status(channel)
 
     clean, (poisoned, beside), health_after = serve(engine, body)
     assert isinstance(poisoned, grpc.aio.AioRpcError)
