@@ -6,8 +6,6 @@ EXIF rotation, EPS and SVG), each refused by the gateway's header probe or the v
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import pytest
 from PIL import Image
@@ -15,24 +13,13 @@ from PIL import Image
 from mmserve.errors import InvalidInputError
 from mmserve.images import decode_image, probe_image
 from tests.helpers import data_url, make_image
+from tests.image_bytes import png_header
 from tests.media_network import PNG, case, fetch, found, offline_network
 
 
 @pytest.fixture(autouse=True)
 def network(monkeypatch, request):
     yield from offline_network(monkeypatch, request)
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG signature and IHDR chunk only (no pixel data): what a decompression bomb's header says."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-    )
 
 
 def animated(fmt: str) -> bytes:
