@@ -3,9 +3,8 @@ files, and redirects re-checked at every hop (a loopback test server), each with
 what was wrong (the HTTP layer answers these with 400 in OpenAI's error shape). The destinations the
 policy refuses are tests/unit/test_media_policy.py's corpus; hostile image bytes, test_hostile_images.py's.
 
-No test here opens a connection to anything but loopback: the autouse fixture of tests/media_network.py
-replaces the resolver with a fake DNS table (no packet leaves the machine) and makes every socket connect
-to a non-loopback address fail the test.
+No test here connects to anything but loopback (tests/media_network.py: a fake DNS table, and any other
+connect fails the test).
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@ MediaError that names what was wrong (the HTTP layer answers these with 400 in O
 the address classifier (`is_public`), the per-hop check (`AddressPolicy.checked_address`, which resolves
 through `socket.getaddrinfo`) and the allow-list.
 
-No test here opens a connection to anything but loopback: the autouse fixture of tests/media_network.py
-replaces the resolver with a fake DNS table (no packet leaves the machine) and makes every socket connect
-to a non-loopback address fail the test.
+Names resolve through a fake DNS table, and any connect beyond loopback fails the test
+(tests/media_network.py).
 """
 
 from __future__ import annotations
