@@ -3,10 +3,13 @@
 1. a chat request with an image through the published gateway port, with the official `openai` client;
    the answer is checked (576 image tokens in the prompt, tokens out, greedy = deterministic, stream =
    non-stream);
-2. the `llm` container is killed (SIGKILL to its PID 1, as an OOM kill or crash would) while a request
-   is in flight: that request and the next ones end promptly (503 in OpenAI's error shape, never a hang),
-   /health says 503 naming llm;
-3. the restart policy brings llm back and the gateway answers again, with the same greedy answer.
+2. faults under load, for the `llm` container and then the `vision` one: with 32 streams and 8 plain
+   requests in flight (tests/compose/faults.py), the container is killed (SIGKILL to its PID 1, as an
+   OOM kill or crash would); requests arriving during the outage and a new request end promptly (503
+   in OpenAI's error shape), /health says 503 naming the service; every request ends (completed or a
+   clean error: none hangs, none is dropped silently), reported per outcome;
+3. the restart policy brings the service back within 30 s of the kill (--heal-timeout) and the gateway
+   (never restarted) answers again, with the same greedy answer.
 
 Usage: python tests/compose/compose_check.py --port 8000 --project mmserve-test [--engine podman]
 """
@@ -21,11 +24,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import openai
+from faults import PLAIN, STREAMS, HealWatch, Load, report  # tests/compose/faults.py, beside this script
 from PIL import Image
 
 PROMPT = "What is in the image?"
@@ -65,7 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--project", required=True)
     p.add_argument("--engine", default="podman")
-    p.add_argument("--recover-timeout", type=float, default=240)
+    p.add_argument("--recover-timeout", type=float, default=240)  # how long to wait for a diagnosis
+    p.add_argument("--heal-timeout", type=float, default=30)  # what passes: serving again within this
     return p.parse_args()
 
 
@@ -97,55 +101,67 @@ def check_chat_with_image(client: openai.OpenAI, base: str, model: str, image: s
     return text
 
 
-def kill_llm_during_request(
-    args: argparse.Namespace, client: openai.OpenAI, model: str, image: str
-) -> tuple[dict, float]:
-    """Step 2, first half: SIGKILL llm while a request is in flight; that request must end promptly.
+# Tokens per request: the llm kill cuts long generations; under the vision kill the requests already
+# past the encoder run to the end, so they are short (the check stays about a minute in all).
+MAX_TOKENS = {"llm": 1000, "vision": 96}
+HANG_AFTER_S = 60  # a request not ended this long after the kill hangs
 
-    Returns the llm container as it was before the kill, and the kill's time."""
-    before = container(args.engine, args.project, "llm")
-    result: dict = {}
 
-    def in_flight():
-        t = time.monotonic()
-        try:
-            r = chat(client, model, image, max_tokens=3000, extra_body={"ignore_eos": True})
-            result["outcome"] = f"completed ({r.usage.completion_tokens if r.usage else '?'} tokens)"
-        except openai.APIStatusError as exc:
-            result["outcome"] = f"HTTP {exc.status_code}: {exc.message}"
-            result["status"] = exc.status_code
-        except Exception as exc:  # noqa: BLE001 - reported below
-            result["outcome"] = f"{type(exc).__name__}: {exc}"
-        result["seconds"] = time.monotonic() - t
-
-    worker = threading.Thread(target=in_flight, daemon=True)
-    worker.start()
-    time.sleep(1.0)
+def kill_under_load(
+    args: argparse.Namespace, base: str, model: str, service: str
+) -> tuple[Load, dict, float]:
+    """Step 2, first half: 32 streams + 8 plain requests in flight, then SIGKILL `service`'s container
+    and send a few more (arrivals during the outage). Returns the load, the container as it was before
+    the kill, and the kill's time."""
+    before = container(args.engine, args.project, service)
+    headers = {"Authorization": f"Bearer {os.environ.get('API_KEY') or 'unused'}"}
+    load = Load(base, headers, model, MAX_TOKENS[service])
+    load.start(STREAMS, PLAIN, seed=1000 if service == "llm" else 2000)
+    if service == "llm":  # every stream decoding
+        log(f"{load.wait_streaming(60)}/{STREAMS} streams decoding")
+    else:  # images still being encoded
+        time.sleep(0.5)
     pid = before["State"]["Pid"]
-    log(f"killing the llm container ({before['Name']}, PID 1 = host pid {pid}) with SIGKILL")
+    log(f"killing the {service} container ({before['Name']}, PID 1 = host pid {pid}) with SIGKILL")
     t_kill = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    worker.join(timeout=30)
-    assert not worker.is_alive(), "the in-flight request hangs after the llm container died"
-    log(f"in-flight request: {result['outcome']} after {result['seconds']:.1f}s")
-    return before, t_kill
+    load.start(2, 2, seed=3000 if service == "llm" else 4000)
+    return load, before, t_kill
 
 
-def check_llm_down(client: openai.OpenAI, base: str, model: str, image: str) -> None:
-    """Step 2, second half: new requests while llm is down end promptly with 503; /health names llm."""
+def check_load_ended(load: Load, service: str, t_kill: float) -> None:
+    """Step 2, last part: every request ended, completed or with a clean error."""
+    outcomes = load.finish(t_kill + HANG_AFTER_S)
+    log(
+        report(
+            f"{service} killed under load ({STREAMS} streams + {PLAIN} plain, then 2 + 2 arrivals)", outcomes
+        )
+    )
+    kinds = {outcome.kind for outcome in outcomes}
+    assert "hang" not in kinds, f"requests hang after the {service} container died"
+    assert "dropped" not in kinds, f"requests were dropped without a clean error after the {service} kill"
+    if service == "llm":  # they were all decoding: the kill ends them
+        assert all(o.kind == "clean error" for o in outcomes[:STREAMS]), "a stream survived the llm kill"
+
+
+def check_down(client: openai.OpenAI, base: str, model: str, image: str, service: str) -> None:
+    """Step 2, second half: a new request while `service` is down ends promptly with 503; /health names
+    the service."""
     t = time.monotonic()
     try:
         chat(client, model, image, max_tokens=8)
-        raise AssertionError("a request succeeded while llm was down")
+        raise AssertionError(f"a request succeeded while {service} was down")
     except openai.APIStatusError as exc:
         took = time.monotonic() - t
-        log(f"new request while llm is down: HTTP {exc.status_code} in {took:.2f}s: {exc.body}")
+        log(f"new request while {service} is down: HTTP {exc.status_code} in {took:.2f}s: {exc.body}")
         assert exc.status_code == 503, exc
-        assert isinstance(exc.body, dict) and "llm service is unavailable" in exc.body.get("message", "")
+        assert isinstance(exc.body, dict) and f"{service} service is unavailable" in exc.body.get(
+            "message", ""
+        )
         assert took < 10, f"503 took {took:.1f}s"
     health = httpx.get(base + "/health", timeout=10)
-    log(f"/health while llm is down: {health.status_code} {health.text}")
-    assert health.status_code == 503 and "llm" in health.json()["backends"], health.text
+    log(f"/health while {service} is down: {health.status_code} {health.text}")
+    assert health.status_code == 503 and service in health.json()["backends"], health.text
 
 
 def check_recovery(
@@ -155,10 +171,12 @@ def check_recovery(
     model: str,
     image: str,
     text: str,
+    service: str,
     before: dict,
     t_kill: float,
+    heal: HealWatch,
 ) -> None:
-    """Step 3: the restart policy brings llm back; the gateway (never restarted) answers again."""
+    """Step 3: the restart policy brings `service` back; the gateway (never restarted) answers again."""
     deadline = time.monotonic() + args.recover_timeout
     attempts = 0
     while True:
@@ -171,9 +189,9 @@ def check_recovery(
                 raise
             time.sleep(1)
     recovered = time.monotonic() - t_kill
-    after = container(args.engine, args.project, "llm")
+    after = container(args.engine, args.project, service)
     log(
-        f"recovered {recovered:.1f}s after the kill ({attempts} tries); llm restarts: "
+        f"recovered {recovered:.1f}s after the kill ({attempts} tries); {service} restarts: "
         f"{before.get('RestartCount', 0)} -> {after.get('RestartCount', 0)}, state {after['State']['Status']}"
     )
     assert back.choices[0].message.content == text, (back.choices[0].message.content, text)
@@ -182,7 +200,10 @@ def check_recovery(
     assert gw["State"]["Status"] == "running" and gw.get("RestartCount", 0) == 0, "gateway restarted"
     health = httpx.get(base + "/health", timeout=10)
     assert health.status_code == 200, health.text
-    log("llm restarted by the restart policy, same greedy answer, /health 200")
+    healed = heal.wait()
+    log(f"{service}: /health 200 again {healed}s after the kill (limit {args.heal_timeout}s)")
+    assert healed is not None and healed <= args.heal_timeout, f"{service} did not heal in time"
+    log(f"{service} restarted by the restart policy, same greedy answer, /health 200")
 
 
 def main() -> int:
@@ -196,9 +217,12 @@ def main() -> int:
     model = client.models.list().data[0].id
     log(f"model: {model}")
     text = check_chat_with_image(client, base, model, image)
-    before, t_kill = kill_llm_during_request(args, client, model, image)
-    check_llm_down(client, base, model, image)
-    check_recovery(args, client, base, model, image, text, before, t_kill)
+    for service in ("llm", "vision"):
+        load, before, t_kill = kill_under_load(args, base, model, service)
+        check_down(client, base, model, image, service)
+        heal = HealWatch(base, t_kill, args.recover_timeout)  # from now on, beside the load ending
+        check_load_ended(load, service, t_kill)
+        check_recovery(args, client, base, model, image, text, service, before, t_kill, heal)
     return 0
 
 

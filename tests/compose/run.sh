@@ -3,7 +3,9 @@
 # through the compose kit (podman + podman-compose + a local python:3.11-slim), see ../shared/compose.
 #
 #   set up the kit -> build the image -> `compose up -d` -> wait for /health through the published port
-#   -> tests/compose/compose_check.py (chat with an image via `openai`; kill llm: 503, then recovery)
+#   -> tests/compose/compose_check.py (chat with an image via `openai`; kill -9 llm, then vision, each
+#      under 32 streams + 8 plain requests: every request ends, reported per outcome; 503 and /health
+#      naming the service while down; healed within 30 s)
 #   -> `compose stop` (every service must exit 0 on SIGTERM, well inside stop_grace_period)
 #   -> `compose down -v` -> `compose up -d --scale llm=2`: requests reach both replicas -> `compose down -v`,
 #   and check that nothing of the project is left. COMPOSE_TEST_SCALE=0 skips the --scale step.
