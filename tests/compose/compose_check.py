@@ -140,8 +140,6 @@ def check_load_ended(load: Load, service: str, t_kill: float) -> None:
     kinds = {outcome.kind for outcome in outcomes}
     assert "hang" not in kinds, f"requests hang after the {service} container died"
     assert "dropped" not in kinds, f"requests were dropped without a clean error after the {service} kill"
-    if service == "llm":  # they were all decoding: the kill ends them
-        assert all(o.kind == "clean error" for o in outcomes[:STREAMS]), "a stream survived the llm kill"
 
 
 def check_down(client: openai.OpenAI, base: str, model: str, image: str, service: str) -> None:
