@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -246,32 +246,39 @@ def metric(port: int, name: str, absent: float | None = None) -> float:
     return absent
 
 
+@asynccontextmanager
+async def grpc_service(add_servicer, service_name: str, internal_token: str | None = None):
+    """A real gRPC server of one service (with health and reflection) on a loopback port the OS picks;
+    yields its address."""
+    from mmserve.grpc_util import start_server
+
+    server, _, port = await start_server(
+        add_servicer, service_name, "127.0.0.1", 0, 64 << 20, internal_token=internal_token
+    )
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
 def serve_vision(encoder, body):
     """Run `await body(stub, address)` against a real VisionService gRPC server for `encoder`."""
     import asyncio
 
     import grpc
 
-    from mmserve.grpc_util import channel_options, start_server
+    from mmserve.grpc_util import channel_options
     from mmserve.proto import vision_pb2, vision_pb2_grpc
     from vision_service.server import VisionServicer
 
     service = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 
+    def add(server):
+        vision_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(encoder), server)
+
     async def go():
-        server, _, port = await start_server(
-            lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(encoder), s),
-            service,
-            "127.0.0.1",
-            0,
-            64 << 20,
-        )
-        try:
-            async with grpc.aio.insecure_channel(
-                f"127.0.0.1:{port}", options=channel_options(64 << 20)
-            ) as channel:
-                return await body(vision_pb2_grpc.VisionServiceStub(channel), f"127.0.0.1:{port}")
-        finally:
-            await server.stop(0)
+        async with grpc_service(add, service) as address:
+            async with grpc.aio.insecure_channel(address, options=channel_options(64 << 20)) as channel:
+                return await body(vision_pb2_grpc.VisionServiceStub(channel), address)
 
     return asyncio.run(go())

@@ -18,11 +18,11 @@ from llm_service.engine import Engine
 from llm_service.models import load_language_model
 from llm_service.server import LLMServicer
 from mmserve.errors import MMServeError
-from mmserve.grpc_util import start_server
 from mmserve.internal_auth import TOKEN_ENV, TOKEN_FILE_ENV, call_metadata, resolve_token
 from mmserve.proto import llm_pb2, llm_pb2_grpc
 from mmserve.wire import GenerateRequest, SamplingParams
 from mmserve.wire_pb import generate_request_to_pb
+from tests.helpers import grpc_service
 
 SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
 SECRET = "s3cret-token"
@@ -38,20 +38,13 @@ def engine(tiny_checkpoint):
 def with_guarded_server(engine, body):
     """`await body(stub, channel, address)` against an LLM service that requires SECRET."""
 
+    def add(server):
+        llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(engine), server)
+
     async def go():
-        server, _, port = await start_server(
-            lambda s: llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(engine), s),
-            SERVICE,
-            "127.0.0.1",
-            0,
-            64 << 20,
-            internal_token=SECRET,
-        )
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                return await body(llm_pb2_grpc.LLMServiceStub(channel), channel, f"127.0.0.1:{port}")
-        finally:
-            await server.stop(0)
+        async with grpc_service(add, SERVICE, internal_token=SECRET) as address:
+            async with grpc.aio.insecure_channel(address) as channel:
+                return await body(llm_pb2_grpc.LLMServiceStub(channel), channel, address)
 
     return asyncio.run(go())
 

@@ -15,20 +15,11 @@ from gateway.http.app import create_app
 from gateway.media import MediaFetcher
 from gateway.serving import ServingCore
 from mmserve.errors import OverloadedError
-from tests.unit.test_api import MODEL, FakePrompt, ScriptedLLM
+from tests.unit.test_api import MODEL, ScriptedLLM
+from tests.unit.test_bad_input import CountingPrompt
 from tools.checkpoints import build_tokenizer
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
-
-
-class CountingPrompt(FakePrompt):
-    def __init__(self, tokenizer):
-        super().__init__(tokenizer)
-        self.tokenized = 0
-
-    def tokenize(self, text):
-        self.tokenized += 1
-        return super().tokenize(text)
 
 
 class SlowLLM(ScriptedLLM):
