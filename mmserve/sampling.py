@@ -85,7 +85,7 @@ def sampling_params(choices: SamplingChoices, defaults: GenerationDefaults | Non
     """The engine's settings: what the caller chose, else the checkpoint's default, else neutral.
 
     Each entry point translates its own field names into `SamplingChoices` and calls this (REST:
-    gateway/http/generation.py, the Python API: pipeline/settings.py, gRPC: mmserve.wire.sampling_from_pb).
+    gateway/http/generation.py, the Python API: pipeline/settings.py, gRPC: mmserve.wire_pb.sampling_from_pb).
     Ranges are checked once, at the engine's admission (llm_service), which every entry point reaches."""
     d = defaults or GenerationDefaults()
     neutral = SamplingParams()
