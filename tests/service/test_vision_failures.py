@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from mmserve.proto import vision_pb2, vision_pb2_grpc
-from tests.service.watched import health_status, serve_watched, wait_for_status
+from tests.service.watched import assert_unavailable, health_status, serve_watched, wait_for_status
 from vision_service.config import VisionConfig
 from vision_service.encoder import VisionEncoder
 from vision_service.server import VisionServicer
@@ -70,13 +70,6 @@ async def embed(stub, *images: bytes) -> int | grpc.aio.AioRpcError:
         return len((await stub.Embed(request)).embeddings)
     except grpc.aio.AioRpcError as exc:
         return exc
-
-
-def assert_unavailable(result, *needles: str) -> None:
-    assert isinstance(result, grpc.aio.AioRpcError), result
-    assert result.code() == grpc.StatusCode.UNAVAILABLE, (result.code(), result.details())
-    for needle in needles:
-        assert needle in result.details(), result.details()
 
 
 def images(image_dir) -> list[bytes]:

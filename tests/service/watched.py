@@ -1,5 +1,6 @@
 """A gRPC service on loopback whose health follows a liveness callable the way `serve` makes it
-(mmserve.grpc_util), and health checks with a deadline: for the engine and encoder failure tests."""
+(mmserve.grpc_util), health checks with a deadline, and the clean error a failure must give: for the
+engine and encoder failure tests."""
 
 from __future__ import annotations
 
@@ -41,3 +42,11 @@ async def wait_for_status(channel, service: str, wanted: int, deadline_s: float 
     while (got := await health_status(channel, service)) != wanted and time.monotonic() < until:
         await asyncio.sleep(0.1)
     return got
+
+
+def assert_unavailable(result, *needles: str) -> None:
+    """`result` is an UNAVAILABLE error whose details name every needle."""
+    assert isinstance(result, grpc.aio.AioRpcError), result
+    assert result.code() == grpc.StatusCode.UNAVAILABLE, (result.code(), result.details())
+    for needle in needles:
+        assert needle in result.details(), result.details()
