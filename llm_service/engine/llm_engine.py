@@ -37,6 +37,7 @@ from mmserve.step_health import StepHealth, describe
 from mmserve.wire import FinishReason, GenerateOutput, GenerateRequest, LLMInfo, TokenLogprobs, Usage
 
 log = logging.getLogger(__name__)
+Sampled = tuple[list[int], list[TokenLogprobs | None]]  # each row's token, and its logprobs if asked
 
 _NONFINITE = (
     "the model's logits became NaN/Inf at output token {}; the request's inputs (e.g. image "
@@ -216,7 +217,9 @@ class Engine:
         for seq, token, token_logprobs in zip(rows, tokens, logprobs, strict=True):
             self._append(seq, token, token_logprobs, now)
 
-    def _sample(self, rows: list[Sequence], logits: torch.Tensor):
+    def _sample(
+        self, rows: list[Sequence], logits: torch.Tensor
+    ) -> tuple[list[Sequence], list[Sequence], Sampled]:
         """-> (the rows that sampled, the rows whose logits are NaN/Inf, (their tokens, logprobs))."""
         poisoned = set(nonfinite_rows(logits)) if rows else set()
         bad = [seq for i, seq in enumerate(rows) if i in poisoned]
