@@ -7,7 +7,7 @@ first (`python -m tools.demo`) and passes its folder. Ctrl-C (SIGINT) or SIGTERM
 
 Everything an operator can get wrong is checked before any service process starts (so before any weights
 load): the checkpoint path (a folder, or a Hub repo id: `name` or `org/name`; a path is never sent to the
-Hub), the checkpoint itself (`mmserve.inspect.validate_checkpoint`: config.json, family, weights), the
+Hub), the checkpoint itself (`mmserve.checkpoint_check.validate_checkpoint`: config.json, family, weights), the
 dtypes, and the ports. Each problem is one line on stderr and exit code 2; MMSERVE_DEBUG=1 or `--debug`
 shows tracebacks instead.
 
@@ -43,7 +43,7 @@ INTERNAL_PORTS = (
 
 def resolve_checkpoint(name: str | None, variable: str = "CHECKPOINT_PATH") -> tuple[str, bool]:
     """(local folder, is_demo) for a folder or a Hub repo id. Something that looks like a path (see
-    mmserve.inspect.is_hub_id) is never sent to the Hub. A random-weight checkpoint built by
+    mmserve.checkpoint_check.is_hub_id) is never sent to the Hub. A random-weight checkpoint built by
     tools.checkpoints (the demo among them) carries mmserve_demo.json."""
     if not name:
         raise StartupError(
