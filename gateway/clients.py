@@ -26,6 +26,11 @@ from mmserve.wire_pb import (
 
 
 def _domain_error(exc: grpc.aio.AioRpcError, service: str) -> MMServeError:
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:  # a deployment error, not the client's: say whose
+        return UnavailableError(
+            f"{service} service refused the gateway's internal token ({exc.details()}): "
+            "MMSERVE_INTERNAL_TOKEN / MMSERVE_INTERNAL_TOKEN_FILE must be the same for all three services"
+        )
     kind = error_for_grpc_code(exc.code().name)
     if kind is UnavailableError:
         return UnavailableError(f"{service} service is unavailable ({exc.details()})")

@@ -17,7 +17,7 @@ from llm_service.config import LLMConfig
 from llm_service.engine import Engine
 from llm_service.models import load_language_model
 from llm_service.server import LLMServicer
-from mmserve.errors import MMServeError
+from mmserve.errors import UnavailableError
 from mmserve.internal_auth import TOKEN_ENV, TOKEN_FILE_ENV, call_metadata, resolve_token
 from mmserve.proto import llm_pb2, llm_pb2_grpc
 from mmserve.wire import GenerateRequest, SamplingParams
@@ -88,12 +88,14 @@ def test_calls_with_the_token_are_served(engine):
             client_info = await client.model_info()
         finally:
             await client.close()
-        unauthorized = GrpcLLMClient(address, 64 << 20)
-        try:
-            with pytest.raises(MMServeError, match="UNAUTHENTICATED"):
-                await unauthorized.model_info()
-        finally:
-            await unauthorized.close()
+        for token in (None, "not-the-secret"):  # a deployment error: a 503 naming the setting, not a 500
+            unauthorized = GrpcLLMClient(address, 64 << 20, token=token)
+            try:
+                with pytest.raises(UnavailableError, match="refused the gateway's internal token") as caught:
+                    await unauthorized.model_info()
+                assert "MMSERVE_INTERNAL_TOKEN" in str(caught.value) and SECRET not in str(caught.value)
+            finally:
+                await unauthorized.close()
         return info, tokens, client_info
 
     info, tokens, client_info = with_guarded_server(engine, body)
