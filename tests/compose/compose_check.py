@@ -199,7 +199,8 @@ def check_recovery(
     health = httpx.get(base + "/health", timeout=10)
     assert health.status_code == 200, health.text
     healed = heal.wait()
-    log(f"{service}: /health 200 again {healed}s after the kill (limit {args.heal_timeout}s)")
+    took = "never" if healed is None else f"{healed:.1f}s after the kill"
+    log(f"{service}: /health 200 again: {took} (limit {args.heal_timeout:.0f}s)")
     assert healed is not None and healed <= args.heal_timeout, f"{service} did not heal in time"
     log(f"{service} restarted by the restart policy, same greedy answer, /health 200")
 
