@@ -132,11 +132,12 @@ async def serve(
     on_stop=None,
     liveness=None,
     internal_token: str | None = None,
-) -> None:
-    """Run the server until SIGINT/SIGTERM.
+) -> bool:
+    """Run the server until SIGINT/SIGTERM, or until `liveness()` turns false.
 
     On a signal the health status turns NOT_SERVING, in-flight calls get `grace_seconds` to finish,
-    then `on_stop()` (if given) runs.
+    then `on_stop()` (if given) runs. Returns True when the service stopped because it was no longer
+    live (its caller exits non-zero, so that a restart policy or supervisor replaces the process).
     """
     server, health_servicer, bound = await start_server(
         add_servicer, service_full_name, host, port, max_message_bytes, internal_token
@@ -149,23 +150,35 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    died = asyncio.Event()
     if liveness is not None:
-        loop.create_task(_watch(liveness, health_servicer, service_full_name))
+        watch = loop.create_task(_watch(liveness, health_servicer, service_full_name))
+        watch.add_done_callback(lambda _: (died.set(), stop.set()))
     await stop.wait()
     log.info("shutting down (grace %.1fs)", grace_seconds)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace_seconds)
     if on_stop is not None:
         on_stop()
+    return died.is_set()
+
+
+# How long a service that is no longer live keeps answering NOT_SERVING before it exits: long enough for
+# the gateway's /health and probes to see why, short enough that a restart policy replaces it soon.
+DEAD_EXIT_DELAY_S = 5.0
 
 
 async def _watch(liveness, health_servicer, service_full_name: str) -> None:
-    """Report NOT_SERVING once `liveness()` turns false (e.g. the engine thread died)."""
+    """Report NOT_SERVING once `liveness()` turns false (e.g. the engine failed), then return after
+    DEAD_EXIT_DELAY_S so that the service exits."""
     while liveness():
         await asyncio.sleep(1.0)
-    log.error("%s is no longer live; reporting NOT_SERVING", service_full_name)
+    log.error(
+        "%s is no longer live; reporting NOT_SERVING, exiting in %.0fs", service_full_name, DEAD_EXIT_DELAY_S
+    )
     for name in ("", service_full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await asyncio.sleep(DEAD_EXIT_DELAY_S)
 
 
 def serve_metrics(port: int, host: str, registry) -> None:

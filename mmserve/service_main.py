@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,7 +51,7 @@ def run_grpc_service(prog: str, load: Callable[[list[str]], LoadedService], argv
     if settings.metrics_port:
         serve_metrics(settings.metrics_port, settings.host, service.metrics_registry)
     try:
-        asyncio.run(
+        died = asyncio.run(
             serve(
                 service.add_servicer,
                 service.service_name,
@@ -67,3 +68,5 @@ def run_grpc_service(prog: str, load: Callable[[list[str]], LoadedService], argv
         service.on_stop()
         with startup_errors(prog, debug):
             raise
+    if died:  # non-zero, so that compose's restart policy, Kubernetes or the launcher replaces the process
+        sys.exit(f"{prog}: the model failed and the service can no longer serve; exiting to be restarted")

@@ -20,6 +20,7 @@ def load(argv: list[str]) -> LoadedService:
         add_servicer=lambda server: vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server),
         metrics_registry=encoder.metrics.registry,
         on_stop=encoder.close,
+        liveness=encoder.is_alive,
     )
 
 

@@ -24,6 +24,7 @@ from llm_service.config import LLMConfig
 from llm_service.engine import Engine
 from llm_service.models import load_language_model
 from llm_service.server import LLMServicer
+from mmserve import grpc_util
 from mmserve.proto import llm_pb2, llm_pb2_grpc
 from mmserve.wire import GenerateRequest, SamplingParams
 from mmserve.wire_pb import generate_request_to_pb
@@ -194,3 +195,26 @@ def test_nan_logits_end_their_own_request_only(engine, monkeypatch):
     assert "NaN/Inf at output token 2" in poisoned.details()
     assert beside == clean  # the request beside it is untouched
     assert health_after == SERVING and engine.is_alive()
+
+
+def test_a_service_that_is_no_longer_live_reports_not_serving_then_stops(monkeypatch):
+    """serve() returns True (its caller exits non-zero, for a restart policy to act) after the failed
+    service has answered NOT_SERVING for DEAD_EXIT_DELAY_S; a signal-free, model-free server."""
+    monkeypatch.setattr(grpc_util, "DEAD_EXIT_DELAY_S", 0.5)
+    alive = [True]
+    seen = []
+
+    async def go():
+        server = asyncio.create_task(
+            grpc_util.serve(
+                lambda server: None, SERVICE, "127.0.0.1", 0, 1 << 20, 1.0, liveness=lambda: alive[0]
+            )
+        )
+        await asyncio.sleep(0.5)
+        assert not server.done()  # live: it serves on
+        alive[0] = False
+        died = await asyncio.wait_for(server, timeout=30)
+        seen.append(died)
+
+    asyncio.run(go())
+    assert seen == [True]

@@ -201,7 +201,8 @@ def test_a_failing_batch_is_retried_image_by_image(make_encoder):
 
     good, bad, also_good = serve(encoder, body)
     assert len(good.embeddings) == len(also_good.embeddings) == 1  # the batch failed, these did not
-    assert isinstance(bad, grpc.aio.AioRpcError) and bad.code() == grpc.StatusCode.INTERNAL
+    assert isinstance(bad, grpc.aio.AioRpcError) and bad.code() == grpc.StatusCode.UNAVAILABLE
+    assert "the vision encoder's forward failed" in bad.details()
 
 
 def test_batches_respect_the_patch_budget():
