@@ -2,11 +2,10 @@
 # docker-compose.yml runs it three times with different commands; on its own it runs the gateway.
 # No model is baked in: the checkpoint comes from a volume (see README "Run with Docker Compose").
 #
-#   docker build -t mmserve .
-#   # smaller CPU-only image (PyPI's Linux x86_64 torch wheel is the CUDA build):
-#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t mmserve .
-#   # GPU image with flash-attn (the `gpu` extra); docker-compose.gpu.yml sets this:
-#   docker build --build-arg INSTALL_GPU_EXTRA=true -t mmserve:gpu .
+#   docker build -t mmserve .     # CPU: torch's CPU wheel from PyTorch's CPU index (no CUDA libraries)
+#   # GPU image: PyPI's CUDA torch + flash-attn (the `gpu` extra); docker-compose.gpu.yml sets these:
+#   docker build --build-arg TORCH_SPEC=torch==2.13.0 --build-arg TORCH_INDEX_URL= \
+#     --build-arg INSTALL_GPU_EXTRA=true -t mmserve:gpu .
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -35,9 +34,13 @@ WORKDIR /app
 
 # The README's install, in the same order: torch first and pinned exactly, then the project (its
 # runtime dependencies from pyproject.toml; the `test` extra is left out of the image). torch gets its
-# own layer so that source changes don't reinstall it. TORCH_INDEX_URL empty = the default index.
-ARG TORCH_INDEX_URL=
-RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url $TORCH_INDEX_URL}
+# own layer so that source changes don't reinstall it. PyPI's Linux x86_64 torch wheel is the CUDA build
+# (several GB with its nvidia-* dependencies), so the CPU image takes the +cpu build from PyTorch's CPU
+# index by default (also found in a pip find-links folder); pyproject's torch==2.13.0 accepts it.
+# TORCH_INDEX_URL empty = pip's configured indexes only.
+ARG TORCH_SPEC=torch==2.13.0+cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install "$TORCH_SPEC" ${TORCH_INDEX_URL:+--extra-index-url $TORCH_INDEX_URL}
 
 # The other runtime dependencies, read from pyproject.toml, cached until that file changes.
 COPY pyproject.toml ./

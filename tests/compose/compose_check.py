@@ -9,7 +9,11 @@
    in OpenAI's error shape), /health says 503 naming the service; every request ends (completed or a
    clean error: none hangs, none is dropped silently), reported per outcome;
 3. the restart policy brings the service back within 30 s of the kill (--heal-timeout) and the gateway
-   (never restarted) answers again, with the same greedy answer.
+   (never restarted) answers again, with the same greedy answer;
+4. drain: SIGTERM to the gateway with 16 streams of 1000 tokens in flight: all 16 complete (a finish
+   reason and [DONE]) within the drain (DRAIN_TIMEOUT, 30 s), a new request during the drain is refused
+   at once (connection refused or 503, never a hang), the gateway exits 0 and its restart policy brings
+   it back.
 
 Usage: python tests/compose/compose_check.py --port 8000 --project mmserve-test [--engine podman]
 """
@@ -28,7 +32,14 @@ import time
 
 import httpx
 import openai
-from faults import PLAIN, STREAMS, HealWatch, Load, report  # tests/compose/faults.py, beside this script
+from faults import (  # tests/compose/faults.py, beside this script
+    PLAIN,
+    STREAMS,
+    HealWatch,
+    Load,
+    chat_body,
+    report,
+)
 from PIL import Image
 
 PROMPT = "What is in the image?"
@@ -70,6 +81,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--engine", default="podman")
     p.add_argument("--recover-timeout", type=float, default=240)  # how long to wait for a diagnosis
     p.add_argument("--heal-timeout", type=float, default=30)  # what passes: serving again within this
+    p.add_argument("--drain-timeout", type=float, default=30)  # the services' DRAIN_TIMEOUT
     return p.parse_args()
 
 
@@ -205,6 +217,51 @@ def check_recovery(
     log(f"{service} restarted by the restart policy, same greedy answer, /health 200")
 
 
+DRAIN_STREAMS, DRAIN_TOKENS = 16, 1000
+
+
+def refused_during_drain(base: str, model: str) -> str:
+    """A new request sent while the gateway drains: how it ended ("refused ..." is what passes)."""
+    try:
+        response = httpx.post(base + "/v1/chat/completions", json=chat_body(model, 6000, 8), timeout=15)
+    except httpx.TimeoutException:
+        return "hang"
+    except httpx.TransportError as exc:  # the listener is closed: refused, or reset by the port forwarder
+        return f"refused ({type(exc).__name__})"
+    return "refused (503)" if response.status_code == 503 else f"answered HTTP {response.status_code}"
+
+
+def drain_gateway_under_load(args: argparse.Namespace, base: str, model: str) -> None:
+    """Step 4: SIGTERM to the gateway's PID 1 (tini, which forwards it) with 16 long streams in flight."""
+    before = container(args.engine, args.project, "gateway")
+    headers = {"Authorization": f"Bearer {os.environ.get('API_KEY') or 'unused'}"}
+    load = Load(base, headers, model, DRAIN_TOKENS)
+    load.start(DRAIN_STREAMS, 0, seed=5000)
+    log(f"{load.wait_streaming(120)}/{DRAIN_STREAMS} streams of {DRAIN_TOKENS} tokens decoding")
+    t_term = time.monotonic()
+    os.kill(before["State"]["Pid"], signal.SIGTERM)
+    time.sleep(1.0)  # the gateway has stopped accepting
+    refused = refused_during_drain(base, model)
+    log(f"a new request during the drain: {refused}")
+    outcomes = load.finish(t_term + args.drain_timeout + 15)
+    took = time.monotonic() - t_term
+    log(
+        report(
+            f"gateway SIGTERM with {DRAIN_STREAMS} streams in flight (ended {took:.1f}s after it)", outcomes
+        )
+    )
+    completed = sum(outcome.kind == "completed" for outcome in outcomes)
+    assert completed == DRAIN_STREAMS, f"{completed}/{DRAIN_STREAMS} streams completed during the drain"
+    assert took <= args.drain_timeout + 2, f"the streams took {took:.1f}s, past the drain"
+    assert refused.startswith("refused"), refused
+    healed = HealWatch(base, t_term, args.recover_timeout).wait()
+    assert healed is not None, "the gateway did not come back after its drain"
+    after = container(args.engine, args.project, "gateway")
+    log(
+        f"gateway back (restart policy, {after.get('RestartCount', 0)} restarts): /health 200 {healed:.1f}s after SIGTERM"
+    )
+
+
 def main() -> int:
     args = parse_args()
     base = f"http://127.0.0.1:{args.port}"
@@ -222,6 +279,7 @@ def main() -> int:
         heal = HealWatch(base, t_kill, args.recover_timeout)  # from now on, beside the load ending
         check_load_ended(load, service, t_kill)
         check_recovery(args, client, base, model, image, text, service, before, t_kill, heal)
+    drain_gateway_under_load(args, base, model)
     return 0
 
 

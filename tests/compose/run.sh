@@ -30,6 +30,9 @@ PROJECT=${COMPOSE_TEST_PROJECT:-mmserve-test}
 PORT=${COMPOSE_TEST_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 export PORT
 unset MODEL_DIR CHECKPOINT_PATH MODEL_TYPE TOKENIZER_PATH MODEL_NAME API_KEY MMSERVE_IMAGE  # the defaults
+# The image's default torch index (PyTorch's CPU wheels) is out of reach here: the kit's pip finds the same
+# torch 2.13.0+cpu wheel in its /opt/wheels find-links folder, so only PyPI is named.
+export TORCH_INDEX_URL=https://pypi.org/simple
 
 # 1. the kit (idempotent: ~1 s when done; its own smoke test is skipped, this test covers more)
 if [ "$(id -u)" = 0 ]; then SETUP=(); else SETUP=(sudo -E); fi
@@ -68,14 +71,14 @@ purge() {
     # shellcheck disable=SC2086
     podman rm -f -t 1 $ids >/dev/null 2>&1 || true
     "${COMPOSE[@]}" down -v -t 1 >/dev/null 2>&1 || true
-    podman volume rm -f "${PROJECT}_models" >/dev/null 2>&1 || true
+    podman volume rm -f "${PROJECT}_models" "${PROJECT}_internal-token" >/dev/null 2>&1 || true
   fi
 }
 cleanup() {
   local rc=$?
   if [ "$rc" != 0 ]; then
     log "FAILED (rc=$rc); logs:"
-    for s in model-init vision llm gateway; do
+    for s in internal-token model-init vision llm gateway; do
       echo "----- $s"; podman logs --tail 40 "${PROJECT}_${s}_1" 2>&1 || true
     done
   fi
@@ -152,6 +155,7 @@ fi
 left=$(podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}')
 [ -z "$left" ] || { log "containers left: $left"; exit 1; }
 ! podman volume exists "${PROJECT}_models" || { log "volume left"; exit 1; }
+! podman volume exists "${PROJECT}_internal-token" || { log "internal-token volume left"; exit 1; }
 ! curl -s -o /dev/null "http://127.0.0.1:$PORT/health" || { log "port $PORT still answers"; exit 1; }
 trap - EXIT
 log "PASSED in $(( $(date +%s) - T0 ))s"
