@@ -70,7 +70,9 @@ def test_over_the_cap_429_then_the_time_limit_ends_the_stream(served):
     thread = threading.Thread(target=long_stream, args=(stack.base_url, started, result))
     thread.start()
     assert started.wait(60), "the long stream never started"
-    refused = httpx.post(stack.base_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=10)
+    refused = httpx.post(
+        stack.base_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=10
+    )
     thread.join(60)
     assert not thread.is_alive(), "the stream outlived its time limit"
 
