@@ -153,7 +153,7 @@ async def serve(
     died = asyncio.Event()
     if liveness is not None:
         watch = loop.create_task(_watch(liveness, health_servicer, service_full_name))
-        watch.add_done_callback(lambda _: (died.set(), stop.set()))
+        watch.add_done_callback(lambda _: _set(died, stop))
     await stop.wait()
     log.info("shutting down (grace %.1fs)", grace_seconds)
     await health_servicer.enter_graceful_shutdown()
@@ -161,6 +161,11 @@ async def serve(
     if on_stop is not None:
         on_stop()
     return died.is_set()
+
+
+def _set(*events: asyncio.Event) -> None:
+    for event in events:
+        event.set()
 
 
 # How long a service that is no longer live keeps answering NOT_SERVING before it exits: long enough for
