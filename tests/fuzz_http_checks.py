@@ -9,8 +9,8 @@ import math
 
 from hypothesis import event
 
+from tests.gateway_app import CHAT
 from tests.unit.test_api import MODEL
-from tests.unit.test_bad_input import CHAT
 
 
 def _no_constants(name: str):

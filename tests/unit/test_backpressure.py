@@ -15,8 +15,8 @@ from gateway.http.app import create_app
 from gateway.media import MediaFetcher
 from gateway.serving import ServingCore
 from mmserve.errors import OverloadedError
+from tests.gateway_app import CountingPrompt
 from tests.unit.test_api import MODEL, ScriptedLLM
-from tests.unit.test_bad_input import CountingPrompt
 from tools.checkpoints import build_tokenizer
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"

@@ -31,8 +31,8 @@ from tests.fuzz_http_bodies import CHAT_BODY, COMPLETION_BODY, CONTENT_TYPES, PN
 from tests.fuzz_http_checks import check, check_accepted, check_ok
 from tests.fuzz_json import encode
 from tests.fuzz_settings import fuzz_settings
+from tests.gateway_app import CHAT, COMPLETIONS, assert_still_serving, send
 from tests.unit.test_api import MODEL, FakePrompt, ScriptedLLM
-from tests.unit.test_bad_input import CHAT, COMPLETIONS, assert_still_serving, send
 from tools.checkpoints import LLAVA_CHAT_TEMPLATE, build_tokenizer
 
 FUZZ = fuzz_settings(150)
