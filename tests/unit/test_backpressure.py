@@ -10,14 +10,9 @@ import json
 import httpx
 import pytest
 
-from gateway.config import MediaConfig
-from gateway.http.app import create_app
-from gateway.media import MediaFetcher
-from gateway.serving import ServingCore
 from mmserve.errors import OverloadedError
-from tests.gateway_app import CountingPrompt
-from tests.unit.test_api import MODEL, ScriptedLLM
-from tools.checkpoints import build_tokenizer
+from tests.gateway_app import CountingPrompt, make_app
+from tests.unit.test_api import ScriptedLLM
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
@@ -46,19 +41,13 @@ class SlowLLM(ScriptedLLM):
             yield output
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
 @pytest.fixture()
-def llm(tokenizer):
+def llm(tokenizer):  # tokenizer: tests/unit/conftest.py
     return SlowLLM(tokenizer, CountingPrompt(tokenizer))
 
 
 def client(llm, **limits) -> httpx.AsyncClient:
-    core = ServingCore(llm.prompt, None, llm, MediaFetcher(MediaConfig()), max_images_per_request=4)
-    app = create_app(core, MODEL, **limits)
+    app = make_app(llm, **limits)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver", timeout=30)
 
 
