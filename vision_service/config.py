@@ -23,6 +23,7 @@ class VisionConfig(ServiceConfig):
     min_pixels: int = 0
     max_pixels: int = 0
     max_batch_size: int = 16  # images per encoder forward, across requests
+    max_queued_images: int = 1024  # distinct images being preprocessed, queued or encoded; more: 429
     max_batch_patches: int = 16384  # encoder patches per forward (dynamic-resolution families)
     max_wait_ms: float = 2.0  # how long a forward waits for more images once one is queued
     cache_bytes: int = 1 << 30  # embedding cache budget (LRU); 0 turns the cache off
@@ -42,12 +43,14 @@ class VisionConfig(ServiceConfig):
             raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
         if (
             self.max_batch_size < 1
+            or self.max_queued_images < 1
             or self.max_wait_ms < 0
             or self.cache_bytes < 0
             or self.preprocess_workers < 1
         ):
             raise ValueError(
-                "max_batch_size and preprocess_workers must be >= 1, max_wait_ms and cache_bytes >= 0"
+                "max_batch_size, max_queued_images and preprocess_workers must be >= 1, "
+                "max_wait_ms and cache_bytes >= 0"
             )
         if self.preprocess_mode not in ("thread", "process"):
             raise ValueError(f"preprocess_mode must be 'thread' or 'process', got {self.preprocess_mode!r}")
@@ -69,6 +72,9 @@ class VisionConfig(ServiceConfig):
         flags.add("max_batch_size", "VISION_MAX_BATCH_SIZE", int, "images per encoder forward")
         flags.add(
             "max_batch_patches", "VISION_MAX_BATCH_PATCHES", int, "patches per forward (Qwen2-VL family)"
+        )
+        flags.add(
+            "max_queued_images", "VISION_MAX_QUEUED_IMAGES", int, "images in work at once; more get 429"
         )
         flags.add("max_wait_ms", "VISION_MAX_WAIT_MS", float, "wait for more images before a forward")
         flags.add("cache_bytes", "VISION_CACHE_BYTES", int, "embedding cache budget in bytes, 0 = off")

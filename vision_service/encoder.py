@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mmserve.checkpoint import parse_dtype, resolve_dtype
-from mmserve.errors import DeadlineError, InvalidInputError, NotFoundError, UnavailableError
+from mmserve.errors import DeadlineError, InvalidInputError, NotFoundError, OverloadedError, UnavailableError
 from mmserve.families import adapter, detect_family
 from mmserve.images import content_hash
 from mmserve.step_health import StepHealth
@@ -136,6 +136,7 @@ class VisionEncoder:
         batcher = self._ensure_batcher()  # before the hash-only check: a new event loop has no jobs
         self._check_hash_only_known(images, keys)
         results = [self._cached(key) for key in keys]
+        self._check_room([key for key, cached in zip(keys, results, strict=True) if cached is None])
         waiting = [
             (i, self._job_for(key, image.data, deadline, batcher))
             for i, (image, key) in enumerate(zip(images, keys, strict=True))
@@ -168,6 +169,18 @@ class VisionEncoder:
         ]
         if missing:
             raise NotFoundError(f"images {missing} are not in the embedding cache; send their bytes")
+
+    def _check_room(self, misses: list[EmbeddingKey]) -> None:
+        """A bounded queue: the images in work (preprocessing, queued or encoding) stay within
+        max_queued_images, so that a flood of Embed calls is refused at once instead of piling up
+        preprocessed pixels. A miss already being encoded joins that work and takes no room."""
+        new = len({key for key in misses if key not in self._inflight})
+        limit = self.config.max_queued_images
+        if new and len(self._inflight) + new > limit:
+            raise OverloadedError(
+                f"{len(self._inflight)} images are being encoded and this request adds {new}, over the "
+                f"limit of {limit} (VISION_MAX_QUEUED_IMAGES); retry later"
+            )
 
     def _cached(self, key: EmbeddingKey) -> ImageFeatures | None:
         features = self.cache.get(key)
