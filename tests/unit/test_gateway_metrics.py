@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -77,8 +78,10 @@ class GatedLLM(ScriptedLLM):
         try:
             inner = super().generate(request)
             yield await anext(inner)
-            opened = await asyncio.to_thread(self.gate.wait, 60)
-            assert opened, "the test never opened the gate"
+            until = time.monotonic() + 60  # polled, not a blocking wait: cancelling this must stop it
+            while not self.gate.is_set():
+                assert time.monotonic() < until, "the test never opened the gate"
+                await asyncio.sleep(0.005)
             async for output in inner:
                 yield output
         finally:
