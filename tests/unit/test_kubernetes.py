@@ -4,11 +4,9 @@ version the README names, and agree with what the services actually read and ser
 from __future__ import annotations
 
 import functools
-import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import yaml
@@ -18,6 +16,7 @@ from prometheus_client import generate_latest
 from llm_service.engine.stats import EngineStats
 from llm_service.metrics import EngineMetrics
 from tests.helpers import ROOT
+from tests.service_env import env_names
 
 KUSTOMIZE_ROOT = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ("cpu", "gpu")
@@ -41,23 +40,6 @@ def rendered(overlay: str) -> tuple[dict, ...]:
 
 def of_kind(overlay: str, kind: str) -> dict[str, dict]:
     return {doc["metadata"]["name"]: doc for doc in rendered(overlay) if doc["kind"] == kind}
-
-
-@functools.cache
-def env_names(module: str) -> frozenset[str]:
-    """The environment variables a service reads, from its own --help ("[NAME]" after each flag)."""
-    result = subprocess.run(
-        [sys.executable, "-m", module, "--help"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "COLUMNS": "250"},
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    names = frozenset(re.findall(r"\[([A-Z][A-Z0-9_]*)(?:=1)?\]", result.stdout))
-    assert "CHECKPOINT_PATH" in names, result.stdout
-    return names
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
