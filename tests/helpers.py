@@ -155,11 +155,14 @@ class Stack:
     def start(self, timeout_s: float = 180) -> Stack:
         try:
             ports = self.supervisor.start(self.spec, timeout_s)
+            self.vision_port, self.llm_port, self.port = ports.vision, ports.llm, ports.gateway
+            wait_healthy(self.base_url + "/health", timeout_s, self.procs["gateway"], self.logs)
         except StackError as exc:
             self.stop()
             raise RuntimeError(f"{exc}:\n{self.logs()}") from None
-        self.vision_port, self.llm_port, self.port = ports.vision, ports.llm, ports.gateway
-        wait_healthy(self.base_url + "/health", timeout_s, self.procs["gateway"], self.logs)
+        except BaseException:  # whatever failed, no service outlives a stack that did not start
+            self.stop()
+            raise
         return self
 
     def llm_metric(self, name: str, absent: float | None = None) -> float:
