@@ -8,30 +8,20 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
 from mmserve.cli import debug_requested, startup_errors
 from mmserve.grpc_util import BindError, serve, serve_metrics
-
-
-class ServiceSettings(Protocol):
-    """The fields of LLMConfig / VisionConfig that serving reads."""
-
-    host: str
-    port: int
-    max_message_bytes: int
-    drain_timeout_s: float
-    metrics_port: int
-    internal_token: str | None
+from mmserve.service_config import ServiceConfig
 
 
 @dataclass
 class LoadedService:
     """A service whose model is loaded: what `serve` needs to run it."""
 
-    settings: ServiceSettings
+    settings: ServiceConfig  # LLMConfig / VisionConfig
     service_name: str  # the gRPC service's full name (health, reflection)
     add_servicer: Callable[[grpc.aio.Server], None]
     metrics_registry: Any  # prometheus_client.CollectorRegistry
