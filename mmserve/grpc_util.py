@@ -186,12 +186,15 @@ async def _watch(liveness, health_servicer, service_full_name: str) -> None:
     await asyncio.sleep(DEAD_EXIT_DELAY_S)
 
 
-def serve_metrics(port: int, host: str, registry) -> None:
-    """Prometheus /metrics on its own port; a busy port is logged, not fatal to the service."""
+def serve_metrics(port: int, host: str, registry, labels: dict[str, str]) -> None:
+    """Prometheus /metrics on its own port, every sample carrying `labels` (model_name, replica); a busy
+    port is logged, not fatal to the service."""
     from prometheus_client import start_http_server
 
+    from mmserve.metric_labels import with_labels
+
     try:
-        start_http_server(port, addr=host, registry=registry)
+        start_http_server(port, addr=host, registry=with_labels(registry, labels))
     except OSError as exc:
         log.warning(
             "metrics endpoint not started on %s:%d (%s); the service runs without it", host, port, exc

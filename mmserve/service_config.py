@@ -10,6 +10,7 @@ from mmserve.checkpoint import check_model_dtype
 from mmserve.cli import EnvFlags
 from mmserve.grpc_util import DEFAULT_MAX_MESSAGE_BYTES
 from mmserve.internal_auth import TOKEN_ENV, TOKEN_FILE_ENV, resolve_token
+from mmserve.metric_labels import REPLICA_ENV, label_values
 
 
 @dataclass
@@ -26,6 +27,10 @@ class ServiceConfig:
     device: str = "cpu"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send/receive limit
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
+    # The `model_name` and `replica` labels of every metric: "" = the checkpoint folder's name (the
+    # gateway's default id in /v1/models), and $MMSERVE_REPLICA else the host name (mmserve.metric_labels).
+    model_name: str = ""
+    replica: str = ""
     threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
     drain_timeout_s: float = 30.0  # on SIGTERM: seconds in-flight calls get to finish (NOT_SERVING meanwhile)
     # The shared secret calls must carry (health and reflection excepted), or a file holding it; both
@@ -40,6 +45,10 @@ class ServiceConfig:
         check_model_dtype(self.dtype)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
+        self.model_name = self.model_name or Path(self.checkpoint).resolve().name
+
+    def metric_labels(self) -> dict[str, str]:
+        return label_values(self.model_name, self.replica)
 
 
 def service_flags(parser: argparse.ArgumentParser, config_cls: type[ServiceConfig], prefix: str) -> EnvFlags:
@@ -54,6 +63,10 @@ def service_flags(parser: argparse.ArgumentParser, config_cls: type[ServiceConfi
     flags.add("device", f"{prefix}_DEVICE", help="torch device")
     flags.add("max_message_bytes", "GRPC_MAX_MESSAGE_BYTES", int, "gRPC message size limit")
     flags.add("metrics_port", f"{prefix}_METRICS_PORT", int, "Prometheus /metrics port, 0 = off")
+    flags.add(
+        "model_name", "MODEL_NAME", help="model_name label on metrics (default: checkpoint folder name)"
+    )
+    flags.add("replica", REPLICA_ENV, help="replica label on metrics (default: the host name)")
     flags.add("threads", f"{prefix}_THREADS", int, "torch threads, 0 = all cores")
     flags.add(
         "drain_timeout_s",

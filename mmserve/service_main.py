@@ -39,7 +39,9 @@ def run_grpc_service(prog: str, load: Callable[[list[str]], LoadedService], argv
         service = load(argv)
     settings = service.settings
     if settings.metrics_port:
-        serve_metrics(settings.metrics_port, settings.host, service.metrics_registry)
+        serve_metrics(
+            settings.metrics_port, settings.host, service.metrics_registry, settings.metric_labels()
+        )
     try:
         died = asyncio.run(
             serve(

@@ -20,7 +20,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
+from mmserve.metric_labels import LABEL_NAMES
 from mmserve.supervisor import StackError, StackSpec, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,17 +237,28 @@ def launched(env: dict[str, str], log_path: Path, timeout_s: float = 300):
 
 
 def metric(port: int, name: str, absent: float | None = None) -> float:
-    """The value of `name` (labels included, as exported) on the /metrics page at `port`.
+    """The value of `name` on the /metrics page at `port` (see exported_value)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return exported_value(text, name, absent, f":{port}/metrics")
 
-    A metric missing from the page fails, naming it (a renamed metric must not read as 0), unless
+
+def exported_value(exposition: str, name: str, absent: float | None = None, where: str = "") -> float:
+    """The value of the sample `name` in a Prometheus text exposition: `name` is written as exported,
+    with its own labels if it has any (`mmserve_llm_requests_total{reason="abort"}`), without the
+    model_name and replica labels every sample carries.
+
+    A sample missing from the page fails, naming it (a renamed metric must not read as 0), unless
     `absent` is given: the value of a labelled series prometheus_client exports only from its first
     increment on (e.g. an outcome not seen yet)."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
+    sample_name, _, label_text = name.partition("{")
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            own = {k: v for k, v in sample.labels.items() if k not in LABEL_NAMES}
+            if sample.name == sample_name and own == labels:
+                return sample.value
     if absent is None:
-        raise AssertionError(f"metric {name} is not exported on :{port}/metrics")
+        raise AssertionError(f"metric {name} is not exported {where}")
     return absent
 
 

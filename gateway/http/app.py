@@ -31,7 +31,7 @@ def create_app(
     """`backends` maps a name to a gRPC channel whose health /health reports (None in-process);
     `request_timeout_s` bounds a chat/completion request's total time (0 = no bound)."""
     app = FastAPI(title="mmserve gateway")
-    metrics = app.state.metrics = Metrics()
+    metrics = app.state.metrics = Metrics(model_name)
     app.state.served = Served(core, model_name, metrics, dict(backends or {}), request_timeout_s)
     install_error_handlers(app)
     routers = [module.router for module in (routes_admin, routes_chat, routes_completions, routes_playground)]

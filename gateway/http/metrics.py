@@ -6,17 +6,23 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mmserve.metric_labels import label_values, with_labels
+
 
 class Metrics:
     """Every response by route and status (counted as its status is sent, whatever sent it: a route, an
     error handler, the auth or body-size check); for chat and completions requests that passed
     validation, how they ended and their end-to-end latency, recorded when the response ends (for a
-    stream: its last event sent, or the client gone)."""
+    stream: its last event sent, or the client gone).
+
+    They are recorded in `registry`; /metrics serves `exposed`, the same with every sample labelled
+    `model_name` (the served model's id) and `replica` ($MMSERVE_REPLICA, else the host name)."""
 
     OUTCOMES = ("completed", "error", "client_disconnected")
 
-    def __init__(self):
+    def __init__(self, model_name: str, replica: str = ""):
         self.registry = CollectorRegistry()
+        self.exposed = with_labels(self.registry, label_values(model_name, replica))
         self.requests = Counter(
             "mmserve_gateway_requests",
             "HTTP responses by route (unknown for paths that are not routes) and status code",

@@ -52,7 +52,7 @@ async def ready(request: Request):
 
 @router.get("/metrics")
 async def prometheus(request: Request) -> Response:
-    registry = served(request).metrics.registry
+    registry = served(request).metrics.exposed
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from mmserve.errors import OverloadedError
 from tests.gateway_app import CountingPrompt, make_app
+from tests.helpers import exported_value
 from tests.unit.test_api import ScriptedLLM
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -82,8 +83,13 @@ def test_a_request_over_the_cap_gets_429_with_retry_after_before_any_work(llm):
             assert (await first).status_code == 200
             assert (await http.post(CHAT, json=chat())).status_code == 200  # its slot came back
             metrics = (await http.get("/metrics")).text
-            assert f'mmserve_gateway_requests_total{{route="{COMPLETIONS}",status="429"}} 1.0' in metrics
-            assert "mmserve_gateway_requests_pending 0.0" in metrics
+            assert (
+                exported_value(
+                    metrics, f'mmserve_gateway_requests_total{{route="{COMPLETIONS}",status="429"}}'
+                )
+                == 1
+            )
+            assert exported_value(metrics, "mmserve_gateway_requests_pending") == 0
 
     asyncio.run(go())
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 from gateway.http.metrics import Metrics
 from llm_service.engine.stats import EngineStats
 from llm_service.metrics import EngineMetrics
+from mmserve.metric_labels import label_values, with_labels
 from tests.helpers import ROOT
 from vision_service.metrics import VisionMetrics
 
@@ -17,7 +19,7 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), 
 
 
 def exported_series() -> set[str]:
-    registries = (Metrics().registry, EngineMetrics(EngineStats()).registry, VisionMetrics().registry)
+    registries = (Metrics("m").registry, EngineMetrics(EngineStats()).registry, VisionMetrics().registry)
     return {
         metric.name + suffix
         for registry in registries
@@ -26,11 +28,31 @@ def exported_series() -> set[str]:
     }
 
 
+def exported_labels() -> set[str]:
+    """The label names on the pages the three serve, with a series of each labelled metric recorded."""
+    gateway = Metrics("m")
+    gateway.requests.labels("/v1/chat/completions", "200").inc()
+    gateway.ended("/v1/chat/completions", "completed", time.monotonic())
+    stats = EngineStats()
+    stats.request_finished("stop")
+    pages = (
+        gateway.exposed,
+        with_labels(EngineMetrics(stats).registry, label_values("m")),
+        with_labels(VisionMetrics().registry, label_values("m")),
+    )
+    return {
+        label for page in pages for metric in page.collect() for s in metric.samples for label in s.labels
+    }
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
 def expressions() -> dict[str, str]:
-    dashboard = json.loads(DASHBOARD.read_text())
     return {
         f"{panel['title']} / {target['refId']}": target["expr"]
-        for panel in dashboard["panels"]
+        for panel in dashboard()["panels"]
         for target in panel["targets"]
     }
 
@@ -56,3 +78,20 @@ def test_dashboard_covers_latency_throughput_queue_caches_and_errors():
         "mmserve_gateway_requests_total",
     ):
         assert series in queried, series
+
+
+def test_panels_show_the_picked_models_and_split_replicas_by_the_label_every_service_exports():
+    (variable,) = [v for v in dashboard()["templating"]["list"] if v["name"] == "model_name"]
+    assert variable["includeAll"] and "model_name)" in variable["query"]["query"]
+    labels = exported_labels()
+    for where, expr in expressions().items():
+        # each series is read for the picked models only
+        selectors = re.findall(r"\bmmserve_[a-z0-9_]+(\{[^}]*\})?", expr)
+        assert selectors and set(selectors) == {'{model_name=~"$model_name"}'}, where
+        # grouped by labels the services put on their samples (not `pod`: compose has no such label)
+        grouped = {
+            label.strip() for clause in re.findall(r"by \(([^)]*)\)", expr) for label in clause.split(",")
+        }
+        assert grouped <= labels, (where, grouped - labels)
+        if "per LLM replica" in where:
+            assert "by (replica)" in expr, where
