@@ -51,7 +51,7 @@ def build_app(config: GatewayConfig, prompt) -> tuple[FastAPI, ServingCore]:
     core = ServingCore(
         prompt, vision, llm, MediaFetcher(config.media), config.max_images_per_request, defaults
     )
-    backends = {"vision": vision._channel, "llm": llm._channel}
+    backends = {"vision": vision.pool, "llm": llm.pool}
     app = create_app(
         core,
         config.model_name or "mmserve",
@@ -74,7 +74,15 @@ def backend_clients(config: GatewayConfig) -> tuple[GrpcVisionClient, GrpcLLMCli
     token = config.internal_token
     log_state(token, "every call to the vision and LLM services carries it")
     vision = GrpcVisionClient(config.vision_addr, config.max_message_bytes, vision_s, token=token)
-    return vision, GrpcLLMClient(config.llm_addr, config.max_message_bytes, generate_s, token=token)
+    llm = GrpcLLMClient(
+        config.llm_addr,
+        config.max_message_bytes,
+        generate_s,
+        token=token,
+        policy=config.llm_routing,
+        max_imbalance=config.llm_routing_max_imbalance,
+    )
+    return vision, llm
 
 
 class _Server(uvicorn.Server):

@@ -6,12 +6,14 @@ so the serving code above them is one code path.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
-from mmserve.errors import MMServeError, NotFoundError, UnavailableError, error_for_grpc_code
-from mmserve.grpc_util import channel_options
+from gateway.replicas import Replica, ReplicaPool
+from mmserve.errors import MMServeError, UnavailableError, error_for_grpc_code
 from mmserve.internal_auth import call_metadata
 from mmserve.proto import llm_pb2, llm_pb2_grpc, vision_pb2, vision_pb2_grpc
 from mmserve.resend import CACHE_ID_METADATA, ReplicaMemory
@@ -23,6 +25,8 @@ from mmserve.wire_pb import (
     image_features_from_pb,
     llm_info_from_pb,
 )
+
+T = TypeVar("T")
 
 
 def _domain_error(exc: grpc.aio.AioRpcError, service: str) -> MMServeError:
@@ -45,18 +49,53 @@ def _cache_id(metadata: grpc.aio.Metadata | None) -> str:
     return value if isinstance(value, str) else value.decode()
 
 
-def _channel(address: str, max_message_bytes: int) -> grpc.aio.Channel:
-    # round_robin spreads calls over every address a name resolves to (replicas behind one DNS name).
-    options = channel_options(max_message_bytes) + [("grpc.lb_policy_name", "round_robin")]
-    return grpc.aio.insecure_channel(address, options=options)
+# What the LLM routing key reads of a prompt (gateway.replicas, "cache_aware"): its first block of tokens
+# (the engine's default KV block), and the content hash of every image starting in its first
+# IMAGE_WINDOW tokens, whose placeholder tokens are the same for every image. Requests that share a
+# system prompt but not an image then spread over replicas by image: an image's KV is what is costly.
+ROUTING_BLOCK_TOKENS = 16
+ROUTING_IMAGE_WINDOW = 256
+
+
+def routing_key(request: GenerateRequest) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(b",".join(str(t).encode() for t in request.token_ids[:ROUTING_BLOCK_TOKENS]))
+    for image in request.images:
+        if image.offset < ROUTING_IMAGE_WINDOW:
+            digest.update(b"|" + image.content_hash.encode())
+    return digest.digest()
+
+
+async def _retrying(pool: ReplicaPool, key: bytes | None, call: Callable[[Replica], Awaitable[T]]) -> T:
+    """`call` on the replica chosen for `key`; a replica that cannot be reached (UNAVAILABLE) leaves the
+    pool and the call goes to the next, until none is left (then the last error)."""
+    tried: list[Replica] = []
+    last: MMServeError | None = None  # the error of the last replica tried
+    while True:
+        try:
+            replica = pool.choose(key, exclude=tried)
+        except UnavailableError:
+            if last is None:
+                raise
+            raise last from None
+        with pool.call(replica):
+            try:
+                return await call(replica)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise _domain_error(exc, pool.service) from None
+                pool.mark_failed(replica, f"UNAVAILABLE: {exc.details()}")
+                tried.append(replica)
+                last = _domain_error(exc, pool.service)
 
 
 class GrpcVisionClient:
-    """Sends only the hash of images the vision replicas were recently given (they cache embeddings by
-    content); a replica that no longer holds one answers NOT_FOUND and the bytes are resent.
+    """Sends only the hash of images the vision replica it calls was recently given (replicas cache
+    embeddings by content); a replica that no longer holds one answers NOT_FOUND and the bytes are resent.
 
-    `address` may name several replicas (`dns:///name:port`, `ipv4:a:p,b:p`): calls are spread over
-    them, and what each was given is remembered per replica (mmserve.resend.ReplicaMemory)."""
+    `address` may name several replicas (gateway.replicas): a request goes to the replica its first
+    image hashes to (so each image is encoded and cached once, by one replica) unless that one is
+    overloaded, and what each replica was given is remembered per replica (mmserve.resend.ReplicaMemory)."""
 
     def __init__(
         self,
@@ -65,96 +104,132 @@ class GrpcVisionClient:
         timeout_s: float,
         remember: int = 4096,
         token: str | None = None,
+        policy: str = "cache_aware",
     ):
         """`timeout_s`: each call's deadline; `token`: the services' shared secret, sent on every call."""
-        self._channel = _channel(address, max_message_bytes)
-        self._stub = vision_pb2_grpc.VisionServiceStub(self._channel)
+        self.pool = ReplicaPool("vision", address, max_message_bytes, policy=policy)
         self._timeout = timeout_s
         self._metadata = call_metadata(token)
         self.replicas = ReplicaMemory(remember)
         self.resends = 0
 
     async def _call(
-        self, images: list[ImageInput], request_id: str, pixels: PixelLimits | None
-    ) -> tuple[list[ImageFeatures], str]:
-        """The features of `images`, and the cache id of the replica that answered."""
+        self, replica: Replica, images: list[ImageInput], request_id: str, pixels: PixelLimits | None
+    ) -> list[ImageFeatures]:
         request = embed_request_to_pb(images, request_id, pixels)
-        call = self._stub.Embed(request, timeout=self._timeout, metadata=self._metadata)
+        stub = vision_pb2_grpc.VisionServiceStub(replica.channel)
+        call = stub.Embed(request, timeout=self._timeout, metadata=self._metadata)
         try:
             response = await call
         except grpc.aio.AioRpcError as exc:
-            error = _domain_error(exc, "vision")
-            if isinstance(error, NotFoundError):
-                self.replicas.not_found(_cache_id(exc.initial_metadata()))
-            raise error from None
-        cache_id = _cache_id(await call.initial_metadata())
-        return [image_features_from_pb(e) for e in response.embeddings], cache_id
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                replica.cache_id = _cache_id(exc.initial_metadata())
+                self.replicas.not_found(replica.cache_id)
+            raise
+        replica.cache_id = _cache_id(await call.initial_metadata())
+        return [image_features_from_pb(e) for e in response.embeddings]
 
     async def embed(
         self, images: list[ImageInput], request_id: str, pixels: PixelLimits | None = None
     ) -> list[ImageFeatures]:
         """`pixels`: per-request resize bounds (dynamic-resolution families); None = the service's default."""
         sent = [(image.content_hash, pixels or PixelLimits()) for image in images]
-        slim = [
-            ImageInput(b"", image.content_hash) if self.replicas.held_everywhere(key) else image
-            for image, key in zip(images, sent, strict=True)
-        ]
-        try:
-            features, cache_id = await self._call(slim, request_id, pixels)
-        except NotFoundError:
-            self.resends += 1
-            features, cache_id = await self._call(images, request_id, pixels)
-        self.replicas.answered(cache_id, sent)
-        return features
+        key = f"{sent[0][0]}|{sent[0][1]}".encode() if sent else None
+
+        async def on(replica: Replica) -> list[ImageFeatures]:
+            hash_only = [self.replicas.holds(replica.cache_id, item) for item in sent]
+            slim = [
+                ImageInput(b"", image.content_hash) if only else image
+                for image, only in zip(images, hash_only, strict=True)
+            ]
+            try:
+                features = await self._call(replica, slim, request_id, pixels)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND or not any(hash_only):
+                    raise
+                self.resends += 1
+                features = await self._call(replica, images, request_id, pixels)
+            self.replicas.answered(replica.cache_id or "", sent)
+            return features
+
+        return await _retrying(self.pool, key, on)
 
     async def model_info(self) -> vision_pb2.VisionModelInfo:
-        try:
-            request = vision_pb2.VisionModelInfoRequest()
-            return await self._stub.GetModelInfo(request, timeout=10, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise _domain_error(exc, "vision") from None
+        async def on(replica: Replica) -> vision_pb2.VisionModelInfo:
+            stub = vision_pb2_grpc.VisionServiceStub(replica.channel)
+            return await stub.GetModelInfo(
+                vision_pb2.VisionModelInfoRequest(), timeout=10, metadata=self._metadata
+            )
+
+        return await _retrying(self.pool, None, on)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self.pool.close()
 
 
 class GrpcLLMClient:
+    """Generations over one or many LLM replicas (gateway.replicas): by default a request goes to the
+    replica its routing key (routing_key) hashes to, whose prefix cache likely holds its beginning."""
+
     def __init__(
         self,
         address: str,
         max_message_bytes: int,
         generate_timeout_s: float | None = None,
         token: str | None = None,
+        policy: str = "cache_aware",
+        max_imbalance: int = 8,
     ):
         """`generate_timeout_s`: each generation's deadline (None: none; the client going away or the
         gateway's own request timeout cancels it); `token`: the services' shared secret."""
-        self._channel = _channel(address, max_message_bytes)
-        self._stub = llm_pb2_grpc.LLMServiceStub(self._channel)
+        self.pool = ReplicaPool("llm", address, max_message_bytes, policy=policy, max_imbalance=max_imbalance)
         self._generate_timeout = generate_timeout_s
         self._metadata = call_metadata(token)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """The outputs of one generation. A replica that cannot be reached before it sent anything
+        leaves the pool and the request goes to another; once outputs flowed, a failure ends it."""
         pb = generate_request_to_pb(request)
-        call = self._stub.Generate(pb, timeout=self._generate_timeout, metadata=self._metadata)
-        try:
-            async for message in call:
-                yield generate_output_from_pb(message)
-        except grpc.aio.AioRpcError as exc:
-            raise _domain_error(exc, "llm") from None
-        finally:
-            call.cancel()  # no-op when finished; aborts the sequence when the consumer went away
+        key = routing_key(request)
+        tried: list[Replica] = []
+        last: MMServeError | None = None  # the error of the last replica tried
+        while True:
+            try:
+                replica = self.pool.choose(key, exclude=tried)
+            except UnavailableError:
+                if last is None:
+                    raise
+                raise last from None
+            with self.pool.call(replica):
+                stub = llm_pb2_grpc.LLMServiceStub(replica.channel)
+                call = stub.Generate(pb, timeout=self._generate_timeout, metadata=self._metadata)
+                started = False
+                try:
+                    async for message in call:
+                        started = True
+                        yield generate_output_from_pb(message)
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise _domain_error(exc, "llm") from None
+                    self.pool.mark_failed(replica, f"UNAVAILABLE: {exc.details()}")
+                    if started:
+                        raise _domain_error(exc, "llm") from None
+                    tried.append(replica)
+                    last = _domain_error(exc, "llm")
+                finally:
+                    call.cancel()  # no-op when finished; aborts the sequence when the consumer went away
 
     async def model_info(self) -> LLMInfo:
-        try:
+        async def on(replica: Replica) -> LLMInfo:
+            stub = llm_pb2_grpc.LLMServiceStub(replica.channel)
             request = llm_pb2.LLMModelInfoRequest()
-            return llm_info_from_pb(
-                await self._stub.GetModelInfo(request, timeout=10, metadata=self._metadata)
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _domain_error(exc, "llm") from None
+            return llm_info_from_pb(await stub.GetModelInfo(request, timeout=10, metadata=self._metadata))
+
+        return await _retrying(self.pool, None, on)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self.pool.close()
 
 
 class InProcessVisionClient:

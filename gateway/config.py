@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from gateway.replicas import POLICIES, parse_address
 from mmserve.cli import EnvFlags
 from mmserve.grpc_util import DEFAULT_MAX_MESSAGE_BYTES
 from mmserve.images import DEFAULT_MAX_IMAGE_PIXELS
@@ -82,8 +83,13 @@ class MediaConfig:
 @dataclass
 class GatewayConfig:
     checkpoint: str  # model folder: tokenizer, chat template and config.json come from here
+    # One replica or many: a list (a:p,b:p) or a DNS name resolving to several (gateway.replicas)
     vision_addr: str = "127.0.0.1:50051"
     llm_addr: str = "127.0.0.1:50052"
+    # Which LLM replica serves a request: cache_aware (same prompt beginning -> same replica, unless it has
+    # llm_routing_max_imbalance more requests in flight than the least loaded), least_loaded, round_robin
+    llm_routing: str = "cache_aware"
+    llm_routing_max_imbalance: int = 8
     tokenizer_path: str | None = None  # tokenizer folder when it differs from the checkpoint (TOKENIZER_PATH)
     model_type: str | None = None  # family override (MODEL_TYPE)
     model_name: str | None = None  # name reported by /v1/models; default: the checkpoint folder's name
@@ -118,6 +124,15 @@ class GatewayConfig:
             raise ValueError(f"checkpoint folder {self.checkpoint!r} does not exist")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
+        if self.llm_routing not in POLICIES:
+            raise ValueError(f"LLM routing {self.llm_routing!r} is not one of {', '.join(POLICIES)}")
+        if self.llm_routing_max_imbalance < 1:
+            raise ValueError(f"llm_routing_max_imbalance must be >= 1, got {self.llm_routing_max_imbalance}")
+        for name, address in (("vision", self.vision_addr), ("llm", self.llm_addr)):
+            try:
+                parse_address(address)
+            except ValueError as exc:
+                raise ValueError(f"{name} address: {exc}") from None
         if self.max_images_per_request < 0:
             raise ValueError("max_images_per_request must be >= 0")
         if not self.drain_timeout_s >= 0:
@@ -154,8 +169,30 @@ def _gateway_flags(flags: EnvFlags) -> None:
     flags.add("tokenizer_path", "TOKENIZER_PATH", help="tokenizer folder", flag="--tokenizer")
     flags.add("model_type", "MODEL_TYPE", help="family override")
     flags.add("model_name", "MODEL_NAME", help="name served in /v1/models")
-    flags.add("vision_addr", "VISION_ADDR", help="vision service address", flag="--vision")
-    flags.add("llm_addr", "LLM_ADDR", help="LLM service address", flag="--llm")
+    flags.add(
+        "vision_addr",
+        "VISION_ADDR",
+        help="vision service address: host:port, a comma-separated list, or a name resolving to replicas",
+        flag="--vision",
+    )
+    flags.add(
+        "llm_addr",
+        "LLM_ADDR",
+        help="LLM service address: host:port, a comma-separated list, or a name resolving to replicas",
+        flag="--llm",
+    )
+    flags.add(
+        "llm_routing",
+        "LLM_ROUTING",
+        help="LLM replica choice: cache_aware (prompts sharing a beginning go to one replica), "
+        "least_loaded, round_robin",
+    )
+    flags.add(
+        "llm_routing_max_imbalance",
+        "LLM_ROUTING_MAX_IMBALANCE",
+        int,
+        "cache_aware: requests in flight a replica may have over the least loaded one before it is passed over",
+    )
     flags.add("host", "HOST", help="bind address")
     flags.add("port", "PORT", int, "HTTP port")
     flags.add("api_key", "API_KEY", help="require this bearer token")

@@ -1,10 +1,9 @@
 """Hash-only resend (vision.proto, Embed): the metadata naming a replica's cache, and the client's memory.
 
-A client sends only the content hash of an image it believes the answering vision replica holds; a
-replica that does not answers NOT_FOUND and the client resends the bytes. The load balancer of the
-client's channel (round_robin over every address of `dns:///name`) picks the replica of each call, so
-the client cannot know ahead where a call lands: it learns after each call which replica answered
-(CACHE_ID_METADATA) and sends an image hash-only only when every replica heard from lately holds it.
+A client sends only the content hash of an image it believes the replica it calls holds; a replica
+that does not answers NOT_FOUND and the client resends the bytes. The client picks the replica of each
+call (gateway.replicas) and learns from each answer which cache answered (CACHE_ID_METADATA: a
+restarted replica at the same address answers with a new id, holding nothing the old one was given).
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ class ReplicaMemory:
     """The images each vision replica (by cache id) was given lately.
 
     `forget_after` calls without an answer from a replica and it is taken for gone (scaled down, or
-    restarted under a new id); it no longer holds hash-only sends back. A replica serving an older
-    protocol sends no id: all of those count as one replica (id "")."""
+    restarted under a new id): what it was given is forgotten. A replica serving an older protocol
+    sends no id (id "")."""
 
     def __init__(self, remember: int = 4096, forget_after: int = 64):
         self._replicas: dict[str, _Replica] = {}
@@ -44,9 +43,11 @@ class ReplicaMemory:
     def __len__(self) -> int:  # replicas heard from lately
         return len(self._replicas)
 
-    def held_everywhere(self, image: SentImage) -> bool:
-        """Whether an image may go hash-only: every replica heard from lately was given it."""
-        return bool(self._replicas) and all(image in r.sent for r in self._replicas.values())
+    def holds(self, cache_id: str | None, image: SentImage) -> bool:
+        """Whether an image may go hash-only to the replica whose cache is `cache_id` (None: not known
+        yet: it has not answered this client)."""
+        replica = self._replicas.get(cache_id) if cache_id is not None else None
+        return replica is not None and image in replica.sent
 
     def answered(self, cache_id: str, images: Iterable[SentImage]) -> None:
         """Replica `cache_id` answered a call for `images`: it holds them now."""

@@ -103,9 +103,16 @@ class StackSpec:
     port: int = 0  # the gateway's HTTP port
     vision_metrics_port: int = 0
     llm_metrics_port: int = 0
+    # LLM service processes behind the one gateway (gateway.replicas balances over them); replica i > 0 is
+    # named llm-<i+1>, and takes llm_port + i and llm_metrics_port + i when those are set
+    llm_replicas: int = 1
     # The shared secret between the gateway and the services, handed to all three in their environment
     # (never on a command line, which every local user can read); None: whatever the environment says.
     internal_token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.llm_replicas < 1:
+            raise ValueError(f"llm_replicas must be >= 1, got {self.llm_replicas}")
 
     def env(self, base: dict[str, str]) -> dict[str, str]:
         """The services' environment: `base` with the secret, when the spec names one."""
@@ -114,13 +121,15 @@ class StackSpec:
         others = {k: v for k, v in base.items() if k != TOKEN_FILE_ENV}
         return {**others, TOKEN_ENV: self.internal_token}
 
-    def argv(self, service: str) -> list[str]:
+    def argv(self, service: str, replica: int = 0) -> list[str]:
         base = ["--checkpoint", self.checkpoint, *self.common_args]
         if service == "vision":
             ports = ["--port", str(self.vision_port), "--metrics-port", str(self.vision_metrics_port)]
             return ["vision_service", *base, *ports, *self.vision_args]
         if service == "llm":
-            ports = ["--port", str(self.llm_port), "--metrics-port", str(self.llm_metrics_port)]
+            port = self.llm_port + replica if self.llm_port else 0
+            metrics = self.llm_metrics_port + replica if self.llm_metrics_port else 0
+            ports = ["--port", str(port), "--metrics-port", str(metrics)]
             return ["llm_service", *base, *ports, *self.llm_args]
         # the gateway learns the backends' addresses on stdin once they are bound (gateway.__main__)
         return ["gateway", *base, "--port", str(self.port), "--backends-on-stdin", *self.gateway_args]
@@ -129,8 +138,9 @@ class StackSpec:
 @dataclass
 class BoundPorts:
     vision: int
-    llm: int
+    llm: int  # the first LLM replica's
     gateway: int
+    llm_replicas: list[int] = field(default_factory=list)  # every LLM replica's, in order
 
 
 class Supervisor:
@@ -161,10 +171,16 @@ class Supervisor:
         deadline = time.monotonic() + timeout_s
         env = spec.env(self.env)
         vision = self.spawn("vision", spec.argv("vision"), env=env)
-        llm = self.spawn("llm", spec.argv("llm"), env=env)
+        llms = [
+            self.spawn("llm" if i == 0 else f"llm-{i + 1}", spec.argv("llm", i), env=env)
+            for i in range(spec.llm_replicas)
+        ]
         gateway = self.spawn("gateway", spec.argv("gateway"), stdin=True, env=env)
-        ports = BoundPorts(vision.wait_ready(deadline, stopping), llm.wait_ready(deadline, stopping), 0)
-        gateway.send({"vision": f"{LOOPBACK}:{ports.vision}", "llm": f"{LOOPBACK}:{ports.llm}"})
+        vision_port = vision.wait_ready(deadline, stopping)
+        llm_ports = [llm.wait_ready(deadline, stopping) for llm in llms]
+        ports = BoundPorts(vision_port, llm_ports[0], 0, llm_ports)
+        llm_addresses = ",".join(f"{LOOPBACK}:{port}" for port in llm_ports)
+        gateway.send({"vision": f"{LOOPBACK}:{ports.vision}", "llm": llm_addresses})
         ports.gateway = gateway.wait_ready(deadline, stopping)
         return ports
 

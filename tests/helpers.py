@@ -52,6 +52,22 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def free_port_run(n: int) -> int:
+    """The first of n consecutive free loopback ports."""
+    while True:
+        first = free_ports(1)[0]
+        sockets = [socket.socket() for _ in range(n)]
+        try:
+            for i, s in enumerate(sockets):
+                s.bind(("127.0.0.1", first + i))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+
+
 @contextmanager
 def image_server(folder: Path):
     """Serve `folder` over HTTP on loopback; yields the base url."""
@@ -126,14 +142,18 @@ class Stack:
         llm_args: list[str] = (),
         dtype: str | None = "float32",
         internal_token: str | None = None,
+        llm_replicas: int = 1,
     ):
         """`dtype` of both services: float32 by default (parity with transformers is checked in
         float32); None leaves the services' own default (auto: the checkpoint's dtype).
-        `internal_token`: the shared secret the services then require and the gateway sends."""
+        `internal_token`: the shared secret the services then require and the gateway sends.
+        `llm_replicas`: LLM service processes behind the gateway (procs "llm", "llm-2", ...)."""
         dtype_args = ["--dtype", dtype] if dtype else []
         self.log_dir = log_dir
         # a metrics port of 0 is off, and the services do not report one the OS chose: picked free here
-        self.llm_metrics_port, self.vision_metrics_port = free_ports(2)
+        # (replica i of the LLM service takes llm_metrics_port + i)
+        self.llm_metrics_port, self.vision_metrics_port = free_port_run(llm_replicas), free_ports(1)[0]
+        self.llm_metrics_ports = [self.llm_metrics_port + i for i in range(llm_replicas)]
         self.spec = StackSpec(
             str(checkpoint),
             vision_args=dtype_args,
@@ -142,9 +162,11 @@ class Stack:
             llm_metrics_port=self.llm_metrics_port,
             vision_metrics_port=self.vision_metrics_port,
             internal_token=internal_token,
+            llm_replicas=llm_replicas,
         )
         self.supervisor = Supervisor(log_dir=log_dir)
         self.vision_port = self.llm_port = self.port = 0  # known once started
+        self.llm_ports: list[int] = []
 
     @property
     def base_url(self) -> str:
@@ -158,6 +180,7 @@ class Stack:
         try:
             ports = self.supervisor.start(self.spec, timeout_s)
             self.vision_port, self.llm_port, self.port = ports.vision, ports.llm, ports.gateway
+            self.llm_ports = ports.llm_replicas
             wait_healthy(self.base_url + "/health", timeout_s, self.procs["gateway"], self.logs)
         except StackError as exc:
             self.stop()

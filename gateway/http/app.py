@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grpc
 from fastapi import APIRouter, FastAPI
 from starlette.routing import Route
 
@@ -11,6 +10,7 @@ from gateway.http.context import Served
 from gateway.http.errors import install_error_handlers
 from gateway.http.metrics import Metrics
 from gateway.http.middleware import Auth, BodyLimit, CountResponses, PendingLimit
+from gateway.replicas import PoolMetrics, ReplicaPool
 from gateway.serving import ServingCore
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -23,16 +23,18 @@ def create_app(
     core: ServingCore,
     model_name: str,
     api_key: str | None = None,
-    backends: dict[str, grpc.aio.Channel] | None = None,
+    backends: dict[str, ReplicaPool] | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_pending_requests: int = DEFAULT_MAX_PENDING_REQUESTS,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> FastAPI:
-    """`backends` maps a name to a gRPC channel whose health /health reports (None in-process);
+    """`backends` maps a service name to its replicas, whose health /health reports (None in-process);
     `request_timeout_s` bounds a chat/completion request's total time (0 = no bound)."""
     app = FastAPI(title="mmserve gateway")
     metrics = app.state.metrics = Metrics(model_name)
     app.state.served = Served(core, model_name, metrics, dict(backends or {}), request_timeout_s)
+    if backends:
+        metrics.registry.register(PoolMetrics(backends.values()))
     install_error_handlers(app)
     routers = [module.router for module in (routes_admin, routes_chat, routes_completions, routes_playground)]
     for router in routers:

@@ -2,52 +2,43 @@
 
 from __future__ import annotations
 
-import grpc
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.http.context import served
+from gateway.replicas import ReplicaPool
 from mmserve.errors import MMServeError
 
 router = APIRouter()
-_SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-async def backends_down(backends: dict[str, grpc.aio.Channel]) -> dict[str, str]:
-    """Each backend not reporting SERVING on grpc.health.v1, with what it reported instead."""
-    down = {}
-    for name, channel in backends.items():
-        try:
-            stub = health_pb2_grpc.HealthStub(channel)
-            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-            if reply.status != _SERVING:
-                down[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-        except grpc.aio.AioRpcError as exc:
-            down[name] = exc.code().name
-    return down
+async def backend_states(backends: dict[str, ReplicaPool]) -> tuple[dict, dict]:
+    """(each backend service's replicas with what each answers on grpc.health.v1 now, the services with
+    no replica SERVING). A service with one replica serving is up: requests avoid the others."""
+    states = {name: await pool.check_now() for name, pool in backends.items()}
+    return states, {name: s for name, s in states.items() if "SERVING" not in s.values()}
 
 
 @router.get("/health")
 async def health(request: Request):
-    """200 when both backends serve (what compose's healthcheck waits for)."""
-    down = await backends_down(served(request).backends)
+    """200 when both backends serve (what compose's healthcheck waits for), with every replica's state."""
+    states, down = await backend_states(served(request).backends)
     if down:
         return JSONResponse({"status": "unavailable", "backends": down}, status_code=503)
-    return {"status": "ok"}
+    return {"status": "ok", "backends": states}
 
 
 @router.get("/ready")
 async def ready(request: Request):
     """Readiness (a load balancer's question): the backends serve and this gateway is not draining."""
     context = served(request)
-    down = await backends_down(context.backends)
+    states, down = await backend_states(context.backends)
     draining = context.core.drain.started
     if draining or down:
         reason = "draining" if draining else "backend unavailable"
         return JSONResponse({"status": reason, "backends": down}, status_code=503)
-    return {"status": "ready"}
+    return {"status": "ready", "backends": states}
 
 
 @router.get("/metrics")

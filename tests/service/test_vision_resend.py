@@ -13,8 +13,8 @@ from gateway.clients import GrpcVisionClient
 from mmserve.grpc_util import start_server
 from mmserve.images import content_hash
 from mmserve.proto import vision_pb2_grpc
-from mmserve.wire import ImageInput
-from tests.helpers import serve_vision
+from mmserve.wire import ImageInput, PixelLimits
+from tests.helpers import make_image, serve_vision
 from tests.service.test_vision_batching import IMAGES, SERVICE, count, embed_request
 from vision_service.server import VisionServicer
 
@@ -54,8 +54,9 @@ def test_gateway_client_sends_hashes_and_resends_bytes_on_not_found(make_encoder
     assert torch.equal(first[0].embedding, second[0].embedding)
 
 
-def serve_replicas(encoders, body):
-    """Run `await body(addresses)` against one real VisionService server per encoder (replicas)."""
+def serve_replicas(encoders, body, pass_servers: bool = False):
+    """Run `await body(addresses)` (with `pass_servers`: `body(addresses, servers)`) against one real
+    VisionService server per encoder (replicas)."""
 
     async def go():
         servers = []
@@ -73,7 +74,10 @@ def serve_replicas(encoders, body):
                         64 << 20,
                     )
                 )
-            return await body([f"127.0.0.1:{port}" for _, _, port in servers])
+            addresses = [f"127.0.0.1:{port}" for _, _, port in servers]
+            if pass_servers:
+                return await body(addresses, [server for server, _, _ in servers])
+            return await body(addresses)
         finally:
             for server, _, _ in servers:
                 await server.stop(0)
@@ -81,27 +85,54 @@ def serve_replicas(encoders, body):
     return asyncio.run(go())
 
 
-def test_hash_only_memory_is_kept_per_replica(make_encoder):
-    replicas = [make_encoder(), make_encoder()]  # two caches, one client balancing over both
-    image = ImageInput(IMAGES[5], content_hash(IMAGES[5]))
+MANY_IMAGES = [make_image(24 + i, 32, seed=100 + i) for i in range(16)]
 
-    def served(encoder):
-        return count(encoder, "encoded") + count(encoder, "cached")
+
+def test_each_image_is_encoded_by_one_replica_and_then_goes_hash_only(make_encoder):
+    """Two replicas behind one client: a request goes to the replica its first image hashes to, so
+    every image is encoded once in all, both replicas serve, and repeats go hash-only without a resend."""
+    replicas = [make_encoder(), make_encoder()]
+    # 16 images: all of them hashing to one replica has odds of 2 in 65536
+    images = [ImageInput(data, content_hash(data)) for data in MANY_IMAGES]
 
     async def body(addresses):
-        client = GrpcVisionClient("ipv4:" + ",".join(addresses), 64 << 20, 30)
-        answers = []
-        # round_robin reaches the second replica within a few calls; then a few more, hash-only to both
-        while len(answers) < 40 and (not all(served(r) for r in replicas) or len(answers) < 8):
-            answers.append((await client.embed([image], f"r{len(answers)}"))[0])
+        client = GrpcVisionClient(",".join(addresses), 64 << 20, 30)
+        answers = {}
+        for round_ in range(3):
+            for i, image in enumerate(images):
+                answers.setdefault(i, []).append((await client.embed([image], f"r{round_}-{i}"))[0])
+        hash_only = sum(
+            client.replicas.holds(r.cache_id, (image.content_hash, PixelLimits()))
+            for r in client.pool.replicas.values()
+            for image in images
+        )
         await client.close()
-        return answers, client.resends, len(client.replicas)
+        return answers, client.resends, hash_only
 
-    answers, resends, known = serve_replicas(replicas, body)
-    assert known == 2 and all(served(r) for r in replicas)
-    # The replica that never saw the bytes answered NOT_FOUND once; from then on the client sent it the
-    # bytes until it held the image (a memory per client resends about every other call).
-    assert resends == 1
-    assert [count(r, "encoded") for r in replicas] == [1, 1]
-    assert all(torch.equal(a.embedding, answers[0].embedding) for a in answers)
-    assert {a.content_hash for a in answers} == {image.content_hash}
+    answers, resends, hash_only = serve_replicas(replicas, body)
+    assert all(count(r, "encoded") for r in replicas), "one replica got no image: no balancing"
+    assert sum(count(r, "encoded") for r in replicas) == len(images)  # no image encoded twice
+    assert sum(count(r, "cached") for r in replicas) == 2 * len(images)  # rounds 2 and 3: cache hits
+    assert resends == 0 and hash_only == len(images)
+    for same in answers.values():
+        assert all(torch.equal(a.embedding, same[0].embedding) for a in same)
+
+
+def test_a_replica_that_goes_away_leaves_the_pool_and_its_images_go_elsewhere(make_encoder):
+    replicas = [make_encoder(), make_encoder()]
+    images = [ImageInput(data, content_hash(data)) for data in IMAGES]
+
+    async def body(addresses, servers):
+        client = GrpcVisionClient(",".join(addresses), 64 << 20, 30)
+        for i, image in enumerate(images):
+            await client.embed([image], f"a{i}")
+        await servers[0].stop(0)  # the first replica is gone; its images must reach the other
+        again = [(await client.embed([image], f"b{i}"))[0] for i, image in enumerate(images)]
+        states = client.pool.states()
+        await client.close()
+        return again, states
+
+    again, states = serve_replicas(replicas, body, pass_servers=True)
+    assert len(again) == len(images) and all(a.embedding.numel() for a in again)
+    assert sorted(s.split(":")[0] for s in states.values()) == ["SERVING", "UNAVAILABLE"], states
+    assert count(replicas[1], "encoded") + count(replicas[1], "cached") >= len(images)

@@ -1,0 +1,145 @@
+"""gateway.replicas without servers: address parsing, membership, and the choice of a replica."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from gateway.replicas import Endpoint, ReplicaPool, _expand, parse_address
+from mmserve.errors import UnavailableError
+
+
+def pool(address: str, **kwargs) -> ReplicaPool:
+    """A pool whose replicas all count as healthy, without background checks (no servers here)."""
+    made = ReplicaPool("llm", address, 1 << 20, check_interval_s=0, **kwargs)
+    for replica in made.replicas.values():
+        replica.healthy, replica.status = True, "SERVING"
+    return made
+
+
+def in_loop(body):
+    async def go():
+        return body()
+
+    return asyncio.run(go())  # grpc.aio channels belong to a running loop
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("llm:50052", [Endpoint("llm", 50052)]),
+        ("dns:///llm:50052", [Endpoint("llm", 50052)]),
+        ("10.0.0.1:1, 10.0.0.2:2", [Endpoint("10.0.0.1", 1), Endpoint("10.0.0.2", 2)]),
+        ("ipv4:10.0.0.1:1,10.0.0.2:2", [Endpoint("10.0.0.1", 1), Endpoint("10.0.0.2", 2)]),
+        ("[::1]:5", [Endpoint("::1", 5)]),
+        ("unix:/run/llm.sock", [Endpoint("", literal="unix:/run/llm.sock")]),
+    ],
+)
+def test_addresses_name_one_replica_or_many(spec, expected):
+    assert parse_address(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", "llm", "llm:port", "llm:0", "llm:70000", ":50052", ","])
+def test_a_bad_address_is_refused_naming_it(spec):
+    with pytest.raises(ValueError, match="address"):
+        parse_address(spec)
+
+
+def test_a_name_resolving_to_several_addresses_is_several_replicas_of_one_family():
+    v4 = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 50052)) for ip in ("10.0.0.1", "10.0.0.2")]
+    v6 = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 50052, 0, 0))]
+    assert _expand(Endpoint("llm", 50052), v4 + v6) == {
+        "10.0.0.1:50052": "ipv4:10.0.0.1:50052",
+        "10.0.0.2:50052": "ipv4:10.0.0.2:50052",
+    }
+    assert _expand(Endpoint("llm", 50052), v6) == {"[::1]:50052": "ipv6:[::1]:50052"}
+    assert _expand(Endpoint("llm", 50052), None) == {}  # not resolvable yet: no replica, no error
+
+
+def test_cache_aware_sends_a_key_to_one_replica_and_spreads_keys_over_all():
+    def body():
+        p = pool("10.0.0.1:1,10.0.0.2:1,10.0.0.3:1")
+        keys = [f"prompt-{i}".encode() for i in range(600)]
+        owners = [p.choose(k).name for k in keys]
+        assert owners == [p.choose(k).name for k in keys]  # the same key, the same replica
+        shares = {name: owners.count(name) / len(keys) for name in p.replicas}
+        assert all(0.25 < share < 0.42 for share in shares.values()), shares
+        return p, keys, owners
+
+    in_loop(body)
+
+
+def test_losing_a_replica_moves_only_the_keys_it_owned():
+    def body():
+        p = pool("10.0.0.1:1,10.0.0.2:1,10.0.0.3:1")
+        keys = [f"prompt-{i}".encode() for i in range(300)]
+        before = [p.choose(k).name for k in keys]
+        p.mark_failed(p.replicas["10.0.0.2:1"], "UNAVAILABLE: test")
+        after = [p.choose(k).name for k in keys]
+        moved = [(b, a) for b, a in zip(before, after, strict=True) if a != b]
+        assert moved and all(b == "10.0.0.2:1" for b, _ in moved)
+        assert "10.0.0.2:1" not in after
+
+    in_loop(body)
+
+
+def test_an_overloaded_owner_is_passed_over_for_the_least_loaded():
+    def body():
+        p = pool("10.0.0.1:1,10.0.0.2:1", max_imbalance=4)
+        owner = p.choose(b"system prompt + image")
+        other = next(r for r in p.replicas.values() if r is not owner)
+        owner.in_flight = 3  # 3 more than the other: still under the imbalance allowed
+        assert p.choose(b"system prompt + image") is owner
+        owner.in_flight = 4
+        assert p.choose(b"system prompt + image") is other
+        assert p.choose(None) is other  # no key (no prompt yet): the least loaded
+
+    in_loop(body)
+
+
+def test_round_robin_and_least_loaded():
+    def body():
+        rr = pool("10.0.0.1:1,10.0.0.2:1", policy="round_robin")
+        assert len({rr.choose(b"same").name for _ in range(4)}) == 2
+        least = pool("10.0.0.1:1,10.0.0.2:1", policy="least_loaded")
+        least.replicas["10.0.0.1:1"].in_flight = 1
+        assert {least.choose(b"same").name for _ in range(4)} == {"10.0.0.2:1"}
+
+    in_loop(body)
+
+
+def test_no_replica_serving_is_a_clear_unavailable_error():
+    def body():
+        p = pool("10.0.0.1:1,10.0.0.2:1")
+        for replica in p.replicas.values():
+            p.mark_failed(replica, "UNAVAILABLE: connection refused")
+        with pytest.raises(
+            UnavailableError, match="llm service is unavailable: no replica is serving"
+        ) as info:
+            p.choose(b"k")
+        assert "10.0.0.1:1: UNAVAILABLE: connection refused" in str(info.value)
+        p.replicas["10.0.0.2:1"].healthy = True  # a health check found it serving again
+        assert p.choose(b"k").name == "10.0.0.2:1"
+
+    in_loop(body)
+
+
+def test_a_replica_whose_address_no_longer_resolves_is_retired_once_idle():
+    def body():
+        p = pool("10.0.0.1:1,10.0.0.2:1")
+        leaving = p.replicas["10.0.0.2:1"]
+        leaving.in_flight = 1
+        p._sync({"10.0.0.1:1": "ipv4:10.0.0.1:1"})  # a DNS answer without it (scaled down)
+        assert leaving.retired and {p.choose(f"{i}".encode()).name for i in range(50)} == {"10.0.0.1:1"}
+        assert p.states()["10.0.0.2:1"] == "RETIRED"
+        p._sync({"10.0.0.1:1": "ipv4:10.0.0.1:1", "10.0.0.2:1": "ipv4:10.0.0.2:1"})  # back again
+        assert not leaving.retired
+
+    in_loop(body)
+
+
+def test_an_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="routing policy 'random'"):
+        ReplicaPool("llm", "10.0.0.1:1", 1 << 20, policy="random", check_interval_s=0)
