@@ -7,7 +7,7 @@
 #      under 32 streams + 8 plain requests: every request ends, reported per outcome; 503 and /health
 #      naming the service while down; healed within 30 s)
 #   -> `compose stop` (every service must exit 0 on SIGTERM, well inside stop_grace_period)
-#   -> `compose down -v` -> `compose up -d --scale llm=2`: requests reach both replicas -> `compose down -v`,
+#   -> `compose down -v` -> `compose up -d --scale llm=2 --scale vision=2`: tests/compose/scale_check.py -> `compose down -v`,
 #   and check that nothing of the project is left. COMPOSE_TEST_SCALE=0 skips the --scale step.
 #
 # Env: PY (python with openai+httpx+pillow, default .venv/bin/python), COMPOSE_KIT (kit folder),
@@ -132,22 +132,13 @@ awk -v x="$took" 'BEGIN{exit !(x < 40)}' || { log "stop took ${took}s (>= 40 s: 
 
 "${COMPOSE[@]}" down -v >/dev/null 2>&1
 
-# 6. --scale llm=2: the gateway's round_robin channel to dns:///llm:50052 spreads calls over both
+# 6. --scale llm=2 --scale vision=2: the gateway routes over every replica the names resolve to
 if [ "${COMPOSE_TEST_SCALE:-1}" = 1 ]; then
   t=$(date +%s)
-  "${COMPOSE[@]}" up -d --scale llm=2 >/tmp/mmserve-compose-up.log 2>&1 || { tail -40 /tmp/mmserve-compose-up.log; exit 1; }
+  "${COMPOSE[@]}" up -d --scale llm=2 --scale vision=2 >/tmp/mmserve-compose-up.log 2>&1 || { tail -40 /tmp/mmserve-compose-up.log; exit 1; }
   wait_healthy
-  for _ in $(seq 1 10); do
-    curl -sf -o /dev/null "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' \
-      -d '{"prompt": "hello", "max_tokens": 2}'
-  done
-  counts=""
-  for r in 1 2; do
-    n=$(podman exec "${PROJECT}_llm_$r" python -c "import urllib.request as u; print(sum(float(l.split()[-1]) for l in u.urlopen('http://127.0.0.1:9090/metrics').read().decode().splitlines() if l.startswith('mmserve_llm_requests_total')))")
-    counts="$counts llm_$r=${n%.0}"
-  done
-  log "--scale llm=2: 10 requests through the gateway reached$counts ($(( $(date +%s) - t ))s)"
-  case "$counts" in *=0\ *|*=0) log "a replica got no requests: no load balancing"; exit 1;; esac
+  "$PY" tests/compose/scale_check.py --port "$PORT" --project "$PROJECT"
+  log "--scale llm=2 --scale vision=2: both of each served, cache-aware routing hit, one LLM replica killed under load ($(( $(date +%s) - t ))s)"
   purge
 fi
 
