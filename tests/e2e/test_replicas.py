@@ -77,7 +77,7 @@ def test_killing_one_replica_under_load_ends_every_request_and_the_other_serves(
         async with client(stack) as api:
             started = [asyncio.Event() for _ in IMAGES]
             running = [
-                asyncio.create_task(ask(api, image, f"Story {i}.", 200, started[i]))
+                asyncio.create_task(ask(api, image, f"Story {i}.", 600, started[i]))
                 for i, image in enumerate(IMAGES)
             ]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started[:8])), 60)

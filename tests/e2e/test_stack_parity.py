@@ -132,7 +132,13 @@ def test_raw_prompt_with_image_tags(served, reference, image_dir):
 def test_models_and_health(client, served):
     stack, _ = served
     assert [m.id for m in client.models.list().data] == ["tiny-llava"]
-    assert httpx.get(stack.base_url + "/health").json() == {"status": "ok"}
+    health = httpx.get(stack.base_url + "/health").json()
+    assert health["status"] == "ok"
+    # one replica of each backend, named by the address the stack bound, both serving
+    assert health["backends"] == {
+        "vision": {f"127.0.0.1:{stack.vision_port}": "SERVING"},
+        "llm": {f"127.0.0.1:{stack.llm_port}": "SERVING"},
+    }
     assert "mmserve_gateway_requests" in httpx.get(stack.base_url + "/metrics").text
 
 

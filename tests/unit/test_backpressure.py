@@ -83,12 +83,8 @@ def test_a_request_over_the_cap_gets_429_with_retry_after_before_any_work(llm):
             assert (await first).status_code == 200
             assert (await http.post(CHAT, json=chat())).status_code == 200  # its slot came back
             metrics = (await http.get("/metrics")).text
-            assert (
-                exported_value(
-                    metrics, f'mmserve_gateway_requests_total{{route="{COMPLETIONS}",status="429"}}'
-                )
-                == 1
-            )
+            refused_count = f'mmserve_gateway_requests_total{{route="{COMPLETIONS}",status="429"}}'
+            assert exported_value(metrics, refused_count) == 1
             assert exported_value(metrics, "mmserve_gateway_requests_pending") == 0
 
     asyncio.run(go())
