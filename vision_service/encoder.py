@@ -15,6 +15,7 @@ import torch
 from mmserve.checkpoint import parse_dtype, resolve_dtype
 from mmserve.errors import DeadlineError, InvalidInputError, NotFoundError, OverloadedError, UnavailableError
 from mmserve.families import adapter, detect_family
+from mmserve.half_cpu import upcast_half_matmuls
 from mmserve.images import content_hash
 from mmserve.step_health import StepHealth
 from mmserve.wire import ImageFeatures, ImageInput, PixelLimits
@@ -61,6 +62,7 @@ class VisionEncoder:
         self.dtype = parse_dtype(dtype_name)
         self.adapter = adapter(self.family, "vision")
         self.model = self.adapter.from_checkpoint(config.checkpoint, self.dtype, config.device)
+        upcast_half_matmuls(self.model, self.dtype, config.device, "vision")
         self.hidden_size = self.model.hidden_size
         self.model_key = model_fingerprint(config.checkpoint, self.family, dtype_name)
         self.metrics = VisionMetrics()

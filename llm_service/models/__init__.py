@@ -9,9 +9,12 @@ def load_language_model(config):
 
     from mmserve.checkpoint import parse_dtype, resolve_dtype
     from mmserve.families import adapter, detect_family
+    from mmserve.half_cpu import upcast_half_matmuls
 
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     family = detect_family(config.checkpoint, config.model_type)
-    dtype = resolve_dtype(config.dtype, config.checkpoint, config.device, "llm")
-    return adapter(family, "language")(config.checkpoint, parse_dtype(dtype), config.device)
+    dtype = parse_dtype(resolve_dtype(config.dtype, config.checkpoint, config.device, "llm"))
+    model = adapter(family, "language")(config.checkpoint, dtype, config.device)
+    upcast_half_matmuls(model.decoder, dtype, config.device, "llm")
+    return model
