@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmserve import half_cpu
 from mmserve.half_cpu import (
     ENV,
     UpcastConv2d,
@@ -103,6 +104,19 @@ def test_rows_count_across_leading_dimensions(monkeypatch):
     assert out.shape == (2, 3, 16) and out.dtype == torch.bfloat16
     w, b = model.proj.weight.float(), model.proj.bias.float()
     assert torch.equal(out, F.linear(x.float(), w, b).to(torch.bfloat16))
+
+
+def test_large_weights_are_cast_in_slices_with_the_same_result(monkeypatch):
+    """A weight over CHUNK_ELEMENTS is cast and multiplied a slice of rows at a time (here 3 slices,
+    the last one short): the same float32 products as one cast of the whole weight."""
+    monkeypatch.setattr(half_cpu, "CHUNK_ELEMENTS", 8 * 5)  # 5 weight rows of 8 per slice
+    torch.manual_seed(1)
+    layer = nn.Linear(8, 13).to(torch.bfloat16)
+    x = torch.randn(2, 6, 8).to(torch.bfloat16)
+    expected = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    out = half_cpu.upcast_linear(x, layer.weight, layer.bias)
+    assert out.shape == (2, 6, 13) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.to(torch.bfloat16), atol=0, rtol=0)
 
 
 def test_convolutions_match_float32_of_the_same_bf16_values(monkeypatch):
