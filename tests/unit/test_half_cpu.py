@@ -131,3 +131,20 @@ def test_convolutions_match_float32_of_the_same_bf16_values(monkeypatch):
     video = torch.randn(1, 3, 2, 16, 16).to(torch.bfloat16)
     out3 = model.conv3(video)
     assert torch.equal(out3, F.conv3d(video.float(), w3.float(), None, stride=(2, 4, 4)).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("rows", ["0", "8"])
+def test_decode_attention_in_bf16_matches_float32_either_way(monkeypatch, rows):
+    """The decode attention's float32 path (small batches on CPUs without native bf16; forced here
+    with the env) and its native bf16 path agree with float32 attention up to bf16 rounding."""
+    from llm_service.attention.sdpa import _grouped_attention
+
+    monkeypatch.setenv(ENV, rows)
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 16)
+    keep = torch.rand(1, 3, 1, 40) > 0.3
+    keep[..., 0] = True
+    expected = _grouped_attention(q, k, v, keep, 0.25)  # float32 inputs: float32 throughout
+    out = _grouped_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), keep, 0.25)
+    assert out.dtype == torch.bfloat16 and out.shape == expected.shape
+    torch.testing.assert_close(out.float(), expected, atol=0.03, rtol=0.03)
