@@ -11,7 +11,9 @@ Which replica serves a call is the policy's choice (`choose`):
 - "cache_aware" (the default): replicas are ranked per routing key by rendezvous hashing (consistent:
   adding or losing a replica moves only the keys it owned), so requests sharing a prompt's beginning
   reach the replica whose prefix cache holds it; when that replica already has `max_imbalance` more
-  calls in flight from this gateway than the least loaded one, the least loaded serves instead.
+  calls in flight from this gateway than the least loaded one, the least loaded serves instead, and is
+  remembered as holding the key too (each replica keeps its RECENT_KEYS latest keys), so later
+  requests with that key go to the less loaded of the two.
 - "least_loaded": the fewest calls in flight from this gateway; "round_robin": each in turn.
 """
 
@@ -24,6 +26,7 @@ import itertools
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ from mmserve.errors import UnavailableError
 from mmserve.grpc_util import channel_options
 
 log = logging.getLogger(__name__)
+RECENT_KEYS = 4096  # routing keys each replica remembers (cache_aware), least recently sent dropped first
 
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
 HEALTH_TIMEOUT_S = 2.0
@@ -100,6 +104,14 @@ class Replica:
     calls: int = 0  # calls sent to it, in all
     retired: bool = False  # its address no longer resolves: no new calls, closed once idle
     cache_id: str | None = None  # vision: the id of the embedding cache it last answered with
+    # cache_aware: the routing keys sent here lately, oldest first (what its prefix cache likely holds)
+    recent_keys: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+
+    def remember(self, key: bytes) -> None:
+        self.recent_keys[key] = None
+        self.recent_keys.move_to_end(key)
+        if len(self.recent_keys) > RECENT_KEYS:
+            self.recent_keys.popitem(last=False)
 
 
 def rendezvous(key: bytes, name: str) -> int:
@@ -114,7 +126,7 @@ class ReplicaPool:
     address: str
     max_message_bytes: int
     policy: str = "cache_aware"
-    max_imbalance: int = 8
+    max_imbalance: int = 4
     check_interval_s: float = 2.0
     replicas: dict[str, Replica] = field(default_factory=dict, init=False)
     _endpoints: list[Endpoint] = field(default_factory=list, init=False)
@@ -238,12 +250,20 @@ class ReplicaPool:
         least = min(r.in_flight for r in candidates)
         if self.policy == "round_robin":
             return candidates[next(self._turn) % len(candidates)]
-        if self.policy == "cache_aware" and key is not None:
-            owner = max(candidates, key=lambda r: rendezvous(key, r.name))
-            if owner.in_flight - least < self.max_imbalance:
-                return owner
         idle = [r for r in candidates if r.in_flight == least]
-        return idle[next(self._turn) % len(idle)]
+        if self.policy != "cache_aware" or key is None:
+            return idle[next(self._turn) % len(idle)]
+        # The replicas this key was sent to lately hold its prefix; a key not seen yet goes to its
+        # rendezvous owner. The least loaded of those, unless it is max_imbalance over the least loaded
+        # of all: then that one, which holds the key from now on (later requests may use either).
+        holders = [r for r in candidates if key in r.recent_keys] or [
+            max(candidates, key=lambda r: rendezvous(key, r.name))
+        ]
+        chosen = min(holders, key=lambda r: (r.in_flight, -rendezvous(key, r.name)))
+        if chosen.in_flight - least >= self.max_imbalance:
+            chosen = idle[next(self._turn) % len(idle)]
+        chosen.remember(key)
+        return chosen
 
     @contextmanager
     def call(self, replica: Replica):

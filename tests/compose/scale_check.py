@@ -79,7 +79,8 @@ async def ask(api: openai.AsyncOpenAI, model: str, seed: int, text: str, max_tok
 async def rounds(base: str, args: argparse.Namespace) -> None:
     async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120) as api:
         model = (await api.models.list()).data[0].id
-        # 4 in flight: under LLM_ROUTING_MAX_IMBALANCE (8), so every request goes where its image hashes
+        # 4 in flight: a replica never has LLM_ROUTING_MAX_IMBALANCE (4) more when a request is placed,
+        # so every request goes where its image hashes
         gate = asyncio.Semaphore(4)
 
         async def limited(seed: int, text: str) -> str:

@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from gateway import replicas
 from gateway.replicas import Endpoint, ReplicaPool, _expand, parse_address
 from mmserve.errors import UnavailableError
 
@@ -143,3 +144,42 @@ def test_a_replica_whose_address_no_longer_resolves_is_retired_once_idle():
 def test_an_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="routing policy 'random'"):
         ReplicaPool("llm", "10.0.0.1:1", 1 << 20, policy="random", check_interval_s=0)
+
+
+def test_a_replica_that_took_a_key_over_holds_it_too():
+    """After a spill the key has two holders: later requests go to the less loaded of them (both have
+    its prefix cached), not back to the owner alone; a third replica never sees the key while either
+    holder is within the imbalance allowed."""
+
+    def body():
+        p = pool("10.0.0.1:1,10.0.0.2:1,10.0.0.3:1", max_imbalance=2)
+        key = b"system prompt + image"
+        owner = p.choose(key)
+        assert p.choose(key) is owner  # remembered and not loaded: the owner again
+        owner.in_flight = 2
+        spill = p.choose(key)  # 2 over the idle ones: the least loaded takes it
+        assert spill is not owner and key in spill.recent_keys and key in owner.recent_keys
+        third = next(r for r in p.replicas.values() if r not in (owner, spill))
+        spill.in_flight = 1
+        # holders: owner (2) and spill (1); the third is idle (0) but within 2 of the spill
+        assert p.choose(key) is spill
+        owner.in_flight = 0
+        assert p.choose(key) is owner  # now the less loaded holder
+        assert key not in third.recent_keys
+
+    in_loop(body)
+
+
+def test_recent_keys_are_bounded(monkeypatch):
+    monkeypatch.setattr(replicas, "RECENT_KEYS", 3)
+
+    def body():
+        p = pool("10.0.0.1:1", max_imbalance=4)
+        (only,) = p.replicas.values()
+        for i in range(5):
+            p.choose(b"key %d" % i)
+        assert list(only.recent_keys) == [b"key 2", b"key 3", b"key 4"]
+        p.choose(b"key 2")  # used again: now the most recent
+        assert list(only.recent_keys) == [b"key 3", b"key 4", b"key 2"]
+
+    in_loop(body)
