@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
-# Connections are recycled every few minutes (in-flight calls may finish for a day), so clients that
-# reach replicas through one DNS name re-resolve it and spread over replicas added since they connected.
+# Connections are recycled every few minutes (in-flight calls may finish for a day), so a client that
+# reaches replicas through one DNS name with gRPC's own balancing re-resolves it and spreads over
+# replicas added since it connected. (The gateway resolves names itself, one channel per replica:
+# gateway.replicas.)
 # SO_REUSEPORT is off: gRPC turns it on by default on Linux, which lets a second server (a second stack
 # started on the same ports) bind a port in use and silently take a share of its connections.
 SERVER_OPTIONS = [
