@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -62,7 +63,7 @@ class VisionEncoder:
         self.dtype = parse_dtype(dtype_name)
         self.adapter = adapter(self.family, "vision")
         self.model = self.adapter.from_checkpoint(config.checkpoint, self.dtype, config.device)
-        upcast_half_matmuls(self.model, self.dtype, config.device, "vision")
+        upcast_half_matmuls(cast(torch.nn.Module, self.model), self.dtype, config.device, "vision")
         self.hidden_size = self.model.hidden_size
         self.model_key = model_fingerprint(config.checkpoint, self.family, dtype_name)
         self.metrics = VisionMetrics()

@@ -7,7 +7,8 @@
 #      under 32 streams + 8 plain requests: every request ends, reported per outcome; 503 and /health
 #      naming the service while down; healed within 30 s)
 #   -> `compose stop` (every service must exit 0 on SIGTERM, well inside stop_grace_period)
-#   -> `compose down -v` -> `compose up -d --scale llm=2 --scale vision=2`: tests/compose/scale_check.py -> `compose down -v`,
+#   -> `compose down -v` -> `LLM_REPLICAS=2 VISION_REPLICAS=2 compose up -d` (podman-compose 1.6 takes one
+#   --scale flag only): tests/compose/scale_check.py -> `compose down -v`,
 #   and check that nothing of the project is left. COMPOSE_TEST_SCALE=0 skips the --scale step.
 #
 # Env: PY (python with openai+httpx+pillow, default .venv/bin/python), COMPOSE_KIT (kit folder),
@@ -132,13 +133,13 @@ awk -v x="$took" 'BEGIN{exit !(x < 40)}' || { log "stop took ${took}s (>= 40 s: 
 
 "${COMPOSE[@]}" down -v >/dev/null 2>&1
 
-# 6. --scale llm=2 --scale vision=2: the gateway routes over every replica the names resolve to
+# 6. two LLM and two vision replicas: the gateway routes over every replica the names resolve to
 if [ "${COMPOSE_TEST_SCALE:-1}" = 1 ]; then
   t=$(date +%s)
-  "${COMPOSE[@]}" up -d --scale llm=2 --scale vision=2 >/tmp/mmserve-compose-up.log 2>&1 || { tail -40 /tmp/mmserve-compose-up.log; exit 1; }
+  LLM_REPLICAS=2 VISION_REPLICAS=2 "${COMPOSE[@]}" up -d >/tmp/mmserve-compose-up.log 2>&1 || { tail -40 /tmp/mmserve-compose-up.log; exit 1; }
   wait_healthy
   "$PY" tests/compose/scale_check.py --port "$PORT" --project "$PROJECT"
-  log "--scale llm=2 --scale vision=2: both of each served, cache-aware routing hit, one LLM replica killed under load ($(( $(date +%s) - t ))s)"
+  log "LLM_REPLICAS=2 VISION_REPLICAS=2: both of each served, cache-aware routing hit, one LLM replica killed under load ($(( $(date +%s) - t ))s)"
   purge
 fi
 

@@ -42,20 +42,38 @@ def image_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def exported(engine: str, name: str, metric: str, port: int) -> float:
-    """The sum of `metric`'s samples (all label sets) on the /metrics page inside container `name`."""
+def exported(engine: str, name: str, metric: str, port: int, label: str = "") -> float:
+    """The sum of `metric`'s samples whose labels include `label` (e.g. `outcome="encoded"`; every
+    sample also carries model_name and replica) on the /metrics page inside container `name`. No such
+    sample at all fails (a renamed metric must not read as 0); a labelled series exported only from
+    its first increment on is the caller's to expect."""
     code = (
         "import urllib.request as u; "
-        f"print(sum(float(l.split()[-1]) for l in u.urlopen('http://127.0.0.1:{port}/metrics').read().decode()"
-        f".splitlines() if l.startswith('{metric}')))"
+        f"page = u.urlopen('http://127.0.0.1:{port}/metrics').read().decode(); "
+        f"rows = [l for l in page.splitlines() if l.split('{{')[0].split(' ')[0] == {metric!r}]; "
+        "print(len(rows), "
+        f"sum(float(l.split()[-1]) for l in rows if {label!r} in l.split('}}')[0]))"
     )
     out = subprocess.run(
         [engine, "exec", name, "python", "-c", code], check=True, capture_output=True, text=True
     )
-    return float(out.stdout.strip())
+    rows, total = out.stdout.split()
+    assert int(rows) > 0, f"{name} exports no {metric} samples"
+    return float(total)
 
 
-async def ask(api: openai.AsyncOpenAI, model: str, seed: int, text: str, max_tokens: int) -> str:
+class Progress:
+    """A stream's first content chunk (an event) and the time of its latest one."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.last = 0.0
+
+
+async def ask(
+    api: openai.AsyncOpenAI, model: str, seed: int, text: str, max_tokens: int, progress=None
+) -> str:
+    """One streamed chat request -> "done cached=N" or the error it ended with."""
     content = [{"type": "image_url", "image_url": {"url": image_url(seed)}}, {"type": "text", "text": text}]
     try:
         stream = await api.chat.completions.create(
@@ -69,6 +87,9 @@ async def ask(api: openai.AsyncOpenAI, model: str, seed: int, text: str, max_tok
         )
         cached = -1
         async for chunk in stream:
+            if progress is not None and chunk.choices and chunk.choices[0].delta.content:
+                progress.started.set()
+                progress.last = time.monotonic()
             if chunk.usage is not None:
                 cached = chunk.usage.prompt_tokens_details.cached_tokens
         return f"done cached={cached}"
@@ -98,8 +119,9 @@ async def rounds(base: str, args: argparse.Namespace) -> None:
             exported(
                 args.engine,
                 f"{args.project}_vision_{r}",
-                'mmserve_vision_images_total{outcome="encoded"',
+                "mmserve_vision_images_total",
                 9090,
+                'outcome="encoded"',
             )
             for r in (1, 2)
         ]
@@ -110,15 +132,30 @@ async def rounds(base: str, args: argparse.Namespace) -> None:
         assert all(int(r.split("cached=")[1]) > 0 for r in second), f"prefix cache missed: {second}"
         log("every second-round request hit its replica's prefix cache")
 
-        running = [asyncio.create_task(ask(api, model, i, f"A long story {i}.", 400)) for i in range(8)]
-        await asyncio.sleep(3)
+        # 3000 tokens: every stream is still decoding when the replica dies. Those on the killed
+        # replica must end (an error event) within 30 s; those on the other must still be streaming.
+        progress = [Progress() for _ in range(8)]
+        running = [
+            asyncio.create_task(ask(api, model, 100 + i, f"A long story {i}.", 3000, progress[i]))
+            for i in range(8)
+        ]
+        await asyncio.wait_for(asyncio.gather(*(p.started.wait() for p in progress)), 60)
         subprocess.run([args.engine, "kill", "--signal", "KILL", f"{args.project}_llm_2"], check=True)
-        killed = time.monotonic()
-        ended = await asyncio.wait_for(asyncio.gather(*running), 60)
+        assert not any(t.done() for t in running), "a stream ended before the kill: nothing was under load"
+        done, _ = await asyncio.wait(running, timeout=30)
+        now = time.monotonic()
+        ended = [t.result() for t in running if t in done]
+        alive = [i for i, t in enumerate(running) if t not in done and now - progress[i].last < 5]
+        hung = [i for i, t in enumerate(running) if t not in done and i not in alive]
         log(
-            f"SIGKILL to llm_2 with 8 streams in flight: all ended {time.monotonic() - killed:.1f}s later: {ended}"
+            f"SIGKILL to llm_2 with 8 streams in flight: {len(ended)} ended within 30 s ({ended}), "
+            f"{len(alive)} still streaming from llm_1, {len(hung)} silent"
         )
+        assert not hung, f"streams {hung} neither ended nor streamed in the last 5 s"
         assert all(r.startswith(("done", "error APIError")) for r in ended), ended
+        for task in running:
+            task.cancel()  # the survivors' clients go away; the gateway aborts them on llm_1
+        await asyncio.gather(*running, return_exceptions=True)
         after = await asyncio.gather(*(ask(api, model, i, "Once more?", 4) for i in range(8)))
         assert all(r.startswith("done") for r in after), after
         health = httpx.get(base + "/health", timeout=10)
