@@ -22,6 +22,7 @@ support, to compare).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -37,6 +38,7 @@ ENV = "MMSERVE_CPU_UPCAST_ROWS"
 CHUNK_ELEMENTS = 1 << 20  # weight elements cast to float32 per slice (4 MB)
 
 
+@functools.cache  # the CPU does not change; asked on every small decode attention (llm_service sdpa)
 def native_half_matmul(dtype: torch.dtype) -> bool:
     """Whether this CPU has matmul instructions for `dtype` (oneDNN uses them when present)."""
     if dtype == torch.bfloat16:
@@ -52,10 +54,10 @@ def upcast_rows(dtype: torch.dtype, device: torch.device | str) -> int:
         return 0
     configured = os.environ.get(ENV, "").strip()
     if configured:
-        try:
-            return max(0, int(configured))
-        except ValueError:
-            raise ValueError(f"{ENV} must be a whole number of rows (0 = off), got {configured!r}") from None
+        rows = int(configured) if configured.isdigit() else -1
+        if rows < 0:
+            raise ValueError(f"{ENV} must be a whole number of rows >= 0 (0 = off), got {configured!r}")
+        return rows
     return 0 if native_half_matmul(dtype) else DEFAULT_MIN_ROWS
 
 
@@ -89,16 +91,19 @@ def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _float32_conv(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    bias = None if conv.bias is None else conv.bias.float()
+    return conv._conv_forward(x.float(), conv.weight.float(), bias).to(x.dtype)
+
+
 class UpcastConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        return self._conv_forward(x.float(), self.weight.float(), bias).to(x.dtype)
+        return _float32_conv(self, x)
 
 
 class UpcastConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        return self._conv_forward(x.float(), self.weight.float(), bias).to(x.dtype)
+        return _float32_conv(self, x)
 
 
 _SWAPS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (

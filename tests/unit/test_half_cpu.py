@@ -42,9 +42,10 @@ def test_rows_threshold_follows_the_env_and_only_applies_to_half_weights_on_cpu(
     assert upcast_rows(torch.bfloat16, "meta") == 0  # not a CPU: left alone
     monkeypatch.setenv(ENV, "0")
     assert upcast_rows(torch.bfloat16, "cpu") == 0
-    monkeypatch.setenv(ENV, "many")
-    with pytest.raises(ValueError, match=ENV):
-        upcast_rows(torch.bfloat16, "cpu")
+    for bad in ("many", "-3", "2.5"):
+        monkeypatch.setenv(ENV, bad)
+        with pytest.raises(ValueError, match=ENV):
+            upcast_rows(torch.bfloat16, "cpu")
     monkeypatch.delenv(ENV)
     assert upcast_rows(torch.bfloat16, "cpu") == (0 if native_half_matmul(torch.bfloat16) else 8)
 
