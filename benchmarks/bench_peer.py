@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_vision import anchor_checkpoint
-from benchmarks.engine_measure import RunResult
+from benchmarks.engine_measure import OtherLoad, RunResult
 from benchmarks.engine_mmserve import bench_stack
-from benchmarks.peer_load import PhaseLoad
+from benchmarks.engine_report import print_machine
 from benchmarks.peer_report import agreement, print_runs, ratios, token_count_failures
 from benchmarks.peer_runs import PeerWorkload, cached_runs, cold_runs
 from benchmarks.peer_vllm import VLLMServer, ensure_installed, vllm_checkpoint
@@ -86,10 +86,10 @@ def vllm_server(python: Path, checkpoint: Path, logs: Path, caching: bool) -> It
 
 def measure(
     server: AbstractContextManager[str], runs: Runs, load: PeerWorkload, m: int, body: dict
-) -> tuple[dict[str, RunResult], dict]:
+) -> tuple[dict[str, RunResult], dict | None]:
     """The runs on a started server, and the other processes' load while they ran."""
     with server as base_url:
-        meter = PhaseLoad()
+        meter = OtherLoad()  # stopped while the server runs: its CPU time is read live
         results = asyncio.run(runs(base_url, load, m, body))
         return results, meter.stop()
 
@@ -105,7 +105,7 @@ def main() -> None:
     logs = out.parent / "peer-logs"
     logs.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, RunResult]] = {"mmserve": {}, "vllm": {}}
-    other: dict[str, dict] = {}
+    other: dict[str, dict | None] = {}
     for caching in (False, True):
         phase = "cached" if caching else "cold"
         work = cached_runs if caching else cold_runs
@@ -141,9 +141,7 @@ def main() -> None:
         "failures": token_count_failures(runs, args.max_tokens),
         "other_processes": other,
     }
-    for phase, share in other.items():
-        flag = "  <- the machine was shared: numbers skewed" if share["other_share"] > 0.05 else ""
-        print(f"  other processes: {share['other_share']:.0%} of the CPUs during {phase}{flag}")
+    print_machine([], other)
     for line in results["failures"][:20]:
         print("  FAILED: " + line)
     results["total_s"] = time.perf_counter() - started

@@ -4,7 +4,6 @@ measured of each request and run (token timestamps, TTFT, TPOT, percentiles, oth
 from __future__ import annotations
 
 import os
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,9 +83,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class OtherLoad:
-    """CPU time other processes used during a phase (machine busy time from /proc/stat minus this
-    process's and its reaped children's): on a shared 2-core machine a concurrent test run skews
-    every number here, so each phase reports it."""
+    """CPU time other processes used during a phase: machine busy time (/proc/stat) minus the CPU time
+    of this process and everything below it, live or reaped (a server's own reaped children, such as
+    vLLM's engine process, included). On a shared 2-core machine a concurrent test run skews every
+    number here, so each phase reports it. None when /proc cannot be read."""
 
     def __init__(self):
         self.start = self._now()
@@ -95,16 +95,13 @@ class OtherLoad:
     def _now() -> tuple[float, float, float] | None:
         try:
             fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+            ours = _tree_cpu_s(os.getpid())
         except OSError:
             return None
         # user nice system idle iowait irq softirq steal: busy = all but idle and iowait
         ticks = [int(f) for f in fields[:8]]
         busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-        own = sum(
-            u.ru_utime + u.ru_stime
-            for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
-        )
-        return time.perf_counter(), busy, own
+        return time.perf_counter(), busy, ours
 
     def stop(self) -> dict | None:
         end = self._now()
@@ -113,3 +110,30 @@ class OtherLoad:
         wall = end[0] - self.start[0]
         others = max(0.0, (end[1] - self.start[1]) - (end[2] - self.start[2]))
         return {"other_cpu_s": others, "other_share": others / (wall * (os.cpu_count() or 1))}
+
+
+def _tree_cpu_s(root: int) -> float:
+    """CPU seconds of `root` and every live process below it, each with its reaped children's
+    (utime + stime + cutime + cstime): a process that exits and is reaped meanwhile moves from its
+    own fields to its parent's, so the sum only grows."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        pid = int(entry.name)
+        parent[pid] = int(fields[1])
+        cpu[pid] = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid, seconds in cpu.items():
+        node = pid
+        while node not in (0, 1, root):
+            node = parent.get(node, 0)
+        if node == root:
+            total += seconds
+    return total
