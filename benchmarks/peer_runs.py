@@ -36,7 +36,7 @@ class _BodyFields(httpx2.AsyncBaseTransport):
     """Adds fields to every JSON request body: the same requests (engine_mmserve.one_request's) then
     carry a server's own extension where one server needs it."""
 
-    def __init__(self, fields: dict):
+    def __init__(self, fields: dict | None):
         self.fields = fields
         self.inner = httpx2.AsyncHTTPTransport()
 
@@ -51,7 +51,7 @@ class _BodyFields(httpx2.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-def _client(base_url: str, body_fields: dict):
+def openai_client(base_url: str, body_fields: dict | None = None):
     import openai
 
     http = httpx2.AsyncClient(transport=_BodyFields(body_fields), timeout=600)
@@ -60,7 +60,7 @@ def _client(base_url: str, body_fields: dict):
     )
 
 
-async def _warm_up(client) -> None:
+async def warm_up(client) -> None:
     warm = Workload.make(2, WARMUP_SEED)
     for image, text in zip(warm.images, warm.texts, strict=True):
         timing = await one_request(client, image, text, 8)
@@ -68,7 +68,7 @@ async def _warm_up(client) -> None:
             print(f"  warm-up request failed: {timing.error}", flush=True)
 
 
-async def _together(client, name: str, work: Workload, max_tokens: int) -> RunResult:
+async def together(client, name: str, work: Workload, max_tokens: int) -> RunResult:
     started = time.perf_counter()
     timings = await asyncio.gather(
         *(
@@ -79,7 +79,7 @@ async def _together(client, name: str, work: Workload, max_tokens: int) -> RunRe
     return RunResult(name, list(timings), max(t.finished for t in timings) - started)
 
 
-async def _one_by_one(client, name: str, images: list[bytes], texts: list[str], max_tokens: int) -> RunResult:
+async def one_by_one(client, name: str, images: list[bytes], texts: list[str], max_tokens: int) -> RunResult:
     timings = [
         await one_request(client, image, text, max_tokens) for image, text in zip(images, texts, strict=True)
     ]
@@ -89,20 +89,20 @@ async def _one_by_one(client, name: str, images: list[bytes], texts: list[str], 
 async def cold_runs(base_url: str, load: PeerWorkload, max_tokens: int, body: dict) -> dict[str, RunResult]:
     """On a server with its caches off: all requests at once, then the single ones one at a time.
     `body`: fields added to every request's body."""
-    async with _client(base_url, body) as client:
-        await _warm_up(client)
-        cold = await _together(client, "cold", load.work, max_tokens)
-        single = await _one_by_one(client, "single", load.single.images, load.single.texts, max_tokens)
+    async with openai_client(base_url, body) as client:
+        await warm_up(client)
+        cold = await together(client, "cold", load.work, max_tokens)
+        single = await one_by_one(client, "single", load.single.images, load.single.texts, max_tokens)
     return {"cold": cold, "single": single}
 
 
 async def cached_runs(base_url: str, load: PeerWorkload, max_tokens: int, body: dict) -> dict[str, RunResult]:
     """On a server with its caches on: the same requests twice at once (the second pass is "warm"),
     then pairs one at a time: a new image, and right after it the same image with a new question."""
-    async with _client(base_url, body) as client:
-        await _warm_up(client)
-        first = await _together(client, "warm_first_pass", load.work, max_tokens)
-        warm = await _together(client, "warm", load.work, max_tokens)
+    async with openai_client(base_url, body) as client:
+        await warm_up(client)
+        first = await together(client, "warm_first_pass", load.work, max_tokens)
+        warm = await together(client, "warm", load.work, max_tokens)
         new, repeat = [], []
         for i, image in enumerate(load.pairs.images):
             new.append(await one_request(client, image, load.pairs.texts[i], max_tokens))

@@ -33,7 +33,7 @@ from pathlib import Path
 from benchmarks.bench_vision import anchor_checkpoint
 from benchmarks.engine_measure import SINGLE_SEED, RunResult, Workload
 from benchmarks.engine_mmserve import bench_stack
-from benchmarks.peer_runs import _one_by_one, _together, _warm_up
+from benchmarks.peer_runs import one_by_one, openai_client, together, warm_up
 from tests.helpers import ROOT
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -172,8 +172,6 @@ def main() -> None:
     parser.add_argument("--llm-args", default="", help="extra LLM service flags")
     args = parser.parse_args()
 
-    import openai
-
     logs = RESULTS / "profile-logs"
     logs.mkdir(parents=True, exist_ok=True)
     stack = bench_stack(anchor_checkpoint(), logs, "bfloat16", [*CACHES_OFF_LLM, *args.llm_args.split()])
@@ -185,25 +183,23 @@ def main() -> None:
         work = Workload.make(args.requests, 0)
 
         async def with_client(body):
-            async with openai.AsyncOpenAI(
-                base_url=stack.base_url + "/v1", api_key="-", max_retries=0, timeout=600
-            ) as client:
-                return await body(client)
+            async with openai_client(stack.base_url) as api:
+                return await body(api)
 
-        asyncio.run(with_client(_warm_up))
+        asyncio.run(with_client(warm_up))
         one, single_tables = profile_phase(
             "single",
             pids,
             args.rate,
             lambda: asyncio.run(
-                with_client(lambda c: _one_by_one(c, "single", single.images, single.texts, args.max_tokens))
+                with_client(lambda c: one_by_one(c, "single", single.images, single.texts, args.max_tokens))
             ),
         )
         many, many_tables = profile_phase(
             "at-once",
             pids,
             args.rate,
-            lambda: asyncio.run(with_client(lambda c: _together(c, "at once", work, args.max_tokens))),
+            lambda: asyncio.run(with_client(lambda c: together(c, "at once", work, args.max_tokens))),
         )
     finally:
         stack.stop()
