@@ -63,22 +63,42 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         found: list[int] = []
-        parent = None
         for index in range((seq.num_tokens - 1) // self.block_size):
-            parent = chain_hash(parent, seq.block_key(index, self.block_size))
-            block_id = self._cached.get(parent)
+            block_id = self._cached.get(self.block_hash(seq, index))
             if block_id is None:
                 break
             found.append(block_id)
         return found
+
+    def block_hash(self, seq: Sequence, index: int) -> bytes:
+        """The chained hash of full block `index` of `seq` (computed once per sequence and block: a
+        sequence's tokens only grow)."""
+        chain = seq.chain_hashes
+        while len(chain) <= index:
+            parent = chain[-1] if chain else None
+            chain.append(chain_hash(parent, seq.block_key(len(chain), self.block_size)))
+        return chain[index]
+
+    def next_prompt_block(self, seq: Sequence, num_cached_blocks: int) -> bytes | None:
+        """The hash of the block a sequence with `num_cached_blocks` cached would compute first, when
+        that is a full block the prefix cache could give it (None otherwise)."""
+        if not self.enable_prefix_caching or num_cached_blocks >= (seq.num_tokens - 1) // self.block_size:
+            return None
+        return self.block_hash(seq, num_cached_blocks)
+
+    def uncomputed_prompt_blocks(self, seq: Sequence) -> list[bytes]:
+        """Hashes of the full prompt blocks of `seq` whose KV is not computed yet."""
+        if not self.enable_prefix_caching:
+            return []
+        first = seq.num_computed_tokens // self.block_size
+        return [self.block_hash(seq, i) for i in range(first, seq.num_prompt_tokens // self.block_size)]
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Hash the blocks of `seq` that its computed tokens have filled since the last call."""
         num_full = seq.num_computed_tokens // self.block_size
         while len(seq.block_hashes) < num_full:
             index = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            block_hash = chain_hash(parent, seq.block_key(index, self.block_size))
+            block_hash = self.block_hash(seq, index)
             seq.block_hashes.append(block_hash)
             if not self.enable_prefix_caching:
                 continue

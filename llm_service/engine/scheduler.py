@@ -3,9 +3,10 @@
 Every step has a token budget. Running sequences come first, oldest first: a decoding sequence needs
 one token, a sequence still in prefill gets a chunk of what is left of the budget (chunked prefill:
 a long prompt never stalls the decodes). Then waiting sequences are admitted in arrival order while
-budget, sequence slots and KV blocks last, starting after their longest cached prefix. When a running
-sequence cannot get a block, the newest running sequence is preempted: its blocks are freed and it
-goes back to the front of the queue, to be recomputed (its prompt and output so far) later.
+budget, sequence slots and KV blocks last, starting after their longest cached prefix; one whose next
+block a running sequence's prefill is computing waits for it (and then takes it from the cache). When
+a running sequence cannot get a block, the newest running sequence is preempted: its blocks are freed
+and it goes back to the front of the queue, to be recomputed (its prompt and output so far) later.
 """
 
 from __future__ import annotations
@@ -85,9 +86,14 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         manager = self.block_manager
+        in_prefill = self._blocks_in_prefill()
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = manager.cached_prefix(seq)
+            if manager.next_prompt_block(seq, len(cached)) in in_prefill:
+                deferred.append(self.waiting.popleft())  # computed by then: its KV comes from the cache
+                continue
             num_new = min(seq.num_tokens - len(cached) * manager.block_size, budget)
             if not manager.allocate(seq, num_new, cached):
                 break  # first come, first served: nobody overtakes the head of the queue
@@ -98,6 +104,18 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_new))
             budget -= num_new
+            in_prefill.update(manager.uncomputed_prompt_blocks(seq))
+        self.waiting.extendleft(reversed(deferred))
+
+    def _blocks_in_prefill(self) -> set[bytes]:
+        """The prompt blocks running sequences are computing. A waiting sequence whose next block to
+        compute is one of them waits: once registered, the block comes from the prefix cache, instead
+        of being computed twice (requests with the same image arriving together)."""
+        pending: set[bytes] = set()
+        for seq in self.running:
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                pending.update(self.block_manager.uncomputed_prompt_blocks(seq))
+        return pending
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

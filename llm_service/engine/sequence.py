@@ -86,6 +86,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache (first admission)
         self.block_table: list[int] = []  # physical KV block of each logical block
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks hashed so far
+        self.chain_hashes: list[bytes] = []  # each full block's chained hash, as far as asked for
         self.num_preemptions = 0
         self.finish_reason: FinishReason | None = None
         self.arrival = time.monotonic()

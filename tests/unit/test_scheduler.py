@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
 from llm_service.engine.sequence import SequenceStatus
+from mmserve.wire import ImageSpan
 from tests.scheduler_fixtures import TOKEN, EngineLoop, chunks, preempting_engine, prompt
 
 # ---- budget and chunked prefill ---------------------------------------------------------------
@@ -127,3 +130,42 @@ def test_num_cached_tokens_is_the_prefix_found_on_first_admission():
     plan = engine.step()
     assert chunks(plan) == {second: (8, 2), third: (0, 10)}
     assert (first.num_cached_tokens, second.num_cached_tokens, third.num_cached_tokens) == (0, 8, 0)
+
+
+# ---- the same prompt arriving together -------------------------------------------------------
+
+
+def test_a_prompt_whose_blocks_are_in_prefill_waits_for_them_and_others_go_ahead():
+    engine = EngineLoop(budget=32)
+    first, same, other = engine.add(prompt(10)), engine.add(prompt(10)), engine.add(prompt(10, 5000))
+    assert chunks(engine.step()) == {first: (0, 10), other: (0, 10)}  # `same` would compute 8 tokens twice
+    assert list(engine.scheduler.waiting) == [same]
+    assert chunks(engine.step())[same] == (8, 2)  # first's two full blocks, from the cache
+    assert (same.num_cached_tokens, engine.manager.prefix_hits) == (8, 8)
+
+
+def test_a_chunked_prefill_is_waited_for_to_its_end_and_the_queue_keeps_its_order():
+    engine = EngineLoop(budget=8, num_blocks=32)
+    first = engine.add(prompt(22))
+    second, third = engine.add(prompt(22)), engine.add(prompt(22))
+    plans = [chunks(engine.step()) for _ in range(3)]
+    assert plans == [{first: (0, 8)}, {first: (8, 8)}, {first: (16, 6)}]  # 2 tokens of budget left
+    assert list(engine.scheduler.waiting) == [second, third]  # tokens 16-19 were in first's last chunk
+    assert chunks(engine.step()) == {first: (22, 1), second: (20, 2), third: (20, 2)}
+    assert (second.num_cached_tokens, third.num_cached_tokens) == (20, 20)
+
+
+def test_a_shared_image_in_prefill_is_waited_for():
+    image = [ImageSpan(1, torch.ones(6, 4), "a")]
+    engine = EngineLoop(budget=32)
+    first = engine.add(prompt(10), images=image)
+    other_image = engine.add(prompt(10), images=[ImageSpan(1, torch.zeros(6, 4), "a")])
+    same = engine.add(prompt(10), images=image)
+    assert chunks(engine.step()) == {first: (0, 10), other_image: (0, 10)}
+    assert chunks(engine.step())[same] == (8, 2)
+
+
+def test_without_prefix_caching_nothing_waits():
+    engine = EngineLoop(budget=32, prefix_caching=False)
+    first, same = engine.add(prompt(10)), engine.add(prompt(10))
+    assert chunks(engine.step()) == {first: (0, 10), same: (0, 10)}
