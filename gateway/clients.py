@@ -168,8 +168,8 @@ class GrpcVisionClient:
 
 
 class GrpcLLMClient:
-    """Generations over one or many LLM replicas (gateway.replicas): by default a request goes to the
-    replica its routing key (routing_key) hashes to, whose prefix cache likely holds its beginning."""
+    """Generations over one or many LLM replicas (gateway.replicas): by default a request goes to a
+    replica its routing key (routing_key) went to before, whose prefix cache likely holds its beginning."""
 
     def __init__(
         self,

@@ -8,12 +8,14 @@ replica that stops answering SERVING leaves the pool, and comes back once it ans
 fails to reach a replica takes it out at once (mark_failed), without waiting for the next check.
 
 Which replica serves a call is the policy's choice (`choose`):
-- "cache_aware" (the default): replicas are ranked per routing key by rendezvous hashing (consistent:
-  adding or losing a replica moves only the keys it owned), so requests sharing a prompt's beginning
-  reach the replica whose prefix cache holds it; when that replica already has `max_imbalance` more
-  calls in flight from this gateway than the least loaded one, the least loaded serves instead, and is
-  remembered as holding the key too (each replica keeps its RECENT_KEYS latest keys), so later
-  requests with that key go to the less loaded of the two.
+- "cache_aware" (the default): requests sharing a prompt's beginning (a routing key) reach the
+  replica whose prefix cache holds it. Each replica remembers the RECENT_KEYS latest keys sent to it; a
+  key seen before goes to the least loaded replica holding it, a new key to the replica holding the
+  fewest keys (so a few hot keys spread over the replicas instead of piling on whichever a hash picks),
+  then the least loaded, then its rendezvous-hash owner (the same on every gateway while loads are
+  even). When that replica already has `max_imbalance` more calls in flight from this gateway than the
+  least loaded one, the least loaded serves instead and holds the key too, so later requests with that
+  key go to the less loaded of the two.
 - "least_loaded": the fewest calls in flight from this gateway; "round_robin": each in turn.
 """
 
@@ -253,13 +255,15 @@ class ReplicaPool:
         idle = [r for r in candidates if r.in_flight == least]
         if self.policy != "cache_aware" or key is None:
             return idle[next(self._turn) % len(idle)]
-        # The replicas this key was sent to lately hold its prefix; a key not seen yet goes to its
-        # rendezvous owner. The least loaded of those, unless it is max_imbalance over the least loaded
-        # of all: then that one, which holds the key from now on (later requests may use either).
-        holders = [r for r in candidates if key in r.recent_keys] or [
-            max(candidates, key=lambda r: rendezvous(key, r.name))
-        ]
-        chosen = min(holders, key=lambda r: (r.in_flight, -rendezvous(key, r.name)))
+        # The replicas this key was sent to lately hold its prefix: the least loaded of them. A key not
+        # seen yet goes where the fewest keys are held, then the fewest calls are in flight, then to its
+        # rendezvous owner. Unless that replica is max_imbalance over the least loaded of all: then
+        # that one, which holds the key from now on (later requests may use either).
+        holders = [r for r in candidates if key in r.recent_keys]
+        if holders:
+            chosen = min(holders, key=lambda r: (r.in_flight, -rendezvous(key, r.name)))
+        else:
+            chosen = min(candidates, key=lambda r: (len(r.recent_keys), r.in_flight, -rendezvous(key, r.name)))
         if chosen.in_flight - least >= self.max_imbalance:
             chosen = idle[next(self._turn) % len(idle)]
         chosen.remember(key)
