@@ -178,7 +178,7 @@ class GrpcLLMClient:
         generate_timeout_s: float | None = None,
         token: str | None = None,
         policy: str = "cache_aware",
-        max_imbalance: int = 4,
+        max_imbalance: int = 8,
     ):
         """`generate_timeout_s`: each generation's deadline (None: none; the client going away or the
         gateway's own request timeout cancels it); `token`: the services' shared secret."""

@@ -87,9 +87,10 @@ class GatewayConfig:
     vision_addr: str = "127.0.0.1:50051"
     llm_addr: str = "127.0.0.1:50052"
     # Which LLM replica serves a request: cache_aware (same prompt beginning -> same replica, unless it has
-    # llm_routing_max_imbalance more requests in flight than the least loaded), least_loaded, round_robin
+    # llm_routing_max_imbalance more requests in flight than the least loaded, and 1.5 times as many),
+    # least_loaded, round_robin
     llm_routing: str = "cache_aware"
-    llm_routing_max_imbalance: int = 4
+    llm_routing_max_imbalance: int = 8
     tokenizer_path: str | None = None  # tokenizer folder when it differs from the checkpoint (TOKENIZER_PATH)
     model_type: str | None = None  # family override (MODEL_TYPE)
     model_name: str | None = None  # name reported by /v1/models; default: the checkpoint folder's name

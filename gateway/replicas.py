@@ -14,8 +14,9 @@ Which replica serves a call is the policy's choice (`choose`):
   fewest keys (so a few hot keys spread over the replicas instead of piling on whichever a hash picks),
   then the least loaded, then its rendezvous-hash owner (the same on every gateway while loads are
   even). When that replica already has `max_imbalance` more calls in flight from this gateway than the
-  least loaded one, the least loaded serves instead and holds the key too, so later requests with that
-  key go to the less loaded of the two.
+  least loaded one, and more than BALANCE_RATIO times as many (the two thresholds of SGLang's and vLLM's
+  cache-aware routers), the least loaded serves instead and holds the key too, so later requests with
+  that key go to the less loaded of the two.
 - "least_loaded": the fewest calls in flight from this gateway; "round_robin": each in turn.
 """
 
@@ -43,6 +44,7 @@ from mmserve.grpc_util import channel_options
 
 log = logging.getLogger(__name__)
 RECENT_KEYS = 4096  # routing keys each replica remembers (cache_aware), least recently sent dropped first
+BALANCE_RATIO = 1.5  # cache_aware passes a replica over only when it has this many times the least load
 
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
 HEALTH_TIMEOUT_S = 2.0
@@ -128,7 +130,7 @@ class ReplicaPool:
     address: str
     max_message_bytes: int
     policy: str = "cache_aware"
-    max_imbalance: int = 4
+    max_imbalance: int = 8
     check_interval_s: float = 2.0
     replicas: dict[str, Replica] = field(default_factory=dict, init=False)
     _endpoints: list[Endpoint] = field(default_factory=list, init=False)
@@ -257,14 +259,17 @@ class ReplicaPool:
             return idle[next(self._turn) % len(idle)]
         # The replicas this key was sent to lately hold its prefix: the least loaded of them. A key not
         # seen yet goes where the fewest keys are held, then the fewest calls are in flight, then to its
-        # rendezvous owner. Unless that replica is max_imbalance over the least loaded of all: then
-        # that one, which holds the key from now on (later requests may use either).
+        # rendezvous owner. Unless that replica is max_imbalance over the least loaded of all, and over
+        # BALANCE_RATIO times its load: then that one, which holds the key from now on (later requests
+        # may use either).
         holders = [r for r in candidates if key in r.recent_keys]
         if holders:
             chosen = min(holders, key=lambda r: (r.in_flight, -rendezvous(key, r.name)))
         else:
-            chosen = min(candidates, key=lambda r: (len(r.recent_keys), r.in_flight, -rendezvous(key, r.name)))
-        if chosen.in_flight - least >= self.max_imbalance:
+            chosen = min(
+                candidates, key=lambda r: (len(r.recent_keys), r.in_flight, -rendezvous(key, r.name))
+            )
+        if chosen.in_flight - least >= self.max_imbalance and chosen.in_flight > BALANCE_RATIO * least:
             chosen = idle[next(self._turn) % len(idle)]
         chosen.remember(key)
         return chosen

@@ -27,7 +27,7 @@ import httpx
 import openai
 from PIL import Image
 
-IMAGES = 12  # all on one replica of two: odds of 2 in 4096
+IMAGES = 12  # cache_aware places new keys where the fewest are held: 6 on each replica
 T0 = time.monotonic()
 
 
@@ -100,8 +100,8 @@ async def ask(
 async def rounds(base: str, args: argparse.Namespace) -> None:
     async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120) as api:
         model = (await api.models.list()).data[0].id
-        # 4 in flight: a replica never has LLM_ROUTING_MAX_IMBALANCE (4) more when a request is placed,
-        # so every request goes where its image hashes
+        # 4 in flight: a replica never has LLM_ROUTING_MAX_IMBALANCE (8) more when a request is placed,
+        # so every request goes where its image went first
         gate = asyncio.Semaphore(4)
 
         async def limited(seed: int, text: str) -> str:

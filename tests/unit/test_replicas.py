@@ -124,6 +124,22 @@ def test_an_overloaded_owner_is_passed_over_for_the_least_loaded():
     in_loop(body)
 
 
+def test_a_busy_pool_keeps_affinity_while_the_load_ratio_is_small():
+    """20 vs 14 in flight is 6 over, but not 1.5 times as many: spilling would buy a cold prefill for
+    little; 22 vs 14 is both."""
+
+    def body():
+        p = pool("10.0.0.1:1,10.0.0.2:1", max_imbalance=4)
+        owner = p.choose(b"image")
+        other = next(r for r in p.replicas.values() if r is not owner)
+        owner.in_flight, other.in_flight = 20, 14
+        assert p.choose(b"image") is owner
+        owner.in_flight = 22
+        assert p.choose(b"image") is other
+
+    in_loop(body)
+
+
 def test_round_robin_and_least_loaded():
     def body():
         rr = pool("10.0.0.1:1,10.0.0.2:1", policy="round_robin")
