@@ -11,7 +11,11 @@ mmserve_llm_requests_total), TTFT p50 and the wall time. The LLM processes share
 (--threads cores/replicas each), so the times say little on a 2-core machine; the hit rate is the
 point.
 
-    python -m benchmarks.bench_routing [--requests 32] [--images 4] [--concurrency 8]
+`--compose` runs each stack as docker-compose.yml, for real (the podman kit of `make compose-test`,
+or Docker): `LLM_REPLICAS` containers of `llm` behind one gateway container, the anchor bind-mounted as
+MODEL_DIR; "served" is then read from each llm container's own metrics.
+
+    python -m benchmarks.bench_routing [--requests 32] [--images 4] [--concurrency 8] [--compose]
 """
 
 from __future__ import annotations
@@ -21,20 +25,25 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
+import httpx
 import openai
 
 from benchmarks.bench_vision import anchor_checkpoint, photo_like
-from tests.helpers import Stack, data_url, metric
+from tests.compose.scale_check import exported
+from tests.helpers import Stack, data_url, free_ports, metric
 
 RESULTS = Path(__file__).parent / "results"
 MODES = (("1 replica", 1, "cache_aware"), ("2 replicas, cache_aware", 2, "cache_aware"))
 CONTRAST = ("2 replicas, round_robin", 2, "round_robin")
+COMPOSE_PROJECT = "mmserve-bench"
 
 
 async def one(api, image: bytes, text: str, max_tokens: int) -> dict:
@@ -99,6 +108,65 @@ def run_mode(name: str, replicas: int, policy: str, work, args) -> dict:
             ]
         finally:
             stack.stop()
+    return summary(name, replicas, policy, results, served, wall)
+
+
+def run_mode_compose(name: str, replicas: int, policy: str, work, args, models: Path) -> dict:
+    """One mode on docker-compose.yml: `compose up` with the mode's variables, the workload through the
+    published gateway port, each llm container's request counter, `compose down -v`."""
+    (port,) = free_ports(1)
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "MODEL_DIR": str(models),
+        "CHECKPOINT_PATH": "/models/anchor",
+        "MODEL_NAME": "anchor",
+        "LLM_REPLICAS": str(replicas),
+        "LLM_ROUTING": policy,
+        "LLM_THREADS": str(max(1, (os.cpu_count() or 1) // replicas)),
+    }
+    compose = [*args.compose_command.split(), "-p", COMPOSE_PROJECT]
+    try:
+        subprocess.run([*compose, "up", "-d"], env=env, check=True, capture_output=True)
+        wait_for_replicas(f"http://127.0.0.1:{port}", replicas)
+        started = time.perf_counter()
+        results = asyncio.run(send(f"http://127.0.0.1:{port}", work, args.concurrency, args.max_tokens))
+        wall = time.perf_counter() - started
+        served = [
+            exported(args.engine, f"{COMPOSE_PROJECT}_llm_{i}", "mmserve_llm_requests_total", 9090)
+            for i in range(1, replicas + 1)
+        ]
+    finally:
+        subprocess.run([*compose, "down", "-v", "-t", "1"], env=env, capture_output=True)
+        leftover = subprocess.run(
+            [args.engine, "ps", "-aq", "--filter", f"label=io.podman.compose.project={COMPOSE_PROJECT}"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        if leftover:  # podman-compose's down removes <service>_1 only
+            subprocess.run([args.engine, "rm", "-f", "-t", "1", *leftover], capture_output=True)
+    return summary(name, replicas, policy, results, served, wall)
+
+
+def wait_for_replicas(base_url: str, replicas: int, timeout_s: float = 600) -> None:
+    """Until /health is 200 and lists `replicas` LLM replicas SERVING."""
+    deadline, last = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        try:
+            reply = httpx.get(base_url + "/health", timeout=5)
+            last = reply.text
+            backends = reply.json().get("backends", {}) if reply.status_code == 200 else {}
+            if list(backends.get("llm", {}).values()).count("SERVING") == replicas:
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the compose stack never served {replicas} LLM replicas (last /health: {last})")
+
+
+def summary(
+    name: str, replicas: int, policy: str, results: list[dict], served: list[float], wall: float
+) -> dict:
     prompt = sum(r["prompt"] for r in results)
     cached = sum(r["cached"] for r in results)
     return {
@@ -121,16 +189,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compose", action="store_true", help="each stack as docker-compose.yml, for real")
+    parser.add_argument(
+        "--compose-command", default="compose", help="`compose` (the podman kit) or `docker compose`"
+    )
+    parser.add_argument("--engine", default="podman", help="the container CLI, to read each llm's metrics")
     args = parser.parse_args(argv)
     images = [photo_like(900 + i) for i in range(args.images)]
     work = [(images[i % args.images], f"Question {i}: what do you see here?") for i in range(args.requests)]
     random.Random(args.seed).shuffle(work)  # a fixed order no policy can line up with by chance
     runs = []
-    for name, replicas, policy in (*MODES, CONTRAST):
-        print(f"--- {name} ...", flush=True)
-        runs.append(run_mode(name, replicas, policy, work, args))
-        print(json.dumps(runs[-1]), flush=True)
-    print(f"\n{args.requests} requests over {args.images} images, {args.concurrency} in flight, cold caches:")
+    with tempfile.TemporaryDirectory() as models:
+        if args.compose:
+            # the containers' user (uid 1000) reads the anchor: a world-readable copy, and one image build
+            shutil.copytree(anchor_checkpoint(), Path(models) / "anchor")
+            for path in [Path(models), *Path(models).rglob("*")]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
+            compose = [*args.compose_command.split(), "-p", COMPOSE_PROJECT, "build"]
+            subprocess.run(compose, check=True, capture_output=True)
+        for name, replicas, policy in (*MODES, CONTRAST):
+            print(f"--- {name}{' (compose)' if args.compose else ''} ...", flush=True)
+            if args.compose:
+                runs.append(run_mode_compose(name, replicas, policy, work, args, Path(models)))
+            else:
+                runs.append(run_mode(name, replicas, policy, work, args))
+            print(json.dumps(runs[-1]), flush=True)
+    where = "docker-compose.yml" if args.compose else "supervised processes"
+    print(
+        f"\n{args.requests} requests over {args.images} images, {args.concurrency} in flight, cold caches, {where}:"
+    )
     print(f"{'mode':<26} {'hit rate':>9} {'served per replica':>20} {'TTFT p50':>9} {'wall':>7}")
     for r in runs:
         served = "/".join(map(str, r["served_per_replica"]))
@@ -138,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['mode']:<26} {r['hit_rate']:>9.3f} {served:>20} {r['ttft_p50_s']:>8.2f}s {r['wall_s']:>6.1f}s"
         )
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"routing-{date.today()}.json"
+    out = RESULTS / f"routing{'-compose' if args.compose else ''}-{date.today()}.json"
     out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
     print(f"written to {out}")
 
