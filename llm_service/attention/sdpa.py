@@ -129,8 +129,12 @@ class SdpaAttention(PagedAttention[SdpaMetadata]):
         kv_heads, _, _, dim = k_cache.shape
         k_cache.view(kv_heads, -1, dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         v_cache.view(kv_heads, -1, dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-        out = torch.empty_like(q)
         n = meta.num_decodes
+        if n == q.shape[0]:  # decodes only (most steps): their output is the layer's
+            if meta.stage is not None:
+                return _decode_staged(q, k, v, cache, meta.stage, scale)
+            return self._decode(q, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
         if n and meta.stage is not None:
             out[:n] = _decode_staged(q[:n], k[:n], v[:n], cache, meta.stage, scale)
         elif n:
@@ -199,9 +203,13 @@ def _decode_staged(q, k, v, cache: LayerCache, stage: DecodeStage, scale: float)
     stage_v[stage.rows, :, stage.positions] = v
     rows, length = stage.valid.shape
     keys, values = stage_k[:rows, :, :length], stage_v[:rows, :, :length]  # (R, kv_heads, L, d)
+    keep = stage.valid[:, None, None, :]
+    if stage.dense:  # decode i is in row i, and no row is idle: no scatter, no gather
+        out = _grouped_attention(q.view(decodes, kv_heads, heads // kv_heads, dim), keys, values, keep, scale)
+        return out.reshape(decodes, heads, dim)
     queries = q.new_zeros(rows, kv_heads, heads // kv_heads, dim)  # (R, kv_heads, group, d)
     queries[stage.rows] = q.view(decodes, kv_heads, heads // kv_heads, dim)
-    out = _grouped_attention(queries, keys, values, stage.valid[:, None, None, :], scale)
+    out = _grouped_attention(queries, keys, values, keep, scale)
     return out[stage.rows].reshape(decodes, heads, dim)
 
 

@@ -38,6 +38,7 @@ class DecodeStage:
     positions: torch.Tensor  # (D,) index of each decode's new token in its row
     fills: list[tuple[int, torch.Tensor]]  # (row, blocks): copy these cached blocks into the row first
     valid: torch.Tensor  # (R, L) bool: the rows and columns attended; R rows, L columns in use
+    dense: bool = False  # decode i is in row i, and R == D (no idle row)
 
 
 class DecodeStaging:
@@ -103,11 +104,13 @@ class DecodeStaging:
         # slice with L short of the allocation is not dense, and matmul would copy it whole.
         valid = torch.arange(self.length)[None, :] < lengths[:, None]  # (R, L)
         valid[:, 0] = True  # idle rows attend to something (their output is discarded), never to nothing
+        rows = [self.rows[d.seq] for d in decodes]
         return DecodeStage(
-            rows=torch.tensor([self.rows[d.seq] for d in decodes], device=device),
+            rows=torch.tensor(rows, device=device),
             positions=torch.tensor([d.start for d in decodes], device=device),
             fills=[(row, blocks.to(device)) for row, blocks in fills],
             valid=valid.to(device),
+            dense=rows == list(range(num_rows)),
         )
 
     def _reserve(self, num_rows: int, length: int) -> bool:
