@@ -199,8 +199,8 @@ def _decode_staged(q, k, v, cache: LayerCache, stage: DecodeStage, scale: float)
         stale = ~stage.valid[row][None, :, None]  # (1, L, 1)
         stage_k[row].masked_fill_(stale, 0)
         stage_v[row].masked_fill_(stale, 0)
-    stage_k[stage.rows, :, stage.positions] = k
-    stage_v[stage.rows, :, stage.positions] = v
+    stage_k[stage.rows, :, stage.positions] = k.to(stage_k.dtype)  # float32 rows: see sdpa_staging
+    stage_v[stage.rows, :, stage.positions] = v.to(stage_v.dtype)
     rows, length = stage.valid.shape
     keys, values = stage_k[:rows, :, :length], stage_v[:rows, :, :length]  # (R, kv_heads, L, d)
     keep = stage.valid[:, None, None, :]
@@ -216,12 +216,15 @@ def _decode_staged(q, k, v, cache: LayerCache, stage: DecodeStage, scale: float)
 def _grouped_attention(queries, keys, values, keep: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Softmax attention of (..., group, d) queries over (..., L, d) keys/values, the leading dims
     matching (GQA: a kv head's `group` query heads share its keys, never repeated); `keep`, broadcast to
-    the (..., group, L) scores, is True where a key is attended -> (..., group, d)."""
-    dtype = values.dtype
-    if keys.numel() <= UPCAST_ATTENTION_ELEMENTS and upcast_rows(dtype, keys.device):
-        # no native half matmul on this CPU (mmserve.half_cpu): a small decode batch is ~2.5x faster in
-        # float32 (1 x 680 keys x 8 heads: 0.54 -> 0.22 ms); a large one loses more to the casts
-        queries, keys, values = queries.float(), keys.float(), values.float()
+    the (..., group, L) scores, is True where a key is attended -> (..., group, d) in the queries' dtype.
+    Computed in the keys' dtype (float32 staging rows of a half model: see sdpa_staging)."""
+    dtype = queries.dtype
+    if keys.dtype == dtype and keys.numel() <= UPCAST_ATTENTION_ELEMENTS and upcast_rows(dtype, keys.device):
+        # half keys, no native half matmul on this CPU (mmserve.half_cpu): a small decode batch is
+        # ~2.5x faster in float32 (1 x 680 keys x 8 heads: 0.54 -> 0.22 ms); a large one loses more to
+        # the casts
+        keys, values = keys.float(), values.float()
+    queries = queries.to(keys.dtype)
     scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * scale
     if keep is not None:
         scores.masked_fill_(~keep, float("-inf"))

@@ -9,6 +9,11 @@ sequence's length (stale tokens of an earlier owner; the sdpa backend's docstrin
 first step it does not decode in (finished, aborted, preempted, or back in prefill). The paged cache
 stays the source of truth (prefix sharing, preemption).
 
+On a CPU without native half-precision matmul (mmserve.half_cpu) the rows of a bf16/fp16 cache are
+kept in float32: decode attention computes in float32 there anyway, and casting every layer's staged
+KV at every step cost more than the attention itself (fresh float32 copies of the keys and values);
+now only each step's new token is cast. The memory budget is in bytes, so half as many tokens fit.
+
 The buffers grow (rows by doubling, at most 64 past what the step needs; columns by a quarter),
 keeping their content; when most rows are idle the row assignment is compacted (every decode gets a
 low row again and is refilled from the cache), so a step attends over few rows although the
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llm_service.attention.paged import LayerCache
+from mmserve.half_cpu import upcast_rows
 
 if TYPE_CHECKING:
     from llm_service.engine.scheduler import ScheduledSequence
@@ -46,6 +52,8 @@ class DecodeStaging:
         self.layers = layers
         self.block_size = block_size
         self.max_bytes = max_bytes
+        cache = layers[0].k
+        self.dtype = torch.float32 if upcast_rows(cache.dtype, cache.device) else cache.dtype
         self.rows: dict[Sequence, int] = {}
         self.staged: dict[Sequence, int] = {}  # tokens of the sequence already in its row
         self.num_rows = 0  # allocated rows
@@ -127,7 +135,8 @@ class DecodeStaging:
         new_length = max(length, self.length)
         sample = self.layers[0].k
         kv_heads, _, _, dim = sample.shape
-        size = 2 * len(self.layers) * new_rows * kv_heads * new_length * dim * sample.element_size()
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        size = 2 * len(self.layers) * new_rows * kv_heads * new_length * dim * itemsize
         if size > self.max_bytes:
             for layer in self.layers:
                 layer.stage_k = layer.stage_v = None
@@ -136,7 +145,8 @@ class DecodeStaging:
         for layer in self.layers:
             for name in ("stage_k", "stage_v"):
                 old = getattr(layer, name)
-                new = sample.new_zeros(new_rows, kv_heads, new_length, dim)  # masked columns: 0, never NaN
+                # masked columns: 0, never NaN
+                new = sample.new_zeros(new_rows, kv_heads, new_length, dim, dtype=self.dtype)
                 if old is not None:
                     new[: old.shape[0], :, : old.shape[2]] = old
                 setattr(layer, name, new)

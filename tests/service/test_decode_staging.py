@@ -88,3 +88,26 @@ def test_staging_rows_start_as_zeros_never_garbage():
         assert layers[0].stage_k is not None and layers[0].stage_v is not None
         assert torch.equal(layers[0].stage_v, torch.zeros_like(layers[0].stage_v))
         assert torch.equal(layers[0].stage_k, torch.zeros_like(layers[0].stage_k))
+
+
+def test_half_model_stages_float32_rows_where_decode_attention_upcasts(tiny_checkpoint, monkeypatch):
+    """bf16 weights and KV cache on a CPU without native bf16 matmul (forced with the env, so this runs
+    on any CPU): the staging rows are float32 copies, and decoding over them gives the tokens of the
+    gathered path, which casts the same bf16 keys to float32 at each step. With the upcast off the rows
+    stay bf16."""
+    half = load_language_model(LLMConfig(checkpoint=str(tiny_checkpoint), dtype="bfloat16"))
+    monkeypatch.setenv("MMSERVE_CPU_UPCAST_ROWS", "8")
+    gathered, _ = run(half, decode_staging_bytes=0)
+    staged, engine = run(half, decode_staging_bytes=512 << 20)
+    staging = engine.runner.attend.staging
+    assert staging is not None and staging.dtype == torch.float32 and staging.fallbacks == 0
+    assert engine.runner.kv_caches[0].k.dtype == torch.bfloat16  # the cache itself stays as loaded
+    assert engine.runner.kv_caches[0].stage_k.dtype == torch.float32
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(staged, gathered, strict=True):
+        assert tokens == ref_tokens
+        assert torch.allclose(torch.tensor(logprobs), torch.tensor(ref_logprobs), atol=1e-4)
+
+    monkeypatch.setenv("MMSERVE_CPU_UPCAST_ROWS", "0")
+    _, native = run(half, decode_staging_bytes=512 << 20)
+    assert native.runner.attend.staging.dtype == torch.bfloat16
+    assert native.runner.kv_caches[0].stage_k.dtype == torch.bfloat16
