@@ -2,8 +2,9 @@
 
 Each step the scheduler picks the batch (continuous batching with chunked prefill over a paged KV
 cache with prefix caching), the model runner computes it, the sampler picks the new tokens, and one
-output loop hands each sequence's new token to its stream. `generate()` is an async stream of
-`GenerateOutput`s; leaving it early (a cancelled RPC) aborts the sequence, and the worker frees its
+output loop hands each sequence's new token to its stream (one wake-up of the event loop per step).
+`generate()` is an async stream of `GenerateOutput`s, each with every token ready when the caller asks
+(one per step while it keeps up); leaving it early (a cancelled RPC) aborts the sequence, and the worker frees its
 blocks before its next step. A bounded queue answers OverloadedError when full. What happens is
 counted in `stats` (an EngineStats; llm_service/metrics.py exports it).
 A failed step fails its batch (UNAVAILABLE); a few in a row, or a fatal one, stop the engine
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -28,7 +30,7 @@ from llm_service.engine.model_runner import ModelRunner, kv_cache_bytes_per_bloc
 from llm_service.engine.scheduler import Scheduler, SchedulerOutput
 from llm_service.engine.sequence import ImageKey, Sequence, image_keys
 from llm_service.engine.stats import EngineStats
-from llm_service.engine.stream import RequestStream
+from llm_service.engine.stream import RequestStream, wake
 from llm_service.engine.validation import check_request
 from llm_service.metrics import EngineMetrics
 from llm_service.sampler import make_generator, nonfinite_rows, sample
@@ -43,6 +45,16 @@ _NONFINITE = (
     "the model's logits became NaN/Inf at output token {}; the request's inputs (e.g. image "
     "embeddings of extreme magnitude) are outside what the model can compute with"
 )
+
+
+def poisoned_rows(logits: torch.Tensor) -> set[int]:
+    """The rows of (B, vocab) logits holding a NaN or an infinity. One reduction first: a sum is finite
+    only if every term is, and it costs ~1/20 of nonfinite_rows' exact check (0.1 ms a step at batch 1,
+    3 ms at batch 32 over a 32k vocabulary), which runs only when the sum is not (finite logits whose
+    sum overflows are found finite there)."""
+    if math.isfinite(logits.sum().item()):
+        return set()
+    return set(nonfinite_rows(logits))
 
 
 class Engine:
@@ -93,10 +105,11 @@ class Engine:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
-                if isinstance(item, Exception):
+                try:
+                    item = await stream.get()  # every output ready: one message for a caller behind
+                except Exception:
                     finished = True
-                    raise item
+                    raise
                 finished = item.finish_reason is not None
                 yield item
                 if finished:
@@ -214,14 +227,17 @@ class Engine:
         for seq in poisoned:
             self._fail(seq, InvalidInputError(_NONFINITE.format(len(seq.output_token_ids))))
         now = time.monotonic()
-        for seq, token, token_logprobs in zip(rows, tokens, logprobs, strict=True):
+        streams = [
             self._append(seq, token, token_logprobs, now)
+            for seq, token, token_logprobs in zip(rows, tokens, logprobs, strict=True)
+        ]
+        wake(streams)  # one call into the event loop for the whole step, not one per sequence
 
     def _sample(
         self, rows: list[Sequence], logits: torch.Tensor
     ) -> tuple[list[Sequence], list[Sequence], Sampled]:
         """-> (the rows that sampled, the rows whose logits are NaN/Inf, (their tokens, logprobs))."""
-        poisoned = set(nonfinite_rows(logits)) if rows else set()
+        poisoned = poisoned_rows(logits) if rows else set()
         bad = [seq for i, seq in enumerate(rows) if i in poisoned]
         if poisoned:  # only those rows end; the rest of the batch samples as usual
             kept = [i for i in range(len(rows)) if i not in poisoned]
@@ -253,8 +269,11 @@ class Engine:
         self._streams[seq].put(error)
         self._finish(seq, "error")
 
-    def _append(self, seq: Sequence, token: int, token_logprobs: TokenLogprobs | None, now: float) -> None:
-        """The output loop for one sequence: record the token, decide whether it ends, stream it."""
+    def _append(
+        self, seq: Sequence, token: int, token_logprobs: TokenLogprobs | None, now: float
+    ) -> RequestStream:
+        """The output loop for one sequence: record the token, decide whether it ends, queue it on the
+        sequence's stream (returned: the step wakes its streams' callers once, at its end)."""
         seq.append_token(token)
         self.stats.token(seq, now)
         seq.last_token_at = now
@@ -263,10 +282,12 @@ class Engine:
         if reason is not None:
             output.finish_reason = reason
             output.usage = Usage(seq.num_prompt_tokens, len(seq.output_token_ids), seq.num_cached_tokens)
-        self._streams[seq].put(output)
+        stream = self._streams[seq]
+        stream.push(output)
         if reason is not None:
             self.stats.e2e.observe(now - seq.arrival)
             self._finish(seq, reason.value)
+        return stream
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params
