@@ -12,10 +12,11 @@ from gateway.serving import TextDelta, TokenLogprob
 from mmserve.wire import Usage
 
 DONE = "data: [DONE]\n\n"
+_to_json = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False), built once
 
 
 def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {_to_json(payload)}\n\n"
 
 
 def usage_json(usage: Usage) -> dict:
@@ -43,6 +44,9 @@ class Render:
 
     def __init__(self, request_id: str, model: str):
         self.request_id, self.model, self.created = request_id, model, int(time.time())
+        # Every chunk's event up to its choice: sse(envelope(object_chunk, [choice])) is this, the
+        # choice's JSON, then "]}\n\n" (written once, not once a token).
+        self._chunk_head = sse(self.envelope(self.object_chunk, []))[: -len("]}\n\n")]
 
     def full_choice(self, text: str) -> dict:
         raise NotImplementedError
@@ -100,7 +104,7 @@ class Render:
             choice = self.choice(self.chunk_choice(delta.text), delta.logprobs, delta.finish_reason)
             if with_ids:
                 choice["token_ids"] = delta.token_ids
-            yield sse(self.envelope(self.object_chunk, [choice]))
+            yield f"{self._chunk_head}{_to_json(choice)}]}}\n\n"
             usage = delta.usage
             delta = await anext(rest, None)
         if include_usage and usage is not None:

@@ -277,3 +277,30 @@ def test_streamed_completion_logprobs_match_the_full_response(client, llm):
         tokens += lp.tokens
         offsets += lp.text_offset
     assert tokens == full.tokens and offsets == full.text_offset
+
+
+USAGE = {"include_usage": True}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_every_streamed_event_is_its_chunk_as_json_dumps_writes_it(http, llm, path, logprobs):
+    """The chunks' envelope is written once per stream (gateway/http/render.py); each event must still be
+    byte for byte what json.dumps(chunk, ensure_ascii=False) writes, whatever the text holds."""
+    llm.answer = 'Héllo "wörld"\n\t图片 \\ end'
+    body = {"max_tokens": 50, "stream": True, "return_token_ids": True, "stream_options": USAGE}
+    if path == "/v1/completions":
+        body |= {"prompt": "hi", "logprobs": 2 if logprobs else None}
+    else:
+        body |= {"messages": [{"role": "user", "content": "hi"}], "logprobs": logprobs}
+    response = http.post(path, json=body)
+    events = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) > 5
+    for event in events[:-1]:
+        assert event == json.dumps(json.loads(event), ensure_ascii=False)
+    text = "".join(
+        c["delta"].get("content", "") if "delta" in c else c["text"]
+        for chunk in map(json.loads, events[:-1])
+        for c in chunk["choices"]
+    )
+    assert text == llm.answer

@@ -80,3 +80,25 @@ def test_held_tokens_after_a_stop_cut_are_dropped():
     # "STOP" starts at 6: " S" straddles the cut and stays, the rest goes
     assert held.release(6, stopped=True) == ["Hello", " S"]
     assert held.release(10, final=True) == []
+
+
+def test_a_fast_tokenizer_is_decoded_through_its_backend_with_the_same_text(tokenizer):
+    detok = IncrementalDetokenizer(tokenizer)
+    assert detok._backend is tokenizer.backend_tokenizer
+    ids = tokenizer("naïve café 图片 <image> ok", add_special_tokens=True)["input_ids"]
+    for end in range(1, len(ids) + 1):
+        window = ids[:end]
+        assert detok._decode(window) == tokenizer.decode(
+            window, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+
+def test_a_tokenizer_that_changes_decoding_is_decoded_by_its_own_decode(tokenizer):
+    class Shouting(type(tokenizer)):  # type: ignore[misc]
+        def decode(self, token_ids, **kwargs):
+            return super().decode(token_ids, **kwargs).upper()
+
+    shouting = Shouting.__new__(Shouting)
+    shouting.__dict__.update(tokenizer.__dict__)
+    ids = tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    assert "".join(stream(shouting, ids)) == "HELLO WORLD"
