@@ -85,6 +85,8 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        if not self.waiting:
+            return
         manager = self.block_manager
         in_prefill = self._blocks_in_prefill()
         deferred: list[Sequence] = []
