@@ -33,11 +33,10 @@ import time
 from datetime import date
 from pathlib import Path
 
-import httpx
 import openai
 
 from benchmarks.bench_vision import anchor_checkpoint, photo_like
-from tests.compose.scale_check import exported
+from tests.compose.scale_check import exported, wait_for_replicas
 from tests.helpers import Stack, data_url, free_ports, metric
 
 RESULTS = Path(__file__).parent / "results"
@@ -128,7 +127,7 @@ def run_mode_compose(name: str, replicas: int, policy: str, work, args, models: 
     compose = [*args.compose_command.split(), "-p", COMPOSE_PROJECT]
     try:
         subprocess.run([*compose, "up", "-d"], env=env, check=True, capture_output=True)
-        wait_for_replicas(f"http://127.0.0.1:{port}", replicas)
+        wait_for_replicas(f"http://127.0.0.1:{port}", timeout_s=600, llm=replicas, vision=1)
         started = time.perf_counter()
         results = asyncio.run(send(f"http://127.0.0.1:{port}", work, args.concurrency, args.max_tokens))
         wall = time.perf_counter() - started
@@ -146,22 +145,6 @@ def run_mode_compose(name: str, replicas: int, policy: str, work, args, models: 
         if leftover:  # podman-compose's down removes <service>_1 only
             subprocess.run([args.engine, "rm", "-f", "-t", "1", *leftover], capture_output=True)
     return summary(name, replicas, policy, results, served, wall)
-
-
-def wait_for_replicas(base_url: str, replicas: int, timeout_s: float = 600) -> None:
-    """Until /health is 200 and lists `replicas` LLM replicas SERVING."""
-    deadline, last = time.monotonic() + timeout_s, ""
-    while time.monotonic() < deadline:
-        try:
-            reply = httpx.get(base_url + "/health", timeout=5)
-            last = reply.text
-            backends = reply.json().get("backends", {}) if reply.status_code == 200 else {}
-            if list(backends.get("llm", {}).values()).count("SERVING") == replicas:
-                return
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"the compose stack never served {replicas} LLM replicas (last /health: {last})")
 
 
 def summary(

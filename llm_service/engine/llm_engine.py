@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import queue
 import threading
 import time
@@ -45,16 +44,6 @@ _NONFINITE = (
     "the model's logits became NaN/Inf at output token {}; the request's inputs (e.g. image "
     "embeddings of extreme magnitude) are outside what the model can compute with"
 )
-
-
-def poisoned_rows(logits: torch.Tensor) -> set[int]:
-    """The rows of (B, vocab) logits holding a NaN or an infinity. One reduction first: a sum is finite
-    only if every term is, and it costs ~1/20 of nonfinite_rows' exact check (0.1 ms a step at batch 1,
-    3 ms at batch 32 over a 32k vocabulary), which runs only when the sum is not (finite logits whose
-    sum overflows are found finite there)."""
-    if math.isfinite(logits.sum().item()):
-        return set()
-    return set(nonfinite_rows(logits))
 
 
 class Engine:
@@ -237,7 +226,7 @@ class Engine:
         self, rows: list[Sequence], logits: torch.Tensor
     ) -> tuple[list[Sequence], list[Sequence], Sampled]:
         """-> (the rows that sampled, the rows whose logits are NaN/Inf, (their tokens, logprobs))."""
-        poisoned = poisoned_rows(logits) if rows else set()
+        poisoned = set(nonfinite_rows(logits)) if rows else set()
         bad = [seq for i, seq in enumerate(rows) if i in poisoned]
         if poisoned:  # only those rows end; the rest of the batch samples as usual
             kept = [i for i in range(len(rows)) if i not in poisoned]

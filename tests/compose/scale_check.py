@@ -163,8 +163,9 @@ async def rounds(base: str, args: argparse.Namespace) -> None:
         log(f"8 new requests all served; /health 200: {health.json()['backends']['llm']}")
 
 
-def wait_for_replicas(base: str, timeout_s: float = 240) -> None:
-    """Until the gateway sees both replicas of each service SERVING (/health is 200 from the first one)."""
+def wait_for_replicas(base: str, timeout_s: float = 240, llm: int = 2, vision: int = 2) -> None:
+    """Until the gateway sees `llm` LLM and `vision` vision replicas SERVING (/health is 200 from the first
+    one)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -172,8 +173,8 @@ def wait_for_replicas(base: str, timeout_s: float = 240) -> None:
         except (httpx.HTTPError, ValueError):
             backends = {}
         serving = {s: list(backends.get(s, {}).values()).count("SERVING") for s in ("llm", "vision")}
-        if serving == {"llm": 2, "vision": 2}:
-            log(f"the gateway sees 2 LLM and 2 vision replicas serving: {backends}")
+        if serving == {"llm": llm, "vision": vision}:
+            log(f"the gateway sees {llm} LLM and {vision} vision replicas serving: {backends}")
             return
         assert time.monotonic() < deadline, f"replicas serving after {timeout_s:.0f}s: {backends}"
         time.sleep(1)

@@ -46,3 +46,12 @@ def test_nonfinite_rows_names_the_rows_holding_nan_or_inf():
     logits[3, 0] = torch.inf
     logits[2, 5] = -1e30  # very negative is finite: not garbage
     assert nonfinite_rows(logits) == [1, 3]
+
+
+def test_nonfinite_rows_finds_them_by_value_where_a_sum_overflows():
+    logits = torch.randn(4, 1000)
+    assert nonfinite_rows(logits) == []
+    logits[1, 5], logits[3, 0] = float("nan"), float("-inf")
+    assert nonfinite_rows(logits) == [1, 3]
+    huge = torch.full((2, 1000), 3e38)  # finite, though their sum is not
+    assert nonfinite_rows(huge) == []
