@@ -36,6 +36,7 @@ def _engine_flags(flags: EnvFlags) -> None:
     flags.switch("disable_prefix_caching", "LLM_DISABLE_PREFIX_CACHING", "turn the prefix cache off")
     flags.add("attention_backend", "LLM_ATTENTION_BACKEND", help="auto|sdpa|flash_attn")
     flags.add("decode_staging_bytes", "LLM_DECODE_STAGING_BYTES", int, "sdpa decode staging budget, 0 = off")
+    flags.add("compile", "LLM_COMPILE", help="auto|on|off: torch.compile the decode step (auto: sdpa on CPU)")
 
 
 def _with_engine(args: dict) -> dict:

@@ -67,6 +67,10 @@ class UpcastLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() < self.min_rows * x.shape[-1]:
             return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():  # traced (llm_service/engine/compiled_decode.py): matmul into
+            # `out=` slices does not trace; inductor plans the float32 weight's buffer itself
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         return upcast_linear(x, self.weight, self.bias)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from llm_service.engine import compiled_decode
 from tests.helpers import make_image
 from tools.checkpoints import LlavaShape, build_llava_checkpoint
 
@@ -19,6 +20,17 @@ WIDE_SHAPE = LlavaShape(
     text_heads=4,
     text_kv_heads=4,
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eager_decode_unless_asked():
+    """The suite's engines decode eagerly (`--compile auto` would compile at every engine start, 20-80 s
+    on 2 cores): LLM services started by a test get LLM_COMPILE=off, in-process engines find no C++
+    compiler for `auto`. tests/service/test_compiled_decode.py asks for compile="on"."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLM_COMPILE", "off")
+        patch.setattr(compiled_decode, "cxx_compiler", lambda: None)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -199,18 +199,23 @@ def _decode_staged(q, k, v, cache: LayerCache, stage: DecodeStage, scale: float)
         stale = ~stage.valid[row][None, :, None]  # (1, L, 1)
         stage_k[row].masked_fill_(stale, 0)
         stage_v[row].masked_fill_(stale, 0)
-    stage_k[stage.rows, :, stage.positions] = k.to(stage_k.dtype)  # float32 rows: see sdpa_staging
-    stage_v[stage.rows, :, stage.positions] = v.to(stage_v.dtype)
-    rows, length = stage.valid.shape
-    keys, values = stage_k[:rows, :, :length], stage_v[:rows, :, :length]  # (R, kv_heads, L, d)
+    # float32 rows: see sdpa_staging. (D, kv_heads) slots index (D, kv_heads, d) keys as they are (no
+    # reshape: a compiled step would specialize its viewability on a batch of 1)
+    stage_k.view(-1, dim).index_put_((stage.slots,), k.to(stage_k.dtype))
+    stage_v.view(-1, dim).index_put_((stage.slots,), v.to(stage_v.dtype))
+    rows = stage.valid.shape[0]  # its columns are all the allocated ones (sdpa_staging: kept dense)
+    keys, values = stage_k.narrow(0, 0, rows), stage_v.narrow(0, 0, rows)  # (R, kv_heads, L, d), contiguous
     keep = stage.valid[:, None, None, :]
-    if stage.dense:  # decode i is in row i, and no row is idle: no scatter, no gather
+    # decode i is in row i, and no row is idle: no scatter, no gather. The compiled step
+    # (llm_service/engine/compiled_decode.py) always scatters, where it costs little, so that one graph
+    # serves both cases.
+    if not torch.compiler.is_compiling() and stage.dense:
         out = _grouped_attention(q.view(decodes, kv_heads, heads // kv_heads, dim), keys, values, keep, scale)
         return out.reshape(decodes, heads, dim)
     queries = q.new_zeros(rows, kv_heads, heads // kv_heads, dim)  # (R, kv_heads, group, d)
-    queries[stage.rows] = q.view(decodes, kv_heads, heads // kv_heads, dim)
+    queries.index_copy_(0, stage.rows, q.view(decodes, kv_heads, heads // kv_heads, dim))
     out = _grouped_attention(queries, keys, values, keep, scale)
-    return out[stage.rows].reshape(decodes, heads, dim)
+    return out.index_select(0, stage.rows).view(decodes, heads, dim)
 
 
 def _grouped_attention(queries, keys, values, keep: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -219,14 +224,19 @@ def _grouped_attention(queries, keys, values, keep: torch.Tensor | None, scale: 
     the (..., group, L) scores, is True where a key is attended -> (..., group, d) in the queries' dtype.
     Computed in the keys' dtype (float32 staging rows of a half model: see sdpa_staging)."""
     dtype = queries.dtype
-    if keys.dtype == dtype and keys.numel() <= UPCAST_ATTENTION_ELEMENTS and upcast_rows(dtype, keys.device):
+    # (the size test last: in a compiled step it is a guard on the batch's shape)
+    if keys.dtype == dtype and upcast_rows(dtype, keys.device) and keys.numel() <= UPCAST_ATTENTION_ELEMENTS:
         # half keys, no native half matmul on this CPU (mmserve.half_cpu): a small decode batch is
         # ~2.5x faster in float32 (1 x 680 keys x 8 heads: 0.54 -> 0.22 ms); a large one loses more to
         # the casts
         keys, values = keys.float(), values.float()
-    queries = queries.to(keys.dtype)
-    scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * scale
+    # As batched matmuls over the flattened leading dims (views: each slice's rows are contiguous), not
+    # broadcasting matmuls, whose shape checks a compiled step would turn into guards on size-1 dims.
+    lead, (group, dim), length = queries.shape[:-2], queries.shape[-2:], keys.shape[-2]
+    queries = queries.to(keys.dtype).reshape(-1, group, dim)
+    scores = torch.bmm(queries, keys.reshape(-1, length, dim).transpose(1, 2)).float() * scale
+    scores = scores.view(*lead, group, length)
     if keep is not None:
         scores.masked_fill_(~keep, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).to(dtype)
+    probs = torch.softmax(scores, dim=-1).to(values.dtype).view(-1, group, length)
+    return torch.bmm(probs, values.reshape(-1, length, dim)).to(dtype).view(*lead, group, dim)

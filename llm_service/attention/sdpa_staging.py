@@ -42,6 +42,8 @@ class DecodeStage:
 
     rows: torch.Tensor  # (D,) the row of each decode
     positions: torch.Tensor  # (D,) index of each decode's new token in its row
+    slots: torch.Tensor  # (D, kv_heads) where each decode's new key goes per kv head, in a layer's
+    # staging buffer viewed as (rows * kv_heads * length, head_dim)
     fills: list[tuple[int, torch.Tensor]]  # (row, blocks): copy these cached blocks into the row first
     valid: torch.Tensor  # (R, L) bool: the rows and columns attended; R rows, L columns in use
     dense: bool = False  # decode i is in row i, and R == D (no idle row)
@@ -113,9 +115,15 @@ class DecodeStaging:
         valid = torch.arange(self.length)[None, :] < lengths[:, None]  # (R, L)
         valid[:, 0] = True  # idle rows attend to something (their output is discarded), never to nothing
         rows = [self.rows[d.seq] for d in decodes]
+        positions = torch.tensor([d.start for d in decodes])
+        kv_heads = self.layers[0].k.shape[0]
+        slots = (torch.tensor(rows)[:, None] * kv_heads + torch.arange(kv_heads)) * self.length + positions[
+            :, None
+        ]
         return DecodeStage(
             rows=torch.tensor(rows, device=device),
-            positions=torch.tensor([d.start for d in decodes], device=device),
+            positions=positions.to(device),
+            slots=slots.to(device),
             fills=[(row, blocks.to(device)) for row, blocks in fills],
             valid=valid.to(device),
             dense=rows == list(range(num_rows)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llm_service.attention import BACKENDS
+from llm_service.engine.compiled_decode import MODES as COMPILE_MODES
 
 
 @dataclass
@@ -18,11 +19,14 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto (flash_attn on CUDA when installed, else sdpa) | sdpa | flash_attn
     decode_staging_bytes: int = 512 << 20  # sdpa: contiguous copies of the decodes' KV; 0 = off
+    compile: str = "auto"  # torch.compile the decode step: auto (sdpa on CPU with a C++ compiler) | on | off
 
     def __post_init__(self):
         if min(self.max_waiting, self.max_running, self.max_num_batched_tokens, self.block_size) < 1:
             raise ValueError("max_waiting, max_running, max_num_batched_tokens and block_size must be >= 1")
         if min(self.max_model_len, self.kv_cache_bytes, self.decode_staging_bytes) < 0:
             raise ValueError("max_model_len, kv_cache_bytes and decode_staging_bytes must be >= 0")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")

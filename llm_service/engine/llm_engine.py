@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from llm_service.attention import backend_block_size, make_backend, resolve_backend
+from llm_service.engine import compiled_decode
 from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.config import EngineConfig
 from llm_service.engine.model_runner import ModelRunner, kv_cache_bytes_per_block, num_kv_blocks
@@ -60,16 +61,19 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_running, config.max_num_batched_tokens)
         attention = make_backend(backend, block_size, model.device, config.decode_staging_bytes)
-        self.runner = ModelRunner(model, attention, num_blocks)
+        compile_decode, why = compiled_decode.wanted(config.compile, backend, model.device)
         log.info(
-            "engine: %s weights, %s attention, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d",
+            "engine: %s weights, %s attention, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d, "
+            "compiled decode step %s",
             str(model.dtype).removeprefix("torch."),
             backend,
             num_blocks,
             block_size,
             num_blocks * kv_cache_bytes_per_block(model, block_size) / 2**30,
             self.max_model_len,
+            why,
         )
+        self.runner = ModelRunner(model, attention, num_blocks, compile_decode)
         self.stats = EngineStats(kv_blocks=num_blocks)
         self.metrics = EngineMetrics(self.stats)  # its registry is served on --metrics-port
         self._streams: dict[Sequence, RequestStream] = {}

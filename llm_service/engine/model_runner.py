@@ -12,8 +12,12 @@ from __future__ import annotations
 import torch
 
 from llm_service.attention import PagedAttention
+from llm_service.engine.compiled_decode import CompiledDecoder
 from llm_service.engine.scheduler import ScheduledSequence, SchedulerOutput
+from llm_service.engine.sequence import Sequence
+from mmserve.half_cpu import upcast_rows
 from mmserve.interfaces import LanguageAdapter
+from mmserve.wire import GenerateRequest, SamplingParams
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 GPU_MEMORY_FRACTION = 0.9  # of the memory free after loading the weights, when no budget is set
@@ -41,14 +45,20 @@ def num_kv_blocks(model, block_size: int, budget: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: LanguageAdapter, attention: PagedAttention, num_blocks: int):
+    def __init__(
+        self, model: LanguageAdapter, attention: PagedAttention, num_blocks: int, compile_decode: bool = False
+    ):
         self.model = model
         self.attend = attention  # builds each step's metadata, and computes attention in every layer
         config = model.decoder.config
+        self.num_blocks = num_blocks
         self.kv_caches = attention.allocate(
             config.num_layers, num_blocks, config.num_kv_heads, config.head_dim, model.dtype
         )
         self.mrope = model.position_dims == 3
+        self.compiled = CompiledDecoder(model.decoder) if compile_decode else None
+        if self.compiled is not None:
+            self.compiled.warm_up(self._synthetic_decode, self._compiled_batch_sizes())
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> tuple[list[ScheduledSequence], torch.Tensor]:
@@ -62,13 +72,11 @@ class ModelRunner:
             ids.extend(item.seq.token_ids[item.start : item.end])
         embeds = self.model.embed_tokens(torch.tensor(ids))  # (T, hidden)
         self._write_images(items, embeds)
-        hidden = self.model.decoder(
-            embeds,
-            self._positions(items).to(device),
-            self.kv_caches,
-            self.attend.metadata(decodes, chunks),
-            self.attend,
-        )
+        meta = self.attend.metadata(decodes, chunks)
+        decoder = self.model.decoder
+        if self.compiled is not None and self.compiled.handles(len(ids), meta):
+            decoder = self.compiled
+        hidden = decoder(embeds, self._positions(items).to(device), self.kv_caches, meta, self.attend)
         rows, sampling = [], []
         row = 0
         for item in items:
@@ -79,6 +87,36 @@ class ModelRunner:
         if not rows:
             return [], hidden.new_empty((0, 0), dtype=torch.float32)
         return sampling, self.model.decoder.logits(hidden[torch.tensor(rows, device=device)])
+
+    def _compiled_batch_sizes(self) -> list[int]:
+        """Batch sizes that make every graph the compiled step needs: 1 (a graph of its own: some
+        shape checks specialize a size-1 batch), 2 (for 2..N-1), and N when a half model's Linear layers
+        switch to float32 at N rows on this CPU (mmserve.half_cpu)."""
+        threshold = upcast_rows(self.model.dtype, self.model.device)
+        return [1, 2, threshold] if threshold > 2 else [1, 2]
+
+    def _synthetic_decode(self, size: int) -> bool:
+        """Two decode steps of `size` made-up sequences of zeros, before the engine takes requests: the
+        first stages their rows (eagerly), the second runs compiled. They use blocks 0..2*size-1, which
+        no sequence holds yet; what they write there is stale data the next owner never reads (the
+        attention backends mask past each sequence's own tokens). False: too few blocks."""
+        block = self.attend.block_size
+        if 2 * size > self.num_blocks:
+            return False
+        params = SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True)
+        seqs = [
+            Sequence(GenerateRequest(f"warm-up-{i}", [0] * (block + 1), [], params), []) for i in range(size)
+        ]
+        for i, seq in enumerate(seqs):
+            seq.block_table = [2 * i, 2 * i + 1]
+        for step in range(2):
+            for seq in seqs[: size * step]:  # the second step decodes each one's next token
+                seq.token_ids.append(0)
+            self.execute(SchedulerOutput([ScheduledSequence(seq, seq.num_tokens - 1, 1) for seq in seqs]))
+        staging = getattr(self.attend, "staging", None)
+        if staging is not None:
+            staging.plan([])  # hands their staging rows back
+        return True
 
     def _write_images(self, items: list[ScheduledSequence], embeds: torch.Tensor) -> None:
         """Overwrite placeholder rows with the image embeddings that fall inside each chunk."""

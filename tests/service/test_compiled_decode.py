@@ -1,0 +1,89 @@
+"""The compiled decode step (llm_service/engine/compiled_decode.py) on the real engine and model, in
+float32: the same tokens as the eager step (and logprobs within float32 rounding) over a workload where
+prefills are chunked, sequences are preempted and refilled, and staging rows come and go; every graph
+it needs is compiled at start-up, none while serving; and a compile that fails leaves an engine that
+decodes eagerly, with the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from llm_service.config import LLMConfig
+from llm_service.engine import compiled_decode
+from llm_service.models import load_language_model
+from tests.service.test_decode_staging import run
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    model = load_language_model(LLMConfig(checkpoint=str(tiny_checkpoint)))
+    assert model.dtype == torch.float32
+    return model
+
+
+def test_compiled_decode_steps_give_the_eager_tokens_and_compile_only_at_start_up(model, monkeypatch):
+    eager, _ = run(model, compile="off")
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled_graphs = []
+    original_warm_up = compiled_decode.CompiledDecoder.warm_up
+
+    def warm_up(self, run_decode, batch_sizes):
+        original_warm_up(self, run_decode, batch_sizes)
+        compiled_graphs.append(counters["stats"]["unique_graphs"])  # after start-up, before any request
+
+    monkeypatch.setattr(compiled_decode.CompiledDecoder, "warm_up", warm_up)
+    compiled, engine = run(model, compile="on")
+
+    step = engine.runner.compiled
+    assert step.failed is None
+    assert step.steps >= 10  # decode-only steps ran compiled (most steps here also prefill a chunk)
+    assert compiled_graphs[0] > graphs_before  # start-up compiled graphs ...
+    assert counters["stats"]["unique_graphs"] == compiled_graphs[0]  # ... and serving compiled none
+    assert [tokens for tokens, _ in compiled] == [tokens for tokens, _ in eager]
+    for (_, got), (_, want) in zip(compiled, eager, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_a_compile_that_fails_leaves_an_engine_that_decodes_eagerly(model, monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return compiled
+
+    eager, _ = run(model, compile="off")
+    monkeypatch.setattr(compiled_decode.torch, "compile", no_compiler)
+    results, engine = run(model, compile="on")
+
+    assert "InvalidCxxCompiler" in engine.runner.compiled.failed
+    assert engine.runner.compiled.steps == 0
+    assert "decode step not compiled" in caplog.text
+    assert results == eager
+
+
+@pytest.mark.parametrize(
+    ("mode", "backend", "device", "compiler", "on"),
+    [
+        ("auto", "sdpa", "cpu", "g++", True),
+        ("auto", "sdpa", "cpu", None, False),  # no C++ compiler: inductor cannot build its kernels
+        ("auto", "sdpa", "cuda", "g++", False),
+        ("auto", "flash_attn", "cuda", "g++", False),
+        ("on", "sdpa", "cpu", None, True),  # asked for: it is tried (and falls back if it fails)
+        ("on", "flash_attn", "cuda", "g++", False),  # only the sdpa step is compiled
+        ("off", "sdpa", "cpu", "g++", False),
+    ],
+)
+def test_when_the_decode_step_is_compiled(monkeypatch, mode, backend, device, compiler, on):
+    monkeypatch.setattr(compiled_decode, "cxx_compiler", lambda: compiler)
+    wanted, why = compiled_decode.wanted(mode, backend, torch.device(device))
+    assert wanted is on, why
+
+
+def test_an_unknown_compile_mode_is_refused():
+    from llm_service.engine import EngineConfig
+
+    with pytest.raises(ValueError, match="compile must be one of"):
+        EngineConfig(compile="fast")
