@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from llm_service.config import LLMConfig
 from llm_service.engine import compiled_decode
 from llm_service.models import load_language_model
+from tests.checkpoints.qwen2_vl import build_qwen2_vl_checkpoint
 from tests.service.test_decode_staging import run
 
 
@@ -23,7 +24,22 @@ def model(tiny_checkpoint):
     return model
 
 
-def test_compiled_decode_steps_give_the_eager_tokens_and_compile_only_at_start_up(model, monkeypatch):
+@pytest.fixture(scope="module")
+def qwen2_vl_model(tmp_path_factory):
+    """Qwen2-VL's language half: M-RoPE, (3, T) positions through the compiled rotary."""
+    checkpoint = build_qwen2_vl_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "tiny-qwen2-vl", "qwen2_vl", seed=3
+    )
+    model = load_language_model(LLMConfig(checkpoint=str(checkpoint)))
+    assert model.dtype == torch.float32 and model.position_dims == 3
+    return model
+
+
+@pytest.mark.parametrize("which", ["model", "qwen2_vl_model"], ids=["llava-llama", "qwen2-vl-mrope"])
+def test_compiled_decode_steps_give_the_eager_tokens_and_compile_only_at_start_up(
+    which, request, monkeypatch
+):
+    model = request.getfixturevalue(which)
     eager, _ = run(model, compile="off")
 
     graphs_before = counters["stats"]["unique_graphs"]
