@@ -8,7 +8,7 @@
      the mean first divergence from transformers' float32 output, ours against transformers' bf16.
 2. flash_attn against sdpa: the same bf16 numbers side by side.
 3. Decode throughput of a LLaVA-1.5-7B-shaped language model (random weights, bf16) at 1, 16 and 64
-   concurrent sequences, per backend, against the memory-bandwidth floor: each decode step must read
+   concurrent sequences, per backend and for the compiled sdpa decode step, against the memory-bandwidth floor: each decode step must read
    every weight and each sequence's KV once, so tok/s <= concurrency * bandwidth / bytes per step.
 
     python -m benchmarks.gpu_check [--device cuda] [--small]   (--small: tiny sizes, runs on CPU)
@@ -118,7 +118,7 @@ def our_tokens(folder: Path, device: str, dtype, backend: str, requests) -> list
     from llm_service.models.llava import LlavaLanguageModel
 
     model = LlavaLanguageModel(str(folder), dtype, device)
-    engine = Engine(model, EngineConfig(attention_backend=backend, kv_cache_bytes=1 << 28))
+    engine = Engine(model, EngineConfig(attention_backend=backend, kv_cache_bytes=1 << 28, compile="off"))
     try:
         return [r[0] for r in asyncio.run(run_requests(engine, requests))]
     finally:
@@ -185,8 +185,13 @@ def throughput(device: str, backends: list[str], small: bool, report: dict) -> N
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     bandwidth = next((bw for key, bw in BANDWIDTH.items() if key in name), None)
     prompt_len, new_tokens = 64, 128 if not small else 16
-    for backend in backends:
-        engine = Engine(model, EngineConfig(attention_backend=backend, max_running=64))
+    # each backend eager, and the sdpa backend's compiled decode step (llm_service/engine/compiled_decode.py;
+    # inductor's default mode: fused kernels, no captured graphs yet)
+    legs = [(backend, "off") for backend in backends] + [("sdpa", "on")]
+    for backend, compile_mode in legs:
+        engine = Engine(model, EngineConfig(attention_backend=backend, max_running=64, compile=compile_mode))
+        if compile_mode == "on":
+            backend = "sdpa+compile"
         for concurrency in (1, 16, 64):
             requests = [
                 GenerateRequest(
