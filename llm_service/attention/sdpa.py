@@ -183,15 +183,14 @@ class SdpaAttention(PagedAttention[SdpaMetadata]):
         return out.transpose(0, 1).reshape(decodes, heads, dim)
 
 
-def _decode_staged(q, k, v, cache: LayerCache, stage: DecodeStage, scale: float) -> torch.Tensor:
-    """(D, heads, d) queries with their new (D, kv_heads, d) keys/values -> (D, heads, d), over the
-    staging rows; rows without a decode this step are computed and thrown away."""
+def write_staged(cache: LayerCache, stage: DecodeStage, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Bring this layer's staging rows up to date for the step: each fill's cached blocks copied into
+    its row (stale columns zeroed), then each decode's new (D, kv_heads, d) key and value at its slots."""
     assert cache.stage_k is not None and cache.stage_v is not None
     stage_k, stage_v = cache.stage_k, cache.stage_v
-    decodes, heads, dim = q.shape
-    kv_heads = k.shape[1]
+    kv_heads, _, block_size, dim = cache.k.shape
     for row, blocks in stage.fills:
-        columns = blocks.numel() * cache.k.shape[2]
+        columns = blocks.numel() * block_size
         stage_k[row, :, :columns] = cache.k.index_select(1, blocks).view(kv_heads, columns, dim)
         stage_v[row, :, :columns] = cache.v.index_select(1, blocks).view(kv_heads, columns, dim)
         # Past its length the row holds a block's stale tail or an earlier owner's tokens: zero them
@@ -203,6 +202,16 @@ def _decode_staged(q, k, v, cache: LayerCache, stage: DecodeStage, scale: float)
     # reshape: a compiled step would specialize its viewability on a batch of 1)
     stage_k.view(-1, dim).index_put_((stage.slots,), k.to(stage_k.dtype))
     stage_v.view(-1, dim).index_put_((stage.slots,), v.to(stage_v.dtype))
+
+
+def _decode_staged(q, k, v, cache: LayerCache, stage: DecodeStage, scale: float) -> torch.Tensor:
+    """(D, heads, d) queries with their new (D, kv_heads, d) keys/values -> (D, heads, d), over the
+    staging rows; rows without a decode this step are computed and thrown away."""
+    write_staged(cache, stage, k, v)
+    assert cache.stage_k is not None and cache.stage_v is not None
+    stage_k, stage_v = cache.stage_k, cache.stage_v
+    decodes, heads, dim = q.shape
+    kv_heads = k.shape[1]
     rows = stage.valid.shape[0]  # its columns are all the allocated ones (sdpa_staging: kept dense)
     keys, values = stage_k.narrow(0, 0, rows), stage_v.narrow(0, 0, rows)  # (R, kv_heads, L, d), contiguous
     keep = stage.valid[:, None, None, :]

@@ -41,9 +41,8 @@ class DecodeStage:
     """This step's use of the staging rows."""
 
     rows: torch.Tensor  # (D,) the row of each decode
-    positions: torch.Tensor  # (D,) index of each decode's new token in its row
-    slots: torch.Tensor  # (D, kv_heads) where each decode's new key goes per kv head, in a layer's
-    # staging buffer viewed as (rows * kv_heads * length, head_dim)
+    slots: torch.Tensor  # (D, kv_heads) where each decode's new key goes per kv head (its row, the head,
+    # the token's index in the row), in a layer's staging buffer viewed as (rows * kv_heads * length, d)
     fills: list[tuple[int, torch.Tensor]]  # (row, blocks): copy these cached blocks into the row first
     valid: torch.Tensor  # (R, L) bool: the rows and columns attended; R rows, L columns in use
     dense: bool = False  # decode i is in row i, and R == D (no idle row)
@@ -114,19 +113,16 @@ class DecodeStaging:
         # slice with L short of the allocation is not dense, and matmul would copy it whole.
         valid = torch.arange(self.length)[None, :] < lengths[:, None]  # (R, L)
         valid[:, 0] = True  # idle rows attend to something (their output is discarded), never to nothing
-        rows = [self.rows[d.seq] for d in decodes]
-        positions = torch.tensor([d.start for d in decodes])
+        rows = torch.tensor([self.rows[d.seq] for d in decodes])
+        positions = torch.tensor([d.start for d in decodes])  # each new token's index in its row
         kv_heads = self.layers[0].k.shape[0]
-        slots = (torch.tensor(rows)[:, None] * kv_heads + torch.arange(kv_heads)) * self.length + positions[
-            :, None
-        ]
+        slots = (rows[:, None] * kv_heads + torch.arange(kv_heads)) * self.length + positions[:, None]
         return DecodeStage(
-            rows=torch.tensor(rows, device=device),
-            positions=positions.to(device),
+            rows=rows.to(device),
             slots=slots.to(device),
             fills=[(row, blocks.to(device)) for row, blocks in fills],
             valid=valid.to(device),
-            dense=rows == list(range(num_rows)),
+            dense=rows.tolist() == list(range(num_rows)),
         )
 
     def _reserve(self, num_rows: int, length: int) -> bool:

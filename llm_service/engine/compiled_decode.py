@@ -148,7 +148,6 @@ def mark_dynamic(embeds, positions, kv_caches, meta) -> None:
         (positions, [positions.dim() - 1]),
         (meta.slot_mapping, [0]),
         (stage.rows, [0]),
-        (stage.positions, [0]),
         (stage.slots, [0]),
         (stage.valid, [0, 1]),
     ):

@@ -109,9 +109,10 @@ class ModelRunner:
         ]
         for i, seq in enumerate(seqs):
             seq.block_table = [2 * i, 2 * i + 1]
-        for step in range(2):
-            for seq in seqs[: size * step]:  # the second step decodes each one's next token
-                seq.token_ids.append(0)
+        for step in ("stage", "compiled"):
+            if step == "compiled":  # each one's next token
+                for seq in seqs:
+                    seq.token_ids.append(0)
             self.execute(SchedulerOutput([ScheduledSequence(seq, seq.num_tokens - 1, 1) for seq in seqs]))
         staging = getattr(self.attend, "staging", None)
         if staging is not None:

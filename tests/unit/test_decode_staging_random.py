@@ -15,6 +15,7 @@ import random
 import torch
 
 from llm_service.attention import LayerCache
+from llm_service.attention.sdpa import write_staged
 from llm_service.attention.sdpa_staging import DecodeStaging
 from llm_service.engine.scheduler import ScheduledSequence
 
@@ -45,16 +46,16 @@ class FakeSeq:
 
 
 def apply(cache: LayerCache, stage, decodes: list[ScheduledSequence]) -> None:
-    """The sdpa backend's staging writes (llm_service/attention/sdpa.py: _decode_staged), minus the math."""
-    assert cache.stage_k is not None and cache.stage_v is not None
-    for row, blocks in stage.fills:
-        columns = blocks.numel() * BLOCK
-        cache.stage_k[row, :, :columns] = cache.k.index_select(1, blocks).reshape(KV_HEADS, columns, DIM)
-        cache.stage_v[row, :, :columns] = cache.v.index_select(1, blocks).reshape(KV_HEADS, columns, DIM)
-    for d, row, position in zip(decodes, stage.rows.tolist(), stage.positions.tolist(), strict=True):
-        assert position == d.start
-        cache.stage_k[row, :, position] = d.seq.token_value(position)
-        cache.stage_v[row, :, position] = -d.seq.token_value(position)
+    """The sdpa backend's staging writes (llm_service/attention/sdpa.py: write_staged): fills, then each
+    decode's new token, whose key is its token value and whose value is minus that."""
+    assert cache.stage_k is not None
+    length = cache.stage_k.shape[2]
+    for d, row, slots in zip(decodes, stage.rows.tolist(), stage.slots.tolist(), strict=True):
+        assert [divmod(slot, length) for slot in slots] == [
+            (row * KV_HEADS + h, d.start) for h in range(KV_HEADS)
+        ]
+    new = torch.tensor([d.seq.token_value(d.start) for d in decodes])[:, None, None].expand(-1, KV_HEADS, DIM)
+    write_staged(cache, stage, new, -new)
 
 
 def check(cache: LayerCache, stage, decodes: list[ScheduledSequence]) -> None:
