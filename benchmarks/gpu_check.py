@@ -8,8 +8,9 @@
      the mean first divergence from transformers' float32 output, ours against transformers' bf16.
 2. flash_attn against sdpa: the same bf16 numbers side by side.
 3. Decode throughput of a LLaVA-1.5-7B-shaped language model (random weights, bf16) at 1, 16 and 64
-   concurrent sequences, per backend and for the compiled sdpa decode step, against the memory-bandwidth floor: each decode step must read
-   every weight and each sequence's KV once, so tok/s <= concurrency * bandwidth / bytes per step.
+   concurrent sequences, per backend and for the compiled sdpa decode step, against the
+   memory-bandwidth floor: each decode step must read every weight and each sequence's KV once, so
+   tok/s <= concurrency * bandwidth / bytes per step.
 
     python -m benchmarks.gpu_check [--device cuda] [--small]   (--small: tiny sizes, runs on CPU)
 """
@@ -187,15 +188,13 @@ def throughput(device: str, backends: list[str], small: bool, report: dict) -> N
     prompt_len, new_tokens = 64, 128 if not small else 16
     # each backend eager, and the sdpa backend's compiled decode step (llm_service/engine/compiled_decode.py;
     # inductor's default mode: fused kernels, no captured graphs yet)
-    legs = [(backend, "off") for backend in backends] + [("sdpa", "on")]
-    for backend, compile_mode in legs:
+    legs = [(backend, "off", backend) for backend in backends] + [("sdpa", "on", "sdpa+compile")]
+    for backend, compile_mode, label in legs:
         engine = Engine(model, EngineConfig(attention_backend=backend, max_running=64, compile=compile_mode))
-        if compile_mode == "on":
-            backend = "sdpa+compile"
         for concurrency in (1, 16, 64):
             requests = [
                 GenerateRequest(
-                    f"t{backend}{concurrency}-{i}",
+                    f"t{label}{concurrency}-{i}",
                     torch.randint(0, config.vocab_size, (prompt_len,)).tolist(),
                     [],
                     SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True),
@@ -212,7 +211,7 @@ def throughput(device: str, backends: list[str], small: bool, report: dict) -> N
                 if concurrency > 1
                 else steps / (results[0][2] - results[0][1])
             )
-            line = f"decode [{backend}] concurrency {concurrency:3d}: {tok_s:9.1f} tok/s"
+            line = f"decode [{label}] concurrency {concurrency:3d}: {tok_s:9.1f} tok/s"
             entry = {"tok_s": tok_s}
             if bandwidth:
                 context = prompt_len + new_tokens / 2
@@ -220,7 +219,7 @@ def throughput(device: str, backends: list[str], small: bool, report: dict) -> N
                 floor = concurrency * bandwidth / step_bytes
                 entry["bandwidth_floor_tok_s"] = floor
                 line += f"   floor {floor:9.1f} tok/s   ({tok_s / floor:.0%} of the floor)"
-            report[f"decode_{backend}_{concurrency}"] = entry
+            report[f"decode_{label}_{concurrency}"] = entry
             print(line)
         engine.stop()
 
