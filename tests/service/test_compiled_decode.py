@@ -1,5 +1,6 @@
 """The compiled decode step (llm_service/engine/compiled_decode.py) on the real engine and model, in
-float32: the same tokens as the eager step (and logprobs within float32 rounding) over a workload where
+float32 (LLaVA's Llama decoder, and Qwen2.5-VL-7B's real Hub config shrunk): the same tokens as the
+eager step (and logprobs within float32 rounding) over a workload where
 prefills are chunked, sequences are preempted and refilled, and staging rows come and go; every graph
 it needs is compiled at start-up, none while serving; and a compile that fails leaves an engine that
 decodes eagerly, with the same tokens."""
@@ -13,7 +14,7 @@ from torch._dynamo.utils import counters
 from llm_service.config import LLMConfig
 from llm_service.engine import compiled_decode
 from llm_service.models import load_language_model
-from tests.checkpoints.qwen2_vl import build_qwen2_vl_checkpoint
+from tests.checkpoints.hub import build_from_hub
 from tests.service.test_decode_staging import run
 
 
@@ -25,17 +26,20 @@ def model(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def qwen2_vl_model(tmp_path_factory):
-    """Qwen2-VL's language half: M-RoPE, (3, T) positions through the compiled rotary."""
-    checkpoint = build_qwen2_vl_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "tiny-qwen2-vl", "qwen2_vl", seed=3
-    )
-    model = load_language_model(LLMConfig(checkpoint=str(checkpoint)))
+def qwen2_5_vl_model(tmp_path_factory):
+    """Qwen2.5-VL-7B's real Hub files, sizes shrunk (tests/checkpoints/hub.py): M-RoPE, (3, T) positions
+    through the compiled rotary, grouped-query attention (4 heads over 2 KV heads), q/k/v biases."""
+    checkpoint = build_from_hub("qwen2_5_vl_7b", tmp_path_factory.mktemp("ckpt") / "q25", dtype="float32")
+    model = load_language_model(LLMConfig(checkpoint=str(checkpoint), dtype="float32"))  # config says bf16
+    config = model.decoder.config
     assert model.dtype == torch.float32 and model.position_dims == 3
+    assert config.num_heads > config.num_kv_heads and config.qkv_bias
     return model
 
 
-@pytest.mark.parametrize("which", ["model", "qwen2_vl_model"], ids=["llava-llama", "qwen2-vl-mrope"])
+@pytest.mark.parametrize(
+    "which", ["model", "qwen2_5_vl_model"], ids=["llava-llama", "qwen2.5-vl-hub-gqa-mrope"]
+)
 def test_compiled_decode_steps_give_the_eager_tokens_and_compile_only_at_start_up(
     which, request, monkeypatch
 ):
