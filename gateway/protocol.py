@@ -34,6 +34,7 @@ from gateway.chat_template import RESERVED_TEMPLATE_KWARGS
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat limit; vLLM's default cap)
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16  # `n`: choices per request, each a sequence of its own in the LLM service
 INT32_MAX = 2**31 - 1  # top_k and min_tokens travel as int32 (protos/llm.proto)
 INT64_MAX = 2**63 - 1  # pixel bounds travel as int64 (protos/vision.proto)
 
@@ -182,22 +183,14 @@ class SamplingFields(_Body):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     # vLLM's extension: drop tokens less likely than min_p times the most likely one.
     min_p: float | None = Field(default=None, ge=0, le=1)
-    n: int | None = None
+    # Choices generated from one prompt (its prefill shared through the prefix cache); strict: JSON integers
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     # vLLM's extension: echo prompt and completion token ids in the response.
     return_token_ids: bool | None = None
     # vLLM's extension: image preprocessing options of this request (Qwen2-VL's min/max pixels).
     mm_processor_kwargs: MMProcessorKwargs | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise PydanticCustomError(
-                "unsupported", "n must be 1 (several choices per request are not supported)"
-            )
-        return value
 
     @field_validator("stop")
     @classmethod
@@ -209,6 +202,10 @@ class SamplingFields(_Body):
                 {"limit": MAX_STOP_STRINGS, "count": len(value)},
             )
         return value
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
     @property
     def stop_list(self) -> list[str]:

@@ -58,6 +58,7 @@ class TextDelta:
     # Logprobs of the tokens whose text this delta carries (not of `token_ids`: text is held back at
     # partial characters and possible stop strings); None when the request asked for none.
     logprobs: list[TokenLogprob] | None = None
+    index: int = 0  # the choice it belongs to (a request's `n` choices: ServingCore.generate_choices)
 
 
 # The bound on UTF-8 bytes per token behind the check before tokenizing: the longest token of the served
@@ -230,6 +231,44 @@ class ServingCore:
                 return
         raise UnavailableError("the llm stream ended without a finish reason")
 
+    async def generate_choices(
+        self,
+        prepared: PreparedPrompt,
+        settings: GenerationSettings,
+        request_id: str,
+        n: int,
+        *,
+        prompt_param: str = "prompt",
+        max_tokens_param: str = "max_tokens",
+    ) -> AsyncGenerator[TextDelta, None]:
+        """`n` choices of one prompt, generated side by side as `n` LLM requests (`request_id`-0,
+        -1, ...), their deltas interleaved as they come, each with its choice's `index`. The LLM service
+        computes the shared prompt once: a sequence whose next prompt block another is computing waits
+        for it and takes it from the prefix cache. With a seed, choice i draws with seed + i (vLLM's
+        rule), so the choices differ and each is reproducible. The first error ends them all; closing
+        this generator cancels every choice still running. n == 1 is `generate` itself."""
+        names = dict(prompt_param=prompt_param, max_tokens_param=max_tokens_param)
+        if n == 1:
+            async with aclosing(self.generate(prepared, settings, request_id, **names)) as deltas:
+                async for delta in deltas:
+                    yield delta
+            return
+        seed = settings.sampling.seed
+        generations = [
+            self.generate(
+                prepared,
+                settings
+                if seed is None
+                else replace(settings, sampling=replace(settings.sampling, seed=(seed + i) % (1 << 64))),
+                f"{request_id}-{i}",
+                **names,
+            )
+            for i in range(n)
+        ]
+        async with aclosing(interleave(generations)) as deltas:
+            async for delta in deltas:
+                yield delta
+
     async def _token_budget(
         self, prepared: PreparedPrompt, settings: GenerationSettings, prompt_param: str, max_tokens_param: str
     ) -> int:
@@ -286,3 +325,35 @@ class ServingCore:
             )
             self._token_strings[token_id] = text
         return text
+
+
+async def interleave(generations: list[AsyncGenerator[TextDelta, None]]) -> AsyncGenerator[TextDelta, None]:
+    """The deltas of several generations as each comes, tagged with the generation's index. A
+    generation's error is raised here (the others are then closed); so is closing this generator."""
+    queue: asyncio.Queue[tuple[TextDelta | None, BaseException | None]] = asyncio.Queue(len(generations))
+
+    async def pump(index: int, generation: AsyncGenerator[TextDelta, None]) -> None:
+        try:
+            async with aclosing(generation):
+                async for delta in generation:
+                    await queue.put((replace(delta, index=index), None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((None, exc))
+            return
+        await queue.put((None, None))  # this one is done
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(tasks)
+        while running:
+            delta, error = await queue.get()
+            if error is not None:
+                raise error
+            if delta is None:
+                running -= 1
+            else:
+                yield delta
+    finally:
+        for task in tasks:
+            task.cancel()  # a pump's cancellation closes its generation (which cancels it in the LLM)
+        await asyncio.gather(*tasks, return_exceptions=True)

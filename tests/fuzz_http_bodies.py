@@ -84,7 +84,7 @@ SAMPLING = {
     "presence_penalty": field(st.floats(-2, 2), HOSTILE_NUMBER),
     "frequency_penalty": field(st.floats(-2, 2), HOSTILE_NUMBER),
     "min_p": field(st.floats(0, 1), HOSTILE_NUMBER),
-    "n": field(st.just(1)),
+    "n": field(st.integers(1, 3), HOSTILE_NUMBER),
     "stream": field(st.booleans(), valid_weight=8),
     "stream_options": field(st.fixed_dictionaries({}, optional={"include_usage": st.booleans()})),
     "return_token_ids": field(st.booleans()),

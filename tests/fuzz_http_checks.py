@@ -43,7 +43,7 @@ def check_usage(usage: dict) -> None:
 
 
 def check_choice(choice: dict, chat: bool, stream: bool) -> None:
-    assert choice["index"] == 0
+    assert isinstance(choice["index"], int) and choice["index"] >= 0, choice
     assert choice["finish_reason"] in ((None, "stop", "length") if stream else ("stop", "length")), choice
     if chat and stream:
         assert isinstance(choice["delta"], dict)
@@ -70,7 +70,8 @@ def check_choice(choice: dict, chat: bool, stream: bool) -> None:
         assert all(isinstance(t, int) for t in choice["token_ids"])
 
 
-def check_ok(response, path: str) -> None:
+def check_ok(response, path: str, choices: int | None = None) -> None:
+    """`choices`: how many the request asked for (None: any number, indexed from 0 without gaps)."""
     chat = path == CHAT
     kind = response.headers["content-type"]
     if kind.startswith("text/event-stream"):
@@ -78,28 +79,33 @@ def check_ok(response, path: str) -> None:
         assert lines and lines[-1] == "[DONE]", response.text
         chunks = [strict_json(line) for line in lines[:-1]]
         assert chunks
+        finished: list[int] = []
         for chunk in chunks:
             assert "error" not in chunk, chunk
             assert chunk["object"] == ("chat.completion.chunk" if chat else "text_completion"), chunk
             assert chunk["model"] == MODEL and isinstance(chunk["id"], str)
             for choice in chunk["choices"]:
                 check_choice(choice, chat, stream=True)
+                if choice["finish_reason"]:
+                    finished.append(choice["index"])
             if not chunk["choices"]:
                 check_usage(chunk["usage"])
-        assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks), chunks
+        # every choice finishes once
+        assert sorted(finished) == list(range(choices or len(finished))), (finished, chunks)
         return
     assert kind.startswith("application/json"), kind
     body = strict_json(response.text)
     assert body["object"] == ("chat.completion" if chat else "text_completion"), body
     assert body["model"] == MODEL and isinstance(body["id"], str)
-    assert len(body["choices"]) == 1
-    check_choice(body["choices"][0], chat, stream=False)
+    assert [c["index"] for c in body["choices"]] == list(range(choices or len(body["choices"]))), body
+    for choice in body["choices"]:
+        check_choice(choice, chat, stream=False)
     check_usage(body["usage"])
     if "prompt_token_ids" in body:
         assert all(isinstance(t, int) for t in body["prompt_token_ids"])
 
 
-def check(response, path: str) -> None:
+def check(response, path: str, choices: int | None = None) -> None:
     """The property; records the outcome (see --hypothesis-show-statistics) when inside a test."""
     status = response.status_code
     if status != 200 and response.headers.get("content-type", "").startswith("application/json"):
@@ -108,7 +114,7 @@ def check(response, path: str) -> None:
         event(str(status))
     assert status < 500, (status, response.text)
     if status == 200:
-        check_ok(response, path)
+        check_ok(response, path, choices)
     else:
         assert status in (400, 404, 413), (status, response.text)
         check_error(response)
@@ -148,7 +154,7 @@ def check_accepted(body, path: str, sampling) -> None:
             assert getattr(sampling, attribute) == convert(body[name]), (name, body[name], sampling)
     for name in ("stream", "return_token_ids"):
         assert body.get(name) is None or isinstance(body[name], bool), (name, body[name])
-    assert body.get("n") in (None, 1), body["n"]
+    assert body.get("n") is None or _number(body["n"], 1, 16, integer=True), body["n"]
     stop = body.get("stop")
     assert stop is None or isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 16), stop
     assert body.get("model") in (None, "", MODEL), body["model"]

@@ -14,7 +14,7 @@ from gateway.http.context import Served
 from gateway.http.deadline import RequestDeadline
 from gateway.http.disconnect import cancel_on_disconnect
 from gateway.http.errors import clip
-from gateway.http.render import Render
+from gateway.http.render import FinishedChoice, Render
 from gateway.http.streaming import MeteredStream
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from gateway.serving import PreparedPrompt, TextDelta, TokenLogprob
@@ -115,10 +115,11 @@ class _Generation:
             job.text, job.urls, job.request_id, settings.pixels, prompt_param=job.prompt_param
         )
         self.prepared = await cancel_on_disconnect(request, self.deadline.run(prepare))
-        self.deltas = core.generate(
+        self.deltas = core.generate_choices(
             self.prepared,
             settings,
             job.request_id,
+            job.body.choices,
             prompt_param=job.prompt_param,
             max_tokens_param=job.body.token_limit_field,
         )
@@ -131,23 +132,34 @@ class _Generation:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         with_ids = bool(body.return_token_ids)
         rest = self.deadline.bounded(self.deltas)
-        events = self.job.render.stream(first, rest, self.prepared.token_ids, include_usage, with_ids)
+        events = self.job.render.stream(
+            first, rest, self.prepared.token_ids, include_usage, with_ids, body.choices
+        )
         return MeteredStream(events, self.deltas, self.ended)
 
     async def whole(self) -> Response:
-        parts: list[str] = []
-        ids: list[int] = []
-        logprobs: list[TokenLogprob] | None = None if self.job.body.num_logprobs is None else []
-        last: TextDelta | None = None
+        n = self.job.body.choices
+        parts: list[list[str]] = [[] for _ in range(n)]
+        ids: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[TokenLogprob] | None] = [
+            None if self.job.body.num_logprobs is None else [] for _ in range(n)
+        ]
+        last: list[TextDelta | None] = [None] * n
+        first = True
         async for delta in self.deltas:
-            if not ids:
+            if first:
                 self._first_token()
-            parts.append(delta.text)
-            ids.extend(delta.token_ids)
-            if logprobs is not None:
-                logprobs.extend(delta.logprobs or [])
-            last = delta
-        assert last is not None, "a generation always ends with a finishing delta"
-        with_ids = bool(self.job.body.return_token_ids)
-        full = self.job.render.full("".join(parts), ids, last, self.prepared.token_ids, with_ids, logprobs)
+                first = False
+            i = delta.index
+            parts[i].append(delta.text)
+            ids[i].extend(delta.token_ids)
+            if logprobs[i] is not None:
+                logprobs[i].extend(delta.logprobs or [])  # type: ignore[union-attr]
+            last[i] = delta
+        finished = []
+        for i in range(n):
+            end = last[i]
+            assert end is not None, "a generation always ends with a finishing delta"
+            finished.append(FinishedChoice("".join(parts[i]), ids[i], end, logprobs[i]))
+        full = self.job.render.full(finished, self.prepared.token_ids, bool(self.job.body.return_token_ids))
         return JSONResponse(full)

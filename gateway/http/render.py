@@ -6,6 +6,7 @@ import json
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.serving import TextDelta, TokenLogprob
@@ -26,6 +27,27 @@ def usage_json(usage: Usage) -> dict:
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
+
+
+def total_usage(usages: list[Usage]) -> Usage:
+    """The usage of a request's choices together: the prompt counted once (its cached tokens as the
+    choice that got the fewest from the cache: the others reuse what that one computed), the completion
+    tokens of every choice."""
+    return Usage(
+        usages[0].prompt_tokens,
+        sum(u.completion_tokens for u in usages),
+        min(u.cached_tokens for u in usages),
+    )
+
+
+@dataclass
+class FinishedChoice:
+    """One choice of a whole (not streamed) response."""
+
+    text: str
+    ids: list[int]
+    last: TextDelta  # its finishing delta: finish_reason and usage
+    logprobs: list[TokenLogprob] | None
 
 
 def finite_logprob(value: float) -> float:
@@ -60,31 +82,32 @@ class Render:
     def logprobs_json(self, entries: list[TokenLogprob]) -> dict:
         raise NotImplementedError
 
-    def choice(self, body: dict, logprobs: list[TokenLogprob] | None, finish_reason: str | None) -> dict:
-        """A choice: its route-specific `body`, then `logprobs` (null when not requested), finish_reason."""
+    def choice(
+        self, body: dict, logprobs: list[TokenLogprob] | None, finish_reason: str | None, index: int = 0
+    ) -> dict:
+        """A choice: its index, its route-specific `body`, then `logprobs` (null when not requested),
+        finish_reason."""
         lp = None if logprobs is None else self.logprobs_json(logprobs)
-        return {"index": 0, **body, "logprobs": lp, "finish_reason": finish_reason}
+        return {"index": index, **body, "logprobs": lp, "finish_reason": finish_reason}
 
     def envelope(self, obj: str, choices: list, **extra) -> dict:
         head = {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
         return {**head, "choices": choices, **extra}
 
-    def full(
-        self,
-        text: str,
-        ids: list[int],
-        last: TextDelta,
-        prompt_ids: list[int],
-        with_ids: bool,
-        logprobs: list[TokenLogprob] | None = None,
-    ) -> dict:
-        assert last.usage is not None, "the last delta carries usage"
-        choice = self.choice(self.full_choice(text), logprobs, last.finish_reason)
-        extra: dict[str, Any] = {"usage": usage_json(last.usage)}
+    def full(self, choices: list[FinishedChoice], prompt_ids: list[int], with_ids: bool) -> dict:
+        """The response of a request whose choices (index order) have all finished."""
+        bodies = []
+        for index, c in enumerate(choices):
+            body = self.choice(self.full_choice(c.text), c.logprobs, c.last.finish_reason, index)
+            if with_ids:
+                body["token_ids"] = c.ids
+            bodies.append(body)
+        usages = [c.last.usage for c in choices]
+        assert all(u is not None for u in usages), "the last delta carries usage"
+        extra: dict[str, Any] = {"usage": usage_json(total_usage(usages))}  # type: ignore[arg-type]
         if with_ids:
-            choice["token_ids"] = ids
             extra["prompt_token_ids"] = prompt_ids
-        return self.envelope(self.object_full, [choice], **extra)
+        return self.envelope(self.object_full, bodies, **extra)
 
     async def stream(
         self,
@@ -93,21 +116,28 @@ class Render:
         prompt_ids: list[int],
         include_usage: bool,
         with_ids: bool,
+        choices: int = 1,
     ) -> AsyncGenerator[str, None]:
-        """The events of a stream; MeteredStream turns an error into an error event and closes `rest`."""
+        """The events of a stream of `choices` choices (their deltas interleaved, each chunk naming its
+        choice's index); MeteredStream turns an error into an error event and closes `rest`."""
         head = self.stream_head()
-        if head is not None:
-            yield sse(self.envelope(self.object_chunk, [self.choice(head, None, None)]))
+        if head is not None:  # every choice opens with its role, before any text (as vLLM)
+            for index in range(choices):
+                yield sse(self.envelope(self.object_chunk, [self.choice(head, None, None, index)]))
         delta: TextDelta | None = first
-        usage = None
+        usages: dict[int, Usage] = {}
         while delta is not None:
-            choice = self.choice(self.chunk_choice(delta.text), delta.logprobs, delta.finish_reason)
+            choice = self.choice(
+                self.chunk_choice(delta.text), delta.logprobs, delta.finish_reason, delta.index
+            )
             if with_ids:
                 choice["token_ids"] = delta.token_ids
             yield f"{self._chunk_head}{_to_json(choice)}]}}\n\n"
-            usage = delta.usage
+            if delta.usage is not None:
+                usages[delta.index] = delta.usage
             delta = await anext(rest, None)
-        if include_usage and usage is not None:
+        if include_usage and len(usages) == choices:
+            usage = total_usage([usages[i] for i in range(choices)])
             yield sse(self.envelope(self.object_chunk, [], usage=usage_json(usage)))
         yield DONE
 

@@ -75,3 +75,60 @@ def test_seeded_sampling_with_penalties_and_min_p_repeats(client, served):
     }
     first, second = (chat(client, served, **kwargs).choices[0].model_extra["token_ids"] for _ in range(2))
     assert first == second and len(first) > 0
+
+
+def test_n_choices_are_the_seeded_requests_one_by_one(client, served):
+    """n=3 with a seed: choice i is what a request of its own seeded seed + i gives (vLLM's rule), the
+    prompt computed once and counted once; streamed, the same choices reassemble from interleaved chunks;
+    greedy, every choice is the greedy answer."""
+    kwargs = {"temperature": 1.0, "extra_body": {"top_k": 50, "return_token_ids": True}}
+    several = chat(client, served, n=3, seed=77, **kwargs)
+    alone = [chat(client, served, seed=77 + i, **kwargs) for i in range(3)]
+    ids = [c.model_extra["token_ids"] for c in several.choices]
+    assert ids == [a.choices[0].model_extra["token_ids"] for a in alone]
+    assert len({tuple(i) for i in ids}) > 1, "seeds 77, 78, 79 drew the same tokens"
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    assert several.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert several.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+    texts = ["", "", ""]
+    for chunk in chat(client, served, n=3, seed=77, stream=True, **kwargs):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [c.message.content for c in several.choices]
+
+    greedy = chat(client, served, n=2)
+    assert [c.message.content for c in greedy.choices] == [
+        chat(client, served).choices[0].message.content
+    ] * 2
+
+
+def test_n_choices_compute_their_prompt_once(client, served):
+    """The choices of one request are separate sequences in the LLM service, but the prompt's KV is
+    computed once: the others wait for its blocks and take them from the prefix cache."""
+    stack, http_base = served
+    content = [
+        {"type": "text", "text": "A prompt no other test sends, so that nothing of it is cached yet:"},
+        {"type": "image_url", "image_url": {"url": f"{http_base}/a.png"}},
+    ]
+
+    def counters():
+        return [
+            stack.llm_metric(f"mmserve_llm_{name}_total")
+            for name in ("prompt_tokens", "cached_prompt_tokens")
+        ]
+
+    before = counters()
+    response = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": content}],
+        n=3,
+        max_tokens=4,
+        temperature=0,
+    )
+    admitted, cached = (after - b for after, b in zip(counters(), before, strict=True))
+    prompt = response.usage.prompt_tokens
+    assert admitted == 3 * prompt
+    assert admitted - cached < 1.5 * prompt, (
+        f"{admitted - cached} prompt tokens computed for 3 choices of {prompt}"
+    )

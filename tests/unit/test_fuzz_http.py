@@ -87,11 +87,15 @@ def fuzz_one(harness, path: str, body) -> None:
     http, llm, _ = harness
     before = len(llm.requests)
     response = send(http, path, body if isinstance(body, bytes) else encode(body))
-    check(response, path)
+    # a body that got a 200 asked for n choices (n is valid then), or for one
+    choices = (body.get("n") or 1) if isinstance(body, dict) else None
+    check(response, path, choices)
     if response.status_code == 200:
-        assert len(llm.requests) == before + 1
+        new = llm.requests[before:]
+        assert choices is None or len(new) == choices
         if not isinstance(body, bytes):
-            check_accepted(body, path, llm.requests[-1].sampling)
+            first = new[0] if len(new) == 1 else next(r for r in new if r.request_id.endswith("-0"))
+            check_accepted(body, path, first.sampling)
 
 
 # ---- the properties --------------------------------------------------------------------------------------

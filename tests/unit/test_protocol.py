@@ -98,9 +98,12 @@ def test_penalties_and_min_p_pass_through():
     )
 
 
-def test_n_above_one_is_still_refused():
-    with pytest.raises(ValidationError, match="n must be 1"):
-        chat(n=2)
+def test_n_is_1_to_16_choices():
+    assert chat().choices == 1
+    assert chat(n=16).choices == 16
+    for bad in (0, 17, -1):
+        with pytest.raises(ValidationError, match="n"):
+            chat(n=bad)
 
 
 def test_unset_fields_take_the_checkpoints_generation_config(tmp_path):
@@ -174,7 +177,8 @@ def test_settings_are_frozen():
         ({"min_tokens": True}, "min_tokens"),
         ({"stream": "yes"}, "stream"),
         ({"stream": 1}, "stream"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 2.0}, "n"),
         ({"stop": [str(i) for i in range(17)]}, "stop"),
         ({"stop": 5}, "stop"),
         ({"model": "m\ud800"}, "model"),
