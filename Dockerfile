@@ -15,20 +15,32 @@ ENV PYTHONUNBUFFERED=1 \
 
 # tini as PID 1: forwards SIGTERM to the service (which drains and exits) and reaps zombies; a Python
 # PID 1 would ignore SIGTERM until its own handler is installed (i.e. while a model is still loading).
+# g++ and Python's headers: what torch.compile's CPU backend (inductor) builds its kernels with. It compiles
+# the LLM service's decode step at start-up (LLM_COMPILE=auto; ~15-25% less time per decode step on CPU)
+# and the vision tower with VISION_COMPILE=1; without them the services run eagerly. (The python images
+# carry the headers; a base whose Python is Debian's gets them from its -dev package.)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini \
+    && apt-get install -y --no-install-recommends tini g++ \
+    && if ! python -c "import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()['include'] + '/Python.h'))"; then \
+        apt-get install -y --no-install-recommends "libpython$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])')-dev"; \
+    fi \
     && rm -rf /var/lib/apt/lists/*
 
 # In a container the services must listen on all interfaces (the code defaults to 127.0.0.1).
 # MMSERVE_HOME: `python -m tools.demo` with no argument builds /models/demo-llava.
+# TORCHINDUCTOR_CACHE_DIR: what torch.compile builds, kept where docker-compose.yml mounts the
+# `compile-cache` volume, so that a restarted container loads it instead of compiling again (~80 s -> ~15 s
+# for a 7B model's decode step on 2 cores).
 ENV VISION_HOST=0.0.0.0 \
     LLM_HOST=0.0.0.0 \
     HOST=0.0.0.0 \
-    MMSERVE_HOME=/models
+    MMSERVE_HOME=/models \
+    TORCHINDUCTOR_CACHE_DIR=/var/cache/mmserve/inductor
 
-# Non-root runtime user; /models is created owned by it so a fresh named volume mounted there is writable.
+# Non-root runtime user; /models and /var/cache/mmserve are created owned by it so that fresh named volumes
+# mounted there are writable.
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin mmserve \
-    && mkdir -p /models && chown mmserve:mmserve /models
+    && mkdir -p /models /var/cache/mmserve && chown mmserve:mmserve /models /var/cache/mmserve
 
 WORKDIR /app
 

@@ -80,7 +80,7 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo docker compose
 compose-config: ## validate docker-compose.yml (docker compose, or the compose kit's `compose`)
 	$(COMPOSE) config --quiet
 
-compose-test: install ## docker-compose.yml for real via the podman kit: build, up, chat with an image, kill -9 llm then vision under 40 requests (0 hung, healed in 30 s), drain, scale, down
+compose-test: install ## docker-compose.yml for real via the podman kit: build, up, chat with an image, kill -9 llm then vision under 40 requests (0 hung, healed in 45 s), drain, scale, down
 	PY=$(PY) bash tests/compose/run.sh
 
 clean: ## remove generated stubs and caches (keeps .venv)

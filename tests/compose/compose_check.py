@@ -8,7 +8,7 @@
    OOM kill or crash would); requests arriving during the outage and a new request end promptly (503
    in OpenAI's error shape), /health says 503 naming the service; every request ends (completed or a
    clean error: none hangs, none is dropped silently), reported per outcome;
-3. the restart policy brings the service back within 30 s of the kill (--heal-timeout) and the gateway
+3. the restart policy brings the service back within 45 s of the kill (--heal-timeout) and the gateway
    (never restarted) answers again, with the same greedy answer;
 4. drain: SIGTERM to the gateway with 16 streams of 1000 tokens in flight: all 16 complete (a finish
    reason and [DONE]) within the drain (DRAIN_TIMEOUT, 30 s), a new request during the drain is refused
@@ -80,7 +80,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--project", required=True)
     p.add_argument("--engine", default="podman")
     p.add_argument("--recover-timeout", type=float, default=240)  # how long to wait for a diagnosis
-    p.add_argument("--heal-timeout", type=float, default=30)  # what passes: serving again within this
+    # what passes: serving again within this (the LLM service compiles its decode step at start-up: ~7 s of
+    # the ~26 s an LLM restart under load took here, with the compile cache from its first start)
+    p.add_argument("--heal-timeout", type=float, default=45)
     p.add_argument("--drain-timeout", type=float, default=30)  # the services' DRAIN_TIMEOUT
     return p.parse_args()
 

@@ -72,7 +72,7 @@ purge() {
     # shellcheck disable=SC2086
     podman rm -f -t 1 $ids >/dev/null 2>&1 || true
     "${COMPOSE[@]}" down -v -t 1 >/dev/null 2>&1 || true
-    podman volume rm -f "${PROJECT}_models" "${PROJECT}_internal-token" >/dev/null 2>&1 || true
+    podman volume rm -f "${PROJECT}_models" "${PROJECT}_internal-token" "${PROJECT}_compile-cache" >/dev/null 2>&1 || true
   fi
 }
 cleanup() {
