@@ -337,6 +337,14 @@ async def interleave(generations: list[AsyncGenerator[TextDelta, None]]) -> Asyn
             async with aclosing(generation):
                 async for delta in generation:
                     await queue.put((replace(delta, index=index), None))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this generator is being closed
+            # the generation's own call was cancelled (a gRPC channel closing under it): its end must still
+            # reach the consumer, or the response would wait for the choice until its deadline
+            await queue.put((None, UnavailableError(f"choice {index}'s generation was cancelled")))
+            return
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             await queue.put((None, exc))
             return

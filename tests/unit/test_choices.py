@@ -31,6 +31,7 @@ class ChoiceLLM(ScriptedLLM):
     def __init__(self, tokenizer, prompt):
         super().__init__(tokenizer, prompt)
         self.fail_seed: int | None = None
+        self.cancel_seed: int | None = None  # that request's call ends in CancelledError (not ours)
         self.closed_early: list[str] = []
 
     def ids_for(self, seed: int | None) -> list[int]:
@@ -47,6 +48,8 @@ class ChoiceLLM(ScriptedLLM):
                 await asyncio.sleep(0.001)
                 if seed is not None and seed == self.fail_seed and i == 2:
                     raise UnavailableError("the llm replica went away")
+                if seed is not None and seed == self.cancel_seed and i == 2:
+                    raise asyncio.CancelledError()
                 last = i == len(ids) - 1
                 usage = (
                     Usage(len(request.token_ids), len(ids), cached_tokens=3 * (seed or 0)) if last else None
@@ -155,6 +158,18 @@ def test_one_failing_choice_fails_the_response_and_cancels_the_others(http, llm)
     # never left to run on
     closed = [rid.rsplit("-", 1)[1] for rid in llm.closed_early]
     assert closed.count("1") == 2 and closed.count("2") == 2
+
+
+def test_a_choice_whose_call_is_cancelled_under_it_ends_the_response_at_once(http, llm):
+    """A gRPC call cancelled by its channel ends in CancelledError without anyone cancelling the response:
+    that choice's end must still reach the response, as an error, not leave it waiting for its deadline."""
+    llm.cancel_seed = 1
+    body = {"messages": MESSAGES, "n": 3, "seed": 0, "max_tokens": 20}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 503
+    assert "choice 1's generation was cancelled" in response.json()["error"]["message"]
+    closed = [rid.rsplit("-", 1)[1] for rid in llm.closed_early]
+    assert closed.count("2") == 1  # the longest choice, closed where it was
 
 
 def test_interleave_closes_every_generation_when_closed():
