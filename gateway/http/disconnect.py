@@ -24,6 +24,12 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.ensure_future(until_disconnected(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # this request itself is cancelled (uvicorn's shutdown deadline): its
+        task.cancel()  # work goes with it instead of running on unowned
+        await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved: an error of the abandoned work is nobody's to report
+        raise
     finally:
         watcher.cancel()
     if not task.done():
