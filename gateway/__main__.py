@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import signal
 import sys
 
 import uvicorn
@@ -117,19 +116,6 @@ class _Server(uvicorn.Server):
             self._captured_signals.clear()
 
 
-async def linger() -> None:
-    """After a drain: the drained streams' last events can still sit in the kernel's send buffers when a
-    reader is behind, and in a container the network goes away with this process (seen once in
-    compose-test: a stream cut mid-event right after its drain). A moment for them to arrive; a second
-    SIGTERM or Ctrl-C ends it (still a clean exit)."""
-    loop = asyncio.get_running_loop()
-    again = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, again.set)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(again.wait(), DRAIN_LINGER_S)
-
-
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
     argv, debug = debug_requested(argv)
@@ -158,7 +144,10 @@ def main(argv=None) -> None:
         )
         await server.serve()
         if core.drain.started:
-            await linger()
+            # The drained streams' last events can still sit in the kernel's send buffers when a reader is
+            # behind, and in a container the network goes away with this process (seen once in
+            # compose-test: a stream cut mid-event right after its drain). A moment for them to arrive.
+            await asyncio.sleep(DRAIN_LINGER_S)
 
     asyncio.run(serve())
 
