@@ -85,9 +85,6 @@ def backend_clients(config: GatewayConfig) -> tuple[GrpcVisionClient, GrpcLLMCli
     return vision, llm
 
 
-DRAIN_LINGER_S = 2.0  # after a drain, before the process exits (inside compose's 40 s stop_grace_period)
-
-
 class _Server(uvicorn.Server):
     """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, which ends the process with code
     143/130; a clean, requested shutdown exits 0 instead (what `docker compose down` expects).
@@ -143,11 +140,6 @@ def main(argv=None) -> None:
             config.drain_timeout_s,
         )
         await server.serve()
-        if core.drain.started:
-            # The drained streams' last events can still sit in the kernel's send buffers when a reader is
-            # behind, and in a container the network goes away with this process (seen once in
-            # compose-test: a stream cut mid-event right after its drain). A moment for them to arrive.
-            await asyncio.sleep(DRAIN_LINGER_S)
 
     asyncio.run(serve())
 
