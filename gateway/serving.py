@@ -231,7 +231,7 @@ class ServingCore:
                 return
         raise UnavailableError("the llm stream ended without a finish reason")
 
-    async def generate_choices(
+    def generate_choices(
         self,
         prepared: PreparedPrompt,
         settings: GenerationSettings,
@@ -246,28 +246,24 @@ class ServingCore:
         computes the shared prompt once: a sequence whose next prompt block another is computing waits
         for it and takes it from the prefix cache. With a seed, choice i draws with seed + i (vLLM's
         rule), so the choices differ and each is reproducible. The first error ends them all; closing
-        this generator cancels every choice still running. n == 1 is `generate` itself."""
+        the generator cancels every choice still running. n == 1 is `generate` itself."""
         names = dict(prompt_param=prompt_param, max_tokens_param=max_tokens_param)
         if n == 1:
-            async with aclosing(self.generate(prepared, settings, request_id, **names)) as deltas:
-                async for delta in deltas:
-                    yield delta
-            return
+            return self.generate(prepared, settings, request_id, **names)
         seed = settings.sampling.seed
-        generations = [
-            self.generate(
-                prepared,
-                settings
-                if seed is None
-                else replace(settings, sampling=replace(settings.sampling, seed=(seed + i) % (1 << 64))),
-                f"{request_id}-{i}",
-                **names,
-            )
-            for i in range(n)
-        ]
-        async with aclosing(interleave(generations)) as deltas:
-            async for delta in deltas:
-                yield delta
+        return interleave(
+            [
+                self.generate(
+                    prepared,
+                    settings
+                    if seed is None
+                    else replace(settings, sampling=replace(settings.sampling, seed=(seed + i) % (1 << 64))),
+                    f"{request_id}-{i}",
+                    **names,
+                )
+                for i in range(n)
+            ]
+        )
 
     async def _token_budget(
         self, prepared: PreparedPrompt, settings: GenerationSettings, prompt_param: str, max_tokens_param: str

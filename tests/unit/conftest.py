@@ -3,6 +3,7 @@ needs another app defines its own fixtures of these names."""
 
 from __future__ import annotations
 
+import openai
 import pytest
 from fastapi.testclient import TestClient
 
@@ -29,3 +30,9 @@ def app(llm):
 def http(app):
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
+
+
+@pytest.fixture()
+def client(http):
+    """The official openai client over `http` (the module's app)."""
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)

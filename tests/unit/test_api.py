@@ -90,11 +90,6 @@ def http(llm, tokenizer):
         yield client
 
 
-@pytest.fixture()
-def client(http):
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
-
-
 def post_chat(http, **body):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, **body}
     return http.post("/v1/chat/completions", json=body)

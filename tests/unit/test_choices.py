@@ -1,20 +1,16 @@
 """`n` choices per request (gateway/serving.py generate_choices): n LLM requests from one prompt, choice i
 seeded seed + i, their deltas interleaved into one response (whole or streamed) in OpenAI's shapes, read
-with the official client; one choice's failure ends the response and cancels the others."""
+with the official client; one choice's failure ends the response and cancels the others. The app and
+the clients are tests/unit/conftest.py's, over this module's `llm`."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
-import openai
 import pytest
-from fastapi.testclient import TestClient
 
-from gateway.config import MediaConfig
-from gateway.http.app import create_app
-from gateway.media import MediaFetcher
-from gateway.serving import ServingCore, TextDelta, interleave
+from gateway.serving import TextDelta, interleave
 from mmserve.errors import UnavailableError
 from mmserve.wire import FinishReason, GenerateOutput, Usage
 from tests.unit.test_api import MODEL, FakePrompt, ScriptedLLM
@@ -64,18 +60,6 @@ class ChoiceLLM(ScriptedLLM):
 @pytest.fixture()
 def llm(tokenizer):
     return ChoiceLLM(tokenizer, FakePrompt(tokenizer))
-
-
-@pytest.fixture()
-def http(llm):
-    core = ServingCore(llm.prompt, None, llm, MediaFetcher(MediaConfig()), max_images_per_request=4)
-    with TestClient(create_app(core, MODEL)) as client:
-        yield client
-
-
-@pytest.fixture()
-def client(http):
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
 
 
 def text_of(llm, seed):
