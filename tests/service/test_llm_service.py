@@ -132,29 +132,42 @@ def test_cancelling_the_stream_aborts_the_sequence_and_the_engine_keeps_serving(
 
 
 def test_a_full_queue_is_resource_exhausted(tiny_checkpoint):
-    # One sequence runs, two may wait: of 6 concurrent requests, 3 are refused at once.
+    # One sequence runs and two may wait: of 5 more requests sent while one runs, 3 are refused at once.
+    # The first is running before the 5 are sent, so that how fast the worker admits it cannot decide
+    # how many of the others fit (it counts as waiting until the worker schedules it).
     engine = Engine(
         load_language_model(LLMConfig(checkpoint=str(tiny_checkpoint))), max_waiting=2, max_running=1
     )
 
     async def body(stub, channel, address):
+        long_req, info = request(engine, max_new_tokens=engine.max_model_len - 8, ignore_eos=True)
+        first = stub.Generate(long_req)
+        await first.read()  # its first token: it is running
+        assert engine.num_running() == 1
         req, _ = request(engine, max_new_tokens=50, ignore_eos=True)
-        calls = [stub.Generate(req) for _ in range(6)]
-        results = await asyncio.gather(*(collect(c) for c in calls), return_exceptions=True)
-        return results
+        tasks = [asyncio.ensure_future(collect(stub.Generate(req))) for _ in range(5)]
+        for _ in range(200):  # the refusals come back while the first still runs
+            if sum(t.done() for t in tasks) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        still_running = engine.num_running()
+        first.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return still_running, results
 
     async def collect(call):
         return [m async for m in call]
 
     try:
-        results = with_server(engine, body)
+        still_running, results = with_server(engine, body)
     finally:
         engine.stop()
+    assert still_running == 1  # the long request was still running when the 3 were refused
     refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     served = [r for r in results if not isinstance(r, Exception)]
     assert len(refused) == 3 and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
     assert "waiting queue is full (2 requests)" in refused[0].details()
-    assert len(served) == 3 and all(r[-1].usage.completion_tokens == 50 for r in served)
+    assert len(served) == 2 and all(r[-1].usage.completion_tokens == 50 for r in served)
 
 
 def test_health_reflection_and_model_info(engine):
