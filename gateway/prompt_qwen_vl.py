@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import re
 
-from gateway.qwen_tokenizer import (
+from mmserve.errors import CheckpointError, InvalidInputError
+from mmserve.interfaces import PromptAdapter
+from mmserve.qwen_tokenizer import (
     IM_END,
     IM_START,
     IMG_END,
@@ -23,8 +25,6 @@ from gateway.qwen_tokenizer import (
     IMG_START,
     load_qwen_tokenizer,
 )
-from mmserve.errors import CheckpointError, InvalidInputError
-from mmserve.interfaces import PromptAdapter
 
 PLACEHOLDER = "<img/>"
 DEFAULT_SYSTEM = "You are a helpful assistant."

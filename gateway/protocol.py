@@ -26,14 +26,19 @@ from pydantic import (
     Tag,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from gateway.chat_input import json_strings
 from gateway.chat_template import RESERVED_TEMPLATE_KWARGS
+from mmserve.errors import InvalidInputError
+from mmserve.sampling import StructuredOutput
+from mmserve.structured import any_json_object, choice_regex, grammar_of, json_schema
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat limit; vLLM's default cap)
 MAX_STOP_STRINGS = 16
+MAX_GUIDED_CHOICES = 256  # structured_outputs.choice: alternatives
 MAX_CHOICES = 16  # `n`: choices per request, each a sequence of its own in the LLM service
 INT32_MAX = 2**31 - 1  # top_k and min_tokens travel as int32 (protos/llm.proto)
 INT64_MAX = 2**63 - 1  # pixel bounds travel as int64 (protos/vision.proto)
@@ -156,6 +161,121 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+def _compiled(structured: StructuredOutput) -> StructuredOutput:
+    """`structured`, once the LLM service's grammar compiler accepts it (a 400 naming the field if not)."""
+    try:
+        grammar_of(structured)
+    except InvalidInputError as exc:
+        raise PydanticCustomError("invalid_structured_output", "{reason}", {"reason": str(exc)}) from None
+    return structured
+
+
+class JSONSchemaFormat(_Body):
+    name: Text | None = Field(default=None, max_length=64)  # OpenAI requires one; vLLM, like us, not
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema: strict or not
+
+    @field_validator("schema_")
+    @classmethod
+    def _usable(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            _compiled(json_schema(value))
+        return value
+
+
+class ResponseFormat(_Body):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError("missing", 'type "json_schema" needs a json_schema object')
+        return self
+
+    def constraint(self) -> StructuredOutput | None:
+        if self.type == "json_object":
+            return any_json_object()
+        if self.type == "json_schema" and self.json_schema is not None:
+            schema = self.json_schema.schema_
+            return json_schema(schema if schema is not None else {})
+        return None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs`: exactly one of a JSON schema, a regex, a list of choices or a Lark
+    grammar (or `json_object: true`)."""
+
+    json_: dict[str, Any] | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = Field(default=None, min_length=1, max_length=MAX_GUIDED_CHOICES)
+    grammar: Text | None = None
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        named = [
+            name
+            for name, value in (
+                ("json", self.json_),
+                ("regex", self.regex),
+                ("choice", self.choice),
+                ("grammar", self.grammar),
+                ("json_object", self.json_object or None),
+            )
+            if value is not None
+        ]
+        if len(named) != 1:
+            raise PydanticCustomError(
+                "one_constraint",
+                "set exactly one of json, regex, choice, grammar and json_object, got {got}",
+                {"got": ", ".join(named) or "none"},
+            )
+        return self
+
+    @field_validator("json_")
+    @classmethod
+    def _json_usable(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            _compiled(json_schema(value))
+        return value
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_usable(cls, value: str | None) -> str | None:
+        if value is not None:
+            _compiled(StructuredOutput("regex", value))
+        return value
+
+    @field_validator("grammar")
+    @classmethod
+    def _grammar_usable(cls, value: str | None) -> str | None:
+        if value is not None:
+            _compiled(StructuredOutput("grammar", value))
+        return value
+
+    @field_validator("choice")
+    @classmethod
+    def _choices_usable(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            _compiled(choice_regex(value))
+        return value
+
+    def constraint(self) -> StructuredOutput:
+        if self.json_ is not None:
+            return json_schema(self.json_)
+        if self.regex is not None:
+            return StructuredOutput("regex", self.regex)
+        if self.choice is not None:
+            return choice_regex(self.choice)
+        if self.grammar is not None:
+            return StructuredOutput("grammar", self.grammar)
+        return any_json_object()
+
+
 class MMProcessorKwargs(BaseModel):
     """vLLM's `mm_processor_kwargs`, the keys this server honours (dynamic-resolution families only)."""
 
@@ -191,6 +311,25 @@ class SamplingFields(_Body):
     return_token_ids: bool | None = None
     # vLLM's extension: image preprocessing options of this request (Qwen2-VL's min/max pixels).
     mm_processor_kwargs: MMProcessorKwargs | None = None
+    # Structured output: OpenAI's response_format, or vLLM's structured_outputs (not both).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    @model_validator(mode="after")
+    def _one_structured(self):
+        if self.structured_outputs is not None and self.response_format is not None:
+            if self.response_format.type != "text":
+                raise PydanticCustomError(
+                    "conflict", "response_format and structured_outputs may not both constrain the output"
+                )
+        return self
+
+    @property
+    def structured(self) -> StructuredOutput | None:
+        """The output's constraint; None: free text."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.constraint()
+        return None if self.response_format is None else self.response_format.constraint()
 
     @field_validator("stop")
     @classmethod

@@ -13,12 +13,14 @@ from mmserve.service_config import ServiceConfig, parse_service_args, service_fl
 @dataclass
 class LLMConfig(ServiceConfig):
     port: int = 50052
+    tokenizer_path: str | None = None  # when not in the checkpoint folder (structured output needs it)
     engine: EngineConfig = field(default_factory=EngineConfig)  # validated by its own __post_init__
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> LLMConfig:
         p = argparse.ArgumentParser(prog="python -m llm_service", description="mmserve LLM service (gRPC)")
-        service_flags(p, cls, "LLM")
+        flags = service_flags(p, cls, "LLM")
+        flags.add("tokenizer_path", "TOKENIZER_PATH", help="tokenizer folder", flag="--tokenizer")
         _engine_flags(EnvFlags(p, EngineConfig))
         return cls(**_with_engine(parse_service_args(p, argv)))
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from mmserve.errors import InvalidInputError
+from mmserve.structured import allowed_tokens
 from mmserve.wire import SamplingParams, TokenLogprobs
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 # Below this temperature, sampling is argmax in all but name, and logits / T overflows.
 _MIN_TEMPERATURE = 1e-5
@@ -26,6 +30,9 @@ class SamplingRow(Protocol):
     generator: torch.Generator | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    # Structured output: an llguidance matcher whose allowed next tokens are the only ones kept
+    # (None, or no such attribute: unconstrained).
+    matcher: LLMatcher | None
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -83,9 +90,19 @@ def _masks_eos(row: SamplingRow) -> bool:
     return not p.ignore_eos and len(row.output_token_ids) < p.min_new_tokens
 
 
+def _constrained(row: SamplingRow) -> bool:
+    return getattr(row, "matcher", None) is not None
+
+
 def _is_plain_greedy(row: SamplingRow) -> bool:
     p = row.params
-    return is_greedy(p) and p.logprobs is None and not _has_penalties(p) and not _masks_eos(row)
+    return (
+        is_greedy(p)
+        and p.logprobs is None
+        and not _has_penalties(p)
+        and not _masks_eos(row)
+        and not _constrained(row)
+    )
 
 
 def nonfinite_rows(logits: torch.Tensor) -> list[int]:
@@ -109,7 +126,8 @@ def sample(
     """Next token of every row, and its logprobs where the row asked for them (else None).
 
     Order per row: penalties (repetition over prompt + output, then frequency and presence over the
-    output), min_new_tokens masking, then greedy argmax, or temperature, min_p, top_k, top_p and a
+    output), min_new_tokens masking, the structured-output mask (tokens the row's matcher does not
+    allow next), then greedy argmax, or temperature, min_p, top_k, top_p and a
     draw. Logprobs are of the raw distribution: log_softmax of the unprocessed logits.
     """
     if all(_is_plain_greedy(row) for row in rows):  # the hot path: one kernel, one sync
@@ -132,9 +150,11 @@ def sample(
 def _penalised(
     logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Sequence[int]
 ) -> torch.Tensor:
-    """A copy of `logits` with each row's penalties and min_new_tokens mask applied (per row: the
-    token histories differ in length)."""
-    targets = [i for i, row in enumerate(rows) if _has_penalties(row.params) or _masks_eos(row)]
+    """A copy of `logits` with each row's penalties, min_new_tokens mask and structured-output mask
+    applied (per row: the token histories differ in length)."""
+    targets = [
+        i for i, row in enumerate(rows) if _has_penalties(row.params) or _masks_eos(row) or _constrained(row)
+    ]
     if not targets:
         return logits
     logits = logits.clone()
@@ -150,8 +170,15 @@ def _penalised(
         if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
             counts = torch.bincount(_ids_tensor(row.output_token_ids, vocab, logits.device), minlength=vocab)
             scores -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        matcher = getattr(row, "matcher", None)
+        allowed = None if matcher is None else allowed_tokens(matcher, vocab).to(logits.device)
         if _masks_eos(row):
-            scores[_ids_tensor([*eos_token_ids, *p.stop_token_ids], vocab, logits.device)] = float("-inf")
+            ends = _ids_tensor([*eos_token_ids, *p.stop_token_ids], vocab, logits.device)
+            # When the grammar allows nothing but an end, it wins over min_new_tokens.
+            if allowed is None or int(allowed.sum()) > int(allowed[ends].sum()):
+                scores[ends] = float("-inf")
+        if allowed is not None:
+            scores.masked_fill_(~allowed, float("-inf"))
     return logits
 
 

@@ -14,6 +14,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+STRUCTURED_KINDS = ("json_schema", "regex", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the generated text must match: a JSON Schema (as JSON text), a regular expression, or a
+    Lark grammar. The LLM service compiles it (llguidance) and masks every step's disallowed tokens."""
+
+    kind: str  # one of STRUCTURED_KINDS
+    spec: str
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the engine samples one request. Frozen: a request's settings are never changed in place
@@ -32,6 +44,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # top-n alternatives per token; None = no logprobs
+    structured: StructuredOutput | None = None  # None: free text
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,7 @@ class SamplingChoices:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None: no logprobs
+    structured: StructuredOutput | None = None
 
 
 def _pick(value, default):
@@ -103,6 +117,7 @@ def sampling_params(choices: SamplingChoices, defaults: GenerationDefaults | Non
         presence_penalty=_pick(choices.presence_penalty, neutral.presence_penalty),
         frequency_penalty=_pick(choices.frequency_penalty, neutral.frequency_penalty),
         logprobs=choices.logprobs,
+        structured=choices.structured,
     )
 
 

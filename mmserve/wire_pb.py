@@ -9,7 +9,7 @@ import torch
 
 from mmserve.errors import InvalidInputError
 from mmserve.proto import llm_pb2, vision_pb2
-from mmserve.sampling import SamplingChoices, SamplingParams, sampling_params
+from mmserve.sampling import SamplingChoices, SamplingParams, StructuredOutput, sampling_params
 from mmserve.tensor_codec import tensor_from_pb, tensor_to_pb
 from mmserve.wire import (
     FinishReason,
@@ -83,7 +83,11 @@ _FINISH_FROM_PB = {value: key for key, value in _FINISH_TO_PB.items()}
 def sampling_to_pb(params: SamplingParams) -> llm_pb2.SamplingParams:
     # The message's fields are SamplingParams' own, by name (the constructor rejects any other);
     # an unset optional (seed, logprobs) stays unset.
-    return llm_pb2.SamplingParams(**{k: v for k, v in asdict(params).items() if v is not None})
+    fields = {k: v for k, v in asdict(params).items() if v is not None and k != "structured"}
+    message = llm_pb2.SamplingParams(**fields)
+    if params.structured is not None:
+        setattr(message.structured, params.structured.kind, params.structured.spec)
+    return message
 
 
 def sampling_from_pb(message: llm_pb2.SamplingParams) -> SamplingParams:
@@ -103,8 +107,18 @@ def sampling_from_pb(message: llm_pb2.SamplingParams) -> SamplingParams:
         presence_penalty=message.presence_penalty,
         frequency_penalty=message.frequency_penalty,
         logprobs=message.logprobs if message.HasField("logprobs") else None,
+        structured=_structured_from_pb(message),
     )
     return sampling_params(choices)
+
+
+def _structured_from_pb(message: llm_pb2.SamplingParams) -> StructuredOutput | None:
+    if not message.HasField("structured"):
+        return None
+    kind = message.structured.WhichOneof("kind")
+    if kind is None:  # an empty StructuredOutput message: no constraint named
+        raise InvalidInputError("sampling.structured: set one of json_schema, regex or grammar")
+    return StructuredOutput(kind, getattr(message.structured, kind))
 
 
 def generate_request_to_pb(request: GenerateRequest) -> llm_pb2.GenerateRequest:

@@ -62,6 +62,8 @@ class ModelFactory:
         vision = VisionEncoder(
             VisionConfig(checkpoint=path, model_type=model_type, dtype=dtype, device=device)
         )
-        llm_config = LLMConfig(checkpoint=path, model_type=model_type, dtype=dtype, device=device)
+        llm_config = LLMConfig(
+            checkpoint=path, model_type=model_type, dtype=dtype, device=device, tokenizer_path=tokenizer_path
+        )
         engine = Engine(load_language_model(llm_config), llm_config.engine)
         return MultimodalModel(path, family, prompt, vision, engine)

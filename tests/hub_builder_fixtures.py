@@ -44,7 +44,7 @@ def _tokenizer(out: Path, family: str):
     key = digest.hexdigest()
     if key not in _TOKENIZERS:
         if family == "qwen_vl":
-            from gateway.qwen_tokenizer import load_qwen_tokenizer
+            from mmserve.qwen_tokenizer import load_qwen_tokenizer
 
             _TOKENIZERS[key] = load_qwen_tokenizer(out)
         else:

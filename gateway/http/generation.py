@@ -39,6 +39,7 @@ def settings_from_body(
         ignore_eos=body.ignore_eos,
         seed=None if body.seed is None else body.seed % (1 << 64),  # the wire carries uint64
         logprobs=body.num_logprobs,
+        structured=body.structured,
     )
     kwargs = body.mm_processor_kwargs
     pixels = None if kwargs is None else PixelLimits(kwargs.min_pixels, kwargs.max_pixels)

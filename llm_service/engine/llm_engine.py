@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,7 +37,11 @@ from llm_service.metrics import EngineMetrics
 from llm_service.sampler import make_generator, nonfinite_rows, sample
 from mmserve.errors import InvalidInputError, OverloadedError, UnavailableError
 from mmserve.step_health import StepHealth, describe
+from mmserve.structured import MatcherFactory
 from mmserve.wire import FinishReason, GenerateOutput, GenerateRequest, LLMInfo, TokenLogprobs, Usage
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 log = logging.getLogger(__name__)
 Sampled = tuple[list[int], list[TokenLogprobs | None]]  # each row's token, and its logprobs if asked
@@ -74,6 +79,9 @@ class Engine:
             why,
         )
         self.runner = ModelRunner(model, attention, num_blocks, compile_decode)
+        self.matchers = MatcherFactory(
+            model.family, getattr(model, "tokenizer_path", None), model.vocab_size, model.eos_token_ids
+        )
         self.stats = EngineStats(kv_blocks=num_blocks)
         self.metrics = EngineMetrics(self.stats)  # its registry is served on --metrics-port
         self._streams: dict[Sequence, RequestStream] = {}
@@ -88,12 +96,15 @@ class Engine:
     # ---- public API (event-loop side) ----------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        if request.images:  # scanning and hashing megabytes of embeddings: not on the event loop
-            keys = await asyncio.to_thread(self.admit, request)
+        # Hashing megabytes of embeddings, compiling a grammar (and loading the tokenizer for the first
+        # one): not on the event loop.
+        if request.images or request.sampling.structured is not None:
+            keys, matcher = await asyncio.to_thread(self.admit, request)
         else:
-            keys = self.admit(request)
+            keys, matcher = self.admit(request)
         seq = Sequence(request, keys)
         seq.generator = make_generator(request.sampling)
+        seq.matcher = matcher
         stream = self._submit(seq)
         finished = False
         try:
@@ -160,11 +171,14 @@ class Engine:
         """Reject malformed requests before they reach the worker (INVALID_ARGUMENT)."""
         check_request(request, self.model, self.max_model_len)
 
-    def admit(self, request: GenerateRequest) -> list[ImageKey]:
-        """Validate a request and compute its images' prefix-cache keys (from the embedding bytes it
-        carries). Reads every embedding value twice: run it off the event loop for image requests."""
+    def admit(self, request: GenerateRequest) -> tuple[list[ImageKey], LLMatcher | None]:
+        """Validate a request; compute its images' prefix-cache keys (from the embedding bytes it
+        carries) and its structured-output matcher. Reads every embedding value twice, and may compile
+        a grammar: run it off the event loop for image and structured requests."""
         self.validate(request)
-        return image_keys(request)
+        structured = request.sampling.structured
+        matcher = None if structured is None else self.matchers.matcher(structured)
+        return image_keys(request), matcher
 
     # ---- worker thread --------------------------------------------------------------------------
 
@@ -270,6 +284,12 @@ class Engine:
         seq.append_token(token)
         self.stats.token(seq, now)
         seq.last_token_at = now
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            # The mask allowed only what the matcher accepts, so this is a bug, not a request's fault.
+            log.error("request %s: the structured-output matcher refused token %d", seq.request_id, token)
+            stream = self._streams[seq]
+            self._fail(seq, UnavailableError(f"structured output failed: {seq.matcher.get_error()}"))
+            return stream
         reason = self._finish_reason(seq, token)
         output = GenerateOutput([token], logprobs=None if token_logprobs is None else [token_logprobs])
         if reason is not None:
@@ -287,6 +307,8 @@ class Engine:
         if not params.ignore_eos and token in self.model.eos_token_ids:
             return FinishReason.STOP
         if token in params.stop_token_ids:
+            return FinishReason.STOP
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the text is complete: nothing may follow
             return FinishReason.STOP
         if len(seq.output_token_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH

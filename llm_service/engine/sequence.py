@@ -10,10 +10,14 @@ import enum
 import hashlib
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mmserve.wire import FinishReason, GenerateRequest
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -94,6 +98,7 @@ class Sequence:
         self.first_scheduled_at: float | None = None
         self.last_token_at: float | None = None
         self.model_state: object = None  # what the model adapter keeps per sequence (M-RoPE positions)
+        self.matcher: LLMatcher | None = None  # structured output: what the next token may be
 
     @property
     def num_tokens(self) -> int:

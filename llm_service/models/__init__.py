@@ -17,4 +17,5 @@ def load_language_model(config):
     dtype = parse_dtype(resolve_dtype(config.dtype, config.checkpoint, config.device, "llm"))
     model = adapter(family, "language")(config.checkpoint, dtype, config.device)
     upcast_half_matmuls(model.decoder, dtype, config.device, "llm")
+    model.tokenizer_path = config.tokenizer_path or config.checkpoint
     return model

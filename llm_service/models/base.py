@@ -27,6 +27,7 @@ class LanguageModel(LanguageAdapter):
     Positions are 1-D here; M-RoPE models set position_dims = 3 and override `positions`."""
 
     family = ""  # a random model (benchmarks) has none
+    tokenizer_path: str | None = None  # the checkpoint's tokenizer folder (structured output's matchers)
     decoder: DecoderLM
 
     def _load(

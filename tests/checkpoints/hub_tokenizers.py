@@ -27,7 +27,7 @@ def _cache_dir() -> Path:
 def _qwen_bpe_json() -> str:
     """qwen.tiktoken as a `tokenizers` JSON with an empty `added_tokens` list.
 
-    The BPE comes from gateway.qwen_tokenizer (the Qwen-VL v1 conversion, itself cached on disk); its v1
+    The BPE comes from mmserve.qwen_tokenizer (the Qwen-VL v1 conversion, itself cached on disk); its v1
     special tokens (<|extra_N|>, <img> ...) are dropped here. Qwen2's vocabulary is the same 151,643
     byte-level ranks, and its pre-tokenizer regex (transformers' qwen2 PRETOKENIZE_REGEX) is character
     for character Qwen v1's PAT_STR: checked here. Differences from the real Qwen2 tokenizer.json:
@@ -39,7 +39,7 @@ def _qwen_bpe_json() -> str:
 
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    from gateway.qwen_tokenizer import PAT_STR, load_qwen_tokenizer
+    from mmserve.qwen_tokenizer import PAT_STR, load_qwen_tokenizer
 
     if PRETOKENIZE_REGEX != PAT_STR:  # pragma: no cover - would need Qwen2's own regex here
         raise AssertionError("Qwen2's pre-tokenizer regex differs from Qwen v1's PAT_STR")

@@ -47,7 +47,7 @@ class Direct:
 
     def __init__(self, checkpoint):
         tiktoken = pytest.importorskip("tiktoken")
-        from gateway.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS, load_ranks
+        from mmserve.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS, load_ranks
         from tests.reference import qwen_vl_reference_lm
         from vision_service.models.qwen_vl import QwenVLVision
 

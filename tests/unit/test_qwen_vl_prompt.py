@@ -16,7 +16,7 @@ IMG, IMG_END, IMG_PAD = 151857, 151858, 151859
 @pytest.fixture(scope="module")
 def tiktoken_encoding(qwen_ckpt):
     tiktoken = pytest.importorskip("tiktoken")
-    from gateway.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS, load_ranks
+    from mmserve.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS, load_ranks
 
     ranks = load_ranks(qwen_ckpt / "qwen.tiktoken")
     return tiktoken.Encoding(
@@ -42,7 +42,7 @@ TEXTS = [
 
 
 def test_special_token_ids(prompt):
-    from gateway.qwen_tokenizer import SPECIAL_TOKENS
+    from mmserve.qwen_tokenizer import SPECIAL_TOKENS
 
     tok = prompt.tokenizer
     assert len(SPECIAL_TOKENS) == 217 and len(tok) == 151860
@@ -62,7 +62,7 @@ def test_tokenizer_equals_tiktoken(prompt, tiktoken_encoding, text):
 
 
 def test_tokenizer_is_cached_outside_the_checkpoint(qwen_ckpt, qwen_home, prompt):
-    from gateway.qwen_tokenizer import load_qwen_tokenizer
+    from mmserve.qwen_tokenizer import load_qwen_tokenizer
 
     cached = list((qwen_home / "qwen-tokenizers").glob("*.json"))
     assert len(cached) == 1 and cached[0].stat().st_size > 5_000_000
