@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmserve.sampling import GenerationDefaults, GenerationSettings, SamplingChoices, generation_settings
+from mmserve.errors import InvalidInputError
+from mmserve.sampling import (
+    GenerationDefaults,
+    GenerationSettings,
+    SamplingChoices,
+    StructuredOutput,
+    generation_settings,
+)
+from mmserve.structured import choice_regex, grammar_of, json_schema
 from mmserve.wire import PixelLimits
 
 CONFIG_KEYS = frozenset(
@@ -24,8 +32,12 @@ CONFIG_KEYS = frozenset(
         "min_pixels",
         "max_pixels",
         "mm_processor_kwargs",
+        # structured output, as vLLM's structured_outputs: {"json": schema} | {"regex": ...} |
+        # {"choice": [...]} | {"grammar": lark}
+        "structured_outputs",
     }
 )
+STRUCTURED_KEYS = ("json", "regex", "choice", "grammar")
 PIXEL_KEYS = ("min_pixels", "max_pixels")
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the call nor the checkpoint's generation_config sets one
 
@@ -57,6 +69,29 @@ def _pixels(config: dict) -> PixelLimits:
     return PixelLimits(*(_number(merged, key, int) for key in PIXEL_KEYS))
 
 
+def _structured(config: dict) -> StructuredOutput | None:
+    spec = config.get("structured_outputs")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError(
+            f"structured_outputs takes exactly one of {list(STRUCTURED_KEYS)}, got {spec!r:.200}"
+        )
+    _refuse_unknown(spec, STRUCTURED_KEYS, "structured_outputs")
+    ((kind, value),) = spec.items()
+    if kind == "json":
+        structured = StructuredOutput("json_schema", value) if isinstance(value, str) else json_schema(value)
+    elif kind == "choice":
+        structured = choice_regex([str(c) for c in value])
+    else:
+        structured = StructuredOutput("regex" if kind == "regex" else "grammar", str(value))
+    try:
+        grammar_of(structured)
+    except InvalidInputError as exc:
+        raise ValueError(f"structured_outputs.{kind}: {exc}") from None
+    return structured
+
+
 def settings_from_generate_config(
     config: dict | None, defaults: GenerationDefaults | None = None
 ) -> GenerationSettings:
@@ -73,6 +108,7 @@ def settings_from_generate_config(
         ignore_eos=_number(config, "ignore_eos", bool),
         stop_token_ids=_stop_token_ids(config),
         seed=config.get("random_seed", config.get("seed")),
+        structured=_structured(config),
     )
     max_tokens = _number(config, "max_new_tokens", int)
     if max_tokens is None:

@@ -62,3 +62,35 @@ def test_pipeline_errors_are_clear(pipeline, image_dir):
         run(pipeline, "<image><image>", [str(image_dir / "a.png")])
     with pytest.raises(ValueError, match="unknown generate_config keys"):
         pipeline("hi", generate_config={"bogus": 1})
+
+
+def test_structured_outputs_in_generate_config(pipeline, image_dir):
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "kind": {"enum": ["photo", "drawing"]},
+            "objects": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["kind", "objects"],
+        "additionalProperties": False,
+    }
+    prompt = "USER: <image>\nDescribe it as JSON. ASSISTANT:"
+    urls = [str(image_dir / "a.png")]
+    for seed in (1, 2, 3):
+        config = {
+            "temperature": 1.0,
+            "seed": seed,
+            "max_new_tokens": 40,
+            "structured_outputs": {"json": schema},
+        }
+        last = list(pipeline(prompt, urls=urls, generate_config=config))[-1]
+        value = json.loads(last.response)
+        assert value["kind"] in ("photo", "drawing") and 0 <= value["objects"] <= 9
+    choice = {"temperature": 1.0, "seed": 4, "structured_outputs": {"choice": ["cat", "dog"]}}
+    assert list(pipeline(prompt, urls=urls, generate_config=choice))[-1].response in ("cat", "dog")
+    with pytest.raises(ValueError, match=r"structured_outputs.regex: the regex cannot be used"):
+        pipeline("hi", generate_config={"structured_outputs": {"regex": "a(b"}})
+    with pytest.raises(ValueError, match="exactly one of"):
+        pipeline("hi", generate_config={"structured_outputs": {"regex": "a", "choice": ["b"]}})
