@@ -142,3 +142,37 @@ def test_llava_original_clip_tower_resolves_locally(built):
         assert (out / name).read_bytes() == (
             reference_dir() / "liuhaotian__llava-v1.5-7b" / name
         ).read_bytes()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_structured_output_masks_over_the_real_tokenizer(built, name):
+    """Every family's real tokenizer (built from the Hub files) drives a structured-output matcher: the
+    tokenizer's own encoding of a valid answer is allowed token by token and completes the schema, and
+    the model's padded vocabulary rows past the tokenizer (Qwen2-VL: 152064 logits, 151665 tokens) are
+    never allowed."""
+    from mmserve.structured import MatcherFactory, allowed_tokens, json_schema
+
+    spec = HUB_CONFIGS[name]
+    out = built[name]
+    cfg = json.loads((out / "config.json").read_text())
+    vocab = cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
+    tok = _tokenizer(out, spec.family)
+    factory = MatcherFactory(spec.family, str(out), vocab, [])
+    schema = {
+        "type": "object",
+        "properties": {"caption": {"type": "string"}, "count": {"type": "integer"}},
+        "required": ["caption", "count"],
+        "additionalProperties": False,
+    }
+    matcher = factory.matcher(json_schema(schema))
+    answer = '{"caption":"a cat on a mat, 你好","count":3}'
+    ids = tok(answer, add_special_tokens=False).input_ids
+    while not tok.decode(ids[:1]).strip():  # Llama's SentencePiece starts a text with a lone "▁" piece
+        ids = ids[1:]
+    assert tok.decode(ids) == answer
+    for token in ids:
+        allowed = allowed_tokens(matcher, vocab)
+        assert allowed.shape == (vocab,) and bool(allowed[token]), (name, tok.decode([token]))
+        assert not bool(allowed[len(tok) :].any()), f"{name}: an id past the tokenizer is allowed"
+        assert matcher.consume_token(token), matcher.get_error()
+    assert matcher.is_stopped(), f"{name}: the schema is not complete after {answer!r}"
