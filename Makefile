@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mmserve-installed
 PROTO_STUBS := mmserve/proto/tensor_pb2.py mmserve/proto/vision_pb2.py mmserve/proto/llm_pb2.py
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser protos run demo test bench bench-vision bench-engine bench-peer bench-routing profile lint format compose-config compose-test clean
+.PHONY: help install browser protos run demo test bench bench-vision bench-engine bench-peer bench-routing bench-structured profile lint format compose-config compose-test clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -47,13 +47,16 @@ browser: ## install Debian's chromium + chromium-driver when missing (the playgr
 test: install protos browser ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: bench-vision bench-engine ## all benchmarks (results print and go to benchmarks/results/; see benchmarks/RESULTS.md)
+bench: bench-vision bench-engine bench-structured ## all benchmarks (results print and go to benchmarks/results/; see benchmarks/RESULTS.md)
 
 bench-vision: install protos ## vision service benchmark only
 	$(PY) -m benchmarks.bench_vision
 
 bench-engine: install protos ## LLM engine benchmark only (ENGINE_BENCH_ARGS='--llm-args "--max-running 64"')
 	$(PY) -m benchmarks.bench_engine $(ENGINE_BENCH_ARGS)
+
+bench-structured: install protos ## structured output's cost: engine decode tok/s with a regex / JSON schema vs none, same run
+	$(PY) -m benchmarks.bench_structured $(STRUCTURED_BENCH_ARGS)
 
 bench-routing: install protos ## one LLM replica vs two (cache_aware, round_robin) behind one gateway: prefix-cache hit rate, TTFT (ROUTING_BENCH_ARGS=--compose: in docker-compose.yml)
 	$(PY) -m benchmarks.bench_routing $(ROUTING_BENCH_ARGS)

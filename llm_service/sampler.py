@@ -159,6 +159,11 @@ def _penalised(
         return logits
     logits = logits.clone()
     vocab = logits.shape[-1]
+    constrained = [i for i in targets if _constrained(rows[i])]
+    allowed_rows: dict[int, torch.Tensor] = {}
+    if constrained:  # one (R, vocab) mask for the batch's constrained rows
+        masks = allowed_tokens([rows[i].matcher for i in constrained], vocab).to(logits.device)
+        allowed_rows = dict(zip(constrained, masks, strict=True))
     for i in targets:
         row, p, scores = rows[i], rows[i].params, logits[i]  # scores: a (vocab,) view
         if p.repetition_penalty != 1.0:
@@ -170,15 +175,15 @@ def _penalised(
         if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
             counts = torch.bincount(_ids_tensor(row.output_token_ids, vocab, logits.device), minlength=vocab)
             scores -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-        matcher = getattr(row, "matcher", None)
-        allowed = None if matcher is None else allowed_tokens(matcher, vocab).to(logits.device)
+        allowed = allowed_rows.get(i)
         if _masks_eos(row):
             ends = _ids_tensor([*eos_token_ids, *p.stop_token_ids], vocab, logits.device)
             # When the grammar allows nothing but an end, it wins over min_new_tokens.
             if allowed is None or int(allowed.sum()) > int(allowed[ends].sum()):
                 scores[ends] = float("-inf")
-        if allowed is not None:
-            scores.masked_fill_(~allowed, float("-inf"))
+    if constrained:
+        index = torch.tensor(constrained, device=logits.device)
+        logits[index] = logits[index].masked_fill(~masks, float("-inf"))
     return logits
 
 

@@ -138,10 +138,14 @@ class MatcherFactory:
         return matcher
 
 
-def allowed_tokens(matcher: LLMatcher, vocab_size: int) -> torch.Tensor:
-    """A (vocab_size,) bool tensor: the tokens the matcher allows next."""
+def allowed_tokens(matchers: list[LLMatcher], vocab_size: int) -> torch.Tensor:
+    """A (len(matchers), vocab_size) bool tensor: the tokens each matcher allows next."""
     import torch
 
-    bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
-    allowed = np.unpackbits(bits, bitorder="little")[:vocab_size]
-    return torch.from_numpy(allowed.astype(bool))
+    width = (vocab_size + 31) // 32 * 4  # llguidance's bitmask: 32-bit words, bit i = token i
+    bits = np.zeros((len(matchers), width), dtype=np.uint8)
+    for k, matcher in enumerate(matchers):
+        mask = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+        bits[k, : min(width, mask.size)] = mask[:width]
+    allowed = np.unpackbits(bits, axis=1, bitorder="little")[:, :vocab_size]
+    return torch.from_numpy(np.ascontiguousarray(allowed).view(np.bool_))

@@ -67,6 +67,47 @@ HOSTILE_NUMBER = st.one_of(
 )
 PLAIN = st.text(max_size=20)  # valid text (a special token or a lone surrogate in it is unlikely)
 HOSTILE_TEXT = st.one_of(JSON, TEXT)
+# JSON schemas: usable ones, ones the compiler refuses, and recursive / combinator shapes
+SCHEMAS = st.one_of(
+    st.sampled_from(
+        [
+            {"type": "object"},
+            {"type": "integer", "minimum": 0, "maximum": 9},
+            {"type": "string", "pattern": "^a+$"},
+            {"enum": [1, "a", None]},
+            {"type": "nope"},
+            {"$ref": "#/definitions/missing"},
+            {"type": "array", "items": {"$ref": "#"}},
+            {"anyOf": [{"type": "string"}, {"type": "number"}]},
+            {"not": {}},
+            {},
+            {"type": "object", "x-guidance": {"whitespace_flexible": True}},
+        ]
+    ),
+    st.dictionaries(TEXT, JSON, max_size=3),
+)
+RESPONSE_FORMAT = st.one_of(
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"])}),
+    st.fixed_dictionaries(
+        {"type": st.just("json_schema")},
+        optional={
+            "json_schema": st.fixed_dictionaries(
+                {}, optional={"name": PLAIN, "schema": SCHEMAS, "strict": st.booleans()}
+            )
+        },
+    ),
+)
+REGEXES = st.one_of(st.sampled_from(["a+", "[0-9]{2}", "(", "a{99999}", ".*", "(?=a)", ""]), TEXT)
+STRUCTURED_OUTPUTS = st.one_of(
+    st.fixed_dictionaries({"regex": REGEXES}),
+    st.fixed_dictionaries({"choice": st.lists(PLAIN, min_size=0, max_size=3)}),
+    st.fixed_dictionaries(
+        {"grammar": st.one_of(st.sampled_from(['start: "a"', "start: x", "", "%%"]), TEXT)}
+    ),
+    st.fixed_dictionaries({"json": SCHEMAS}),
+    st.fixed_dictionaries({"json_object": st.booleans()}),
+    st.fixed_dictionaries({}, optional={"regex": REGEXES, "json": SCHEMAS}),
+)
 SAMPLING = {
     "model": field(st.sampled_from([MODEL, MODEL, MODEL, "gpt-4", ""]), HOSTILE_TEXT),
     "temperature": field(st.floats(0, 2), HOSTILE_NUMBER),
@@ -88,6 +129,8 @@ SAMPLING = {
     "stream": field(st.booleans(), valid_weight=8),
     "stream_options": field(st.fixed_dictionaries({}, optional={"include_usage": st.booleans()})),
     "return_token_ids": field(st.booleans()),
+    "response_format": field(RESPONSE_FORMAT),
+    "structured_outputs": field(STRUCTURED_OUTPUTS, absent=30),
     "mm_processor_kwargs": field(
         st.fixed_dictionaries(
             {}, optional={"min_pixels": st.integers(1, 10**6), "max_pixels": st.integers(1, 10**6)}

@@ -170,3 +170,27 @@ def check_accepted(body, path: str, sampling) -> None:
         want = body.get("logprobs")
         assert want is None or _number(want, 0, 20, integer=True), want
     assert sampling.logprobs == want, (want, sampling)
+    check_structured(body, sampling.structured)
+
+
+def check_structured(body: dict, structured) -> None:
+    """What a 200 asked the output to match reached the LLM as asked (and both ways at once never do)."""
+    fmt, guided = body.get("response_format"), body.get("structured_outputs")
+    constrained = fmt is not None and fmt.get("type") != "text"
+    assert not (constrained and guided is not None), body
+    if guided is not None:
+        ((kind, value),) = [(k, v) for k, v in guided.items() if v is not None and v is not False]
+        if kind == "json":
+            assert structured.kind == "json_schema" and json.loads(structured.spec) == value
+        elif kind == "json_object":
+            assert structured.kind == "json_schema" and json.loads(structured.spec) == {"type": "object"}
+        elif kind == "choice":
+            assert structured.kind == "regex" and value
+        else:
+            assert (structured.kind, structured.spec) == ("grammar" if kind == "grammar" else "regex", value)
+    elif constrained:
+        schema = (fmt.get("json_schema") or {}).get("schema", {}) if fmt["type"] == "json_schema" else None
+        want = {"type": "object"} if fmt["type"] == "json_object" else schema
+        assert structured.kind == "json_schema" and json.loads(structured.spec) == want, (fmt, structured)
+    else:
+        assert structured is None, (body, structured)

@@ -94,7 +94,7 @@ class _Mask(LogitsProcessor):
         self.matcher, self.vocab = matcher, vocab
 
     def __call__(self, input_ids, scores):
-        allowed = allowed_tokens(self.matcher, self.vocab)
+        allowed = allowed_tokens([self.matcher], self.vocab)[0]
         return scores.masked_fill(~allowed[None, : scores.shape[-1]], float("-inf"))
 
 

@@ -171,7 +171,7 @@ def test_structured_output_masks_over_the_real_tokenizer(built, name):
         ids = ids[1:]
     assert tok.decode(ids) == answer
     for token in ids:
-        allowed = allowed_tokens(matcher, vocab)
+        allowed = allowed_tokens([matcher], vocab)[0]
         assert allowed.shape == (vocab,) and bool(allowed[token]), (name, tok.decode([token]))
         assert not bool(allowed[len(tok) :].any()), f"{name}: an id past the tokenizer is allowed"
         assert matcher.consume_token(token), matcher.get_error()
