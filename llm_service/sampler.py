@@ -94,15 +94,14 @@ def _constrained(row: SamplingRow) -> bool:
     return getattr(row, "matcher", None) is not None
 
 
-def _is_plain_greedy(row: SamplingRow) -> bool:
+def _is_masked_greedy(row: SamplingRow) -> bool:
+    """Greedy with nothing to apply before the argmax but a structured-output mask (if any)."""
     p = row.params
-    return (
-        is_greedy(p)
-        and p.logprobs is None
-        and not _has_penalties(p)
-        and not _masks_eos(row)
-        and not _constrained(row)
-    )
+    return is_greedy(p) and p.logprobs is None and not _has_penalties(p) and not _masks_eos(row)
+
+
+def _is_plain_greedy(row: SamplingRow) -> bool:
+    return _is_masked_greedy(row) and not _constrained(row)
 
 
 def nonfinite_rows(logits: torch.Tensor) -> list[int]:
@@ -127,11 +126,18 @@ def sample(
 
     Order per row: penalties (repetition over prompt + output, then frequency and presence over the
     output), min_new_tokens masking, the structured-output mask (tokens the row's matcher does not
-    allow next), then greedy argmax, or temperature, min_p, top_k, top_p and a
-    draw. Logprobs are of the raw distribution: log_softmax of the unprocessed logits.
+    allow next), then greedy argmax, or temperature, min_p, top_k, top_p and a draw. Logprobs are of the raw distribution: log_softmax of the unprocessed logits.
     """
-    if all(_is_plain_greedy(row) for row in rows):  # the hot path: one kernel, one sync
-        return torch.argmax(logits, dim=-1).tolist(), [None] * len(rows)
+    if all(_is_masked_greedy(row) for row in rows):  # the hot path: one kernel, one sync
+        greedy_tokens: list[int] = torch.argmax(logits, dim=-1).tolist()
+        constrained = [i for i, row in enumerate(rows) if _constrained(row)]
+        if constrained:  # their argmax over the tokens their grammar allows
+            masks = allowed_tokens([rows[i].matcher for i in constrained], logits.shape[-1])  # type: ignore[misc]
+            index = torch.tensor(constrained, device=logits.device)
+            allowed = logits[index].masked_fill_(~masks.to(logits.device), float("-inf"))
+            for i, token in zip(constrained, torch.argmax(allowed, dim=-1).tolist(), strict=True):
+                greedy_tokens[i] = token
+        return greedy_tokens, [None] * len(rows)
     logits = logits.float()  # no-op for float32; half-precision softmax and cumsum are too coarse
     processed = _penalised(logits, rows, eos_token_ids)
     tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
@@ -162,7 +168,7 @@ def _penalised(
     constrained = [i for i in targets if _constrained(rows[i])]
     allowed_rows: dict[int, torch.Tensor] = {}
     if constrained:  # one (R, vocab) mask for the batch's constrained rows
-        masks = allowed_tokens([rows[i].matcher for i in constrained], vocab).to(logits.device)
+        masks = allowed_tokens([rows[i].matcher for i in constrained], vocab).to(logits.device)  # type: ignore[misc]
         allowed_rows = dict(zip(constrained, masks, strict=True))
     for i in targets:
         row, p, scores = rows[i], rows[i].params, logits[i]  # scores: a (vocab,) view
