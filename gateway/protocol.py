@@ -38,6 +38,8 @@ from mmserve.structured import any_json_object, choice_regex, grammar_of, json_s
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat limit; vLLM's default cap)
 MAX_STOP_STRINGS = 16
+MAX_LOGIT_BIAS = 1024  # logit_bias entries (the LLM service's bound)
+MAX_STOP_TOKEN_IDS = 1024
 MAX_GUIDED_CHOICES = 256  # structured_outputs.choice: alternatives
 MAX_CHOICES = 16  # `n`: choices per request, each a sequence of its own in the LLM service
 INT32_MAX = 2**31 - 1  # top_k and min_tokens travel as int32 (protos/llm.proto)
@@ -311,6 +313,12 @@ class SamplingFields(_Body):
     return_token_ids: bool | None = None
     # vLLM's extension: image preprocessing options of this request (Qwen2-VL's min/max pixels).
     mm_processor_kwargs: MMProcessorKwargs | None = None
+    # OpenAI's: {"token id": bias in [-100, 100]}, added to those tokens' logits before sampling.
+    logit_bias: dict[str, float] | None = None
+    # vLLM's extension: token ids that end the generation (finish_reason "stop"), besides the model's own.
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] | None = Field(
+        default=None, max_length=MAX_STOP_TOKEN_IDS
+    )
     # Structured output: OpenAI's response_format, or vLLM's structured_outputs (not both).
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -330,6 +338,36 @@ class SamplingFields(_Body):
         if self.structured_outputs is not None:
             return self.structured_outputs.constraint()
         return None if self.response_format is None else self.response_format.constraint()
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise PydanticCustomError(
+                "too_long",
+                "at most {limit} entries, got {count}",
+                {"limit": MAX_LOGIT_BIAS, "count": len(value)},
+            )
+        for key, bias in value.items():
+            if not (key.isascii() and key.isdigit() and int(key) <= INT32_MAX):
+                raise PydanticCustomError(
+                    "invalid_key",
+                    "keys are token ids (decimal integers >= 0), got '{key}'",
+                    {"key": key[:32]},
+                )
+            if not -100 <= bias <= 100:
+                raise PydanticCustomError(
+                    "out_of_range",
+                    "biases are in [-100, 100], got {bias} for token {key}",
+                    {"bias": bias, "key": key},
+                )
+        return value
+
+    @property
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod

@@ -21,6 +21,8 @@ MAX_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's defaul
 # Each step checks every sampled token against the stop ids: their number is bounded so that one
 # request cannot slow the step of every other.
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias (per step, each biased row costs one indexed add)
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: [-100, 100]
 
 
 class SamplingRow(Protocol):
@@ -79,10 +81,24 @@ def validate_sampling(params: SamplingParams, vocab_size: int) -> None:
     bad = [t for t in p.stop_token_ids if not 0 <= t < vocab_size]
     check(not bad, f"stop_token_ids must be in [0, {vocab_size}), got {bad[:8]}")
     check(p.seed is None or 0 <= p.seed < 2**64, f"seed must be in [0, 2**64), got {p.seed}")
+    check(
+        len(p.logit_bias) <= MAX_LOGIT_BIAS,
+        f"logit_bias has {len(p.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are allowed",
+    )
+    bad = [t for t, _ in p.logit_bias if not 0 <= t < vocab_size]
+    check(not bad, f"logit_bias token ids must be in [0, {vocab_size}), got {bad[:8]}")
+    bad_bias = [b for _, b in p.logit_bias if not -LOGIT_BIAS_LIMIT <= b <= LOGIT_BIAS_LIMIT]
+    check(not bad_bias, f"logit_bias values must be in [-100, 100], got {bad_bias[:8]}")
 
 
 def _has_penalties(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+    """Anything added to or scaled in the logits before the masks and the argmax or draw."""
+    return (
+        p.repetition_penalty != 1.0
+        or p.presence_penalty != 0.0
+        or p.frequency_penalty != 0.0
+        or bool(p.logit_bias)
+    )
 
 
 def _masks_eos(row: SamplingRow) -> bool:
@@ -125,8 +141,9 @@ def sample(
     """Next token of every row, and its logprobs where the row asked for them (else None).
 
     Order per row: penalties (repetition over prompt + output, then frequency and presence over the
-    output), min_new_tokens masking, the structured-output mask (tokens the row's matcher does not
-    allow next), then greedy argmax, or temperature, min_p, top_k, top_p and a draw. Logprobs are of the raw distribution: log_softmax of the unprocessed logits.
+    output), logit_bias, min_new_tokens masking, the structured-output mask (tokens the row's matcher
+    does not allow next), then greedy argmax, or temperature, min_p, top_k, top_p and a draw.
+    Logprobs are of the raw distribution: log_softmax of the unprocessed logits.
     """
     if all(_is_masked_greedy(row) for row in rows):  # the hot path: one kernel, one sync
         greedy_tokens: list[int] = torch.argmax(logits, dim=-1).tolist()
@@ -181,6 +198,9 @@ def _penalised(
         if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
             counts = torch.bincount(_ids_tensor(row.output_token_ids, vocab, logits.device), minlength=vocab)
             scores -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if p.logit_bias:
+            ids, biases = zip(*p.logit_bias, strict=True)
+            scores[torch.tensor(ids, device=logits.device)] += torch.tensor(biases, device=logits.device)
         allowed = allowed_rows.get(i)
         if _masks_eos(row):
             ends = _ids_tensor([*eos_token_ids, *p.stop_token_ids], vocab, logits.device)

@@ -45,6 +45,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # top-n alternatives per token; None = no logprobs
     structured: StructuredOutput | None = None  # None: free text
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), sorted by id
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class SamplingChoices:
     seed: int | None = None
     logprobs: int | None = None  # None: no logprobs
     structured: StructuredOutput | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 def _pick(value, default):
@@ -118,6 +120,7 @@ def sampling_params(choices: SamplingChoices, defaults: GenerationDefaults | Non
         frequency_penalty=_pick(choices.frequency_penalty, neutral.frequency_penalty),
         logprobs=choices.logprobs,
         structured=choices.structured,
+        logit_bias=tuple(sorted(choices.logit_bias)),
     )
 
 

@@ -83,8 +83,10 @@ _FINISH_FROM_PB = {value: key for key, value in _FINISH_TO_PB.items()}
 def sampling_to_pb(params: SamplingParams) -> llm_pb2.SamplingParams:
     # The message's fields are SamplingParams' own, by name (the constructor rejects any other);
     # an unset optional (seed, logprobs) stays unset.
-    fields = {k: v for k, v in asdict(params).items() if v is not None and k != "structured"}
-    message = llm_pb2.SamplingParams(**fields)
+    fields = {
+        k: v for k, v in asdict(params).items() if v is not None and k not in ("structured", "logit_bias")
+    }
+    message = llm_pb2.SamplingParams(**fields, logit_bias=dict(params.logit_bias))
     if params.structured is not None:
         setattr(message.structured, params.structured.kind, params.structured.spec)
     return message
@@ -108,6 +110,7 @@ def sampling_from_pb(message: llm_pb2.SamplingParams) -> SamplingParams:
         frequency_penalty=message.frequency_penalty,
         logprobs=message.logprobs if message.HasField("logprobs") else None,
         structured=_structured_from_pb(message),
+        logit_bias=tuple(message.logit_bias.items()),
     )
     return sampling_params(choices)
 

@@ -129,6 +129,13 @@ SAMPLING = {
     "stream": field(st.booleans(), valid_weight=8),
     "stream_options": field(st.fixed_dictionaries({}, optional={"include_usage": st.booleans()})),
     "return_token_ids": field(st.booleans()),
+    "logit_bias": field(
+        st.dictionaries(st.integers(0, 2**31 - 1).map(str), st.floats(-100, 100), max_size=4),
+        st.one_of(JSON, st.dictionaries(TEXT, HOSTILE_NUMBER, max_size=3)),
+    ),
+    "stop_token_ids": field(
+        st.lists(st.integers(0, 2**31 - 1), max_size=4), st.one_of(JSON, st.lists(HOSTILE_NUMBER, max_size=3))
+    ),
     "response_format": field(RESPONSE_FORMAT),
     "structured_outputs": field(STRUCTURED_OUTPUTS, absent=30),
     "mm_processor_kwargs": field(

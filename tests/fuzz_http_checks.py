@@ -171,6 +171,12 @@ def check_accepted(body, path: str, sampling) -> None:
         assert want is None or _number(want, 0, 20, integer=True), want
     assert sampling.logprobs == want, (want, sampling)
     check_structured(body, sampling.structured)
+    bias = body.get("logit_bias") or {}
+    assert all(k.isascii() and k.isdigit() and _number(v, -100, 100) for k, v in bias.items()), bias
+    assert sampling.logit_bias == tuple(sorted((int(k), float(v)) for k, v in bias.items())), (bias, sampling)
+    stop_ids = body.get("stop_token_ids") or []
+    assert all(_number(t, 0, INT32_MAX, integer=True) for t in stop_ids), stop_ids
+    assert sampling.stop_token_ids == tuple(stop_ids), (stop_ids, sampling)
 
 
 def check_structured(body: dict, structured) -> None:

@@ -40,6 +40,8 @@ def settings_from_body(
         seed=None if body.seed is None else body.seed % (1 << 64),  # the wire carries uint64
         logprobs=body.num_logprobs,
         structured=body.structured,
+        logit_bias=body.logit_bias_pairs,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
     )
     kwargs = body.mm_processor_kwargs
     pixels = None if kwargs is None else PixelLimits(kwargs.min_pixels, kwargs.max_pixels)

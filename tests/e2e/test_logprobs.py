@@ -132,3 +132,60 @@ def test_n_choices_compute_their_prompt_once(client, served):
     assert admitted - cached < 1.5 * prompt, (
         f"{admitted - cached} prompt tokens computed for 3 choices of {prompt}"
     )
+
+
+def ids_of(response) -> list[int]:
+    return response.choices[0].model_extra["token_ids"]
+
+
+def test_logit_bias_bans_and_forces_tokens(client, served):
+    kwargs = {"logprobs": True, "top_logprobs": 2, "extra_body": {"return_token_ids": True}}
+    greedy = chat(client, served, **kwargs)
+    first = ids_of(greedy)[0]
+    top = greedy.choices[0].logprobs.content[0].top_logprobs
+    assert top[0].logprob > top[1].logprob + 1e-3  # no near-tie at the first token
+    banned = chat(client, served, logit_bias={str(first): -100}, **kwargs)
+    entry = banned.choices[0].logprobs.content[0]
+    assert ids_of(banned)[0] != first
+    # logprobs stay those of the raw distribution (the same alternatives), and greedy picks the runner-up
+    assert [t.token for t in entry.top_logprobs] == [t.token for t in top]
+    assert entry.token == top[1].token
+    # +100 on one token: greedy writes nothing else (ignore_eos keeps it from ending early)
+    forced = chat(
+        client,
+        served,
+        logit_bias={"42": 100},
+        max_tokens=6,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
+    assert ids_of(forced) == [42] * 6
+
+
+def test_stop_token_ids_end_the_generation(client, served):
+    base = chat(client, served, max_tokens=12, extra_body={"return_token_ids": True, "ignore_eos": True})
+    ids = ids_of(base)
+    stop_at = next(i for i, t in enumerate(ids) if i >= 2 and t not in ids[:i])  # its first occurrence
+    stopped = chat(
+        client, served, max_tokens=12, extra_body={"return_token_ids": True, "stop_token_ids": [ids[stop_at]]}
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert ids_of(stopped) == ids[: stop_at + 1]
+    assert stopped.usage.completion_tokens == stop_at + 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"logit_bias": {"abc": 1}}, "keys are token ids"),
+        ({"logit_bias": {"5": 101}}, "in [-100, 100]"),
+        ({"logit_bias": {"999999999": 5}}, "logit_bias token ids must be in [0, "),
+        ({"stop_token_ids": [-1]}, "greater than or equal to 0"),
+        ({"stop_token_ids": [10**9]}, "stop_token_ids must be in [0, "),
+    ],
+)
+def test_bad_logit_bias_and_stop_token_ids_are_400s(client, served, extra, says):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(client, served, extra_body=extra)
+    assert says in caught.value.body["message"], caught.value.body

@@ -38,6 +38,20 @@ def draws(logits, n=200, **params) -> set[int]:
 # ---- each knob ---------------------------------------------------------------------------------
 
 
+def test_logit_bias_is_added_before_the_argmax_and_the_draw():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert one(logits, row(temperature=0, logit_bias=((1, -100.0),))) == 2  # the top token banned
+    assert one(logits, row(temperature=0, logit_bias=((3, 4.5),))) == 3  # -1 + 4.5 beats 3
+    assert one(logits, row(temperature=0, logit_bias=((3, 3.5),))) == 1  # -1 + 3.5 does not
+    assert draws(logits, temperature=1.0, logit_bias=((0, 100.0),)) == {0}
+    assert 1 not in draws(logits, temperature=1.0, logit_bias=((1, -100.0),))
+    # logprobs stay those of the raw logits
+    tokens, logprobs = sample(
+        logits[None], [row(temperature=0, logprobs=1, logit_bias=((1, -100.0),))], (EOS,)
+    )
+    assert tokens == [2] and logprobs[0].top[0][0] == 1
+
+
 def test_greedy_by_temperature_zero_or_top_k_one():
     logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
     assert one(logits, row(temperature=0)) == 1
@@ -242,6 +256,9 @@ def test_logprobs_ignore_temperature_and_masks():
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"min_new_tokens": -1}, "min_new_tokens"),
         ({"stop_token_ids": [5, 100]}, "stop_token_ids"),
+        ({"logit_bias": ((5, 1.0), (100, 1.0))}, "logit_bias token ids"),
+        ({"logit_bias": ((5, 100.5),)}, "logit_bias values"),
+        ({"logit_bias": tuple((i, 1.0) for i in range(1025))}, "logit_bias has 1025 entries"),
     ],
 )
 def test_validate_sampling_names_the_field(changes, field_name):
