@@ -32,9 +32,8 @@ from pydantic_core import PydanticCustomError
 
 from gateway.chat_input import json_strings
 from gateway.chat_template import RESERVED_TEMPLATE_KWARGS
-from mmserve.errors import InvalidInputError
 from mmserve.sampling import StructuredOutput
-from mmserve.structured import any_json_object, choice_regex, grammar_of, json_schema
+from mmserve.structured import any_json_object, choice_regex, json_schema
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat limit; vLLM's default cap)
 MAX_STOP_STRINGS = 16
@@ -163,27 +162,11 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-def _compiled(structured: StructuredOutput) -> StructuredOutput:
-    """`structured`, once the LLM service's grammar compiler accepts it (a 400 naming the field if not)."""
-    try:
-        grammar_of(structured)
-    except InvalidInputError as exc:
-        raise PydanticCustomError("invalid_structured_output", "{reason}", {"reason": str(exc)}) from None
-    return structured
-
-
 class JSONSchemaFormat(_Body):
     name: Text | None = Field(default=None, max_length=64)  # OpenAI requires one; vLLM, like us, not
     description: Text | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None  # the output always follows the schema: strict or not
-
-    @field_validator("schema_")
-    @classmethod
-    def _usable(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            _compiled(json_schema(value))
-        return value
 
 
 class ResponseFormat(_Body):
@@ -238,33 +221,13 @@ class StructuredOutputs(_Body):
             )
         return self
 
-    @field_validator("json_")
-    @classmethod
-    def _json_usable(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            _compiled(json_schema(value))
-        return value
-
-    @field_validator("regex")
-    @classmethod
-    def _regex_usable(cls, value: str | None) -> str | None:
-        if value is not None:
-            _compiled(StructuredOutput("regex", value))
-        return value
-
-    @field_validator("grammar")
-    @classmethod
-    def _grammar_usable(cls, value: str | None) -> str | None:
-        if value is not None:
-            _compiled(StructuredOutput("grammar", value))
-        return value
-
-    @field_validator("choice")
-    @classmethod
-    def _choices_usable(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            _compiled(choice_regex(value))
-        return value
+    @property
+    def param(self) -> str:
+        """The request field holding the constraint."""
+        for name, value in (("json", self.json_), ("regex", self.regex), ("choice", self.choice)):
+            if value is not None:
+                return f"structured_outputs.{name}"
+        return "structured_outputs.grammar" if self.grammar is not None else "structured_outputs.json_object"
 
     def constraint(self) -> StructuredOutput:
         if self.json_ is not None:
@@ -331,6 +294,16 @@ class SamplingFields(_Body):
                     "conflict", "response_format and structured_outputs may not both constrain the output"
                 )
         return self
+
+    @property
+    def structured_param(self) -> str:
+        """The request field an error about `structured` names."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.param
+        fmt = self.response_format
+        return (
+            "response_format.json_schema.schema" if fmt and fmt.type == "json_schema" else "response_format"
+        )
 
     @property
     def structured(self) -> StructuredOutput | None:

@@ -18,8 +18,9 @@ from gateway.http.render import FinishedChoice, Render
 from gateway.http.streaming import MeteredStream
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from gateway.serving import PreparedPrompt, TextDelta, TokenLogprob
-from mmserve.errors import NotFoundError
+from mmserve.errors import InvalidInputError, NotFoundError
 from mmserve.sampling import GenerationDefaults, GenerationSettings, SamplingChoices, generation_settings
+from mmserve.structured import grammar_of
 from mmserve.wire import PixelLimits
 
 
@@ -48,6 +49,19 @@ def settings_from_body(
     return generation_settings(
         choices, defaults, max_tokens=body.token_limit, stop=body.stop_list, pixels=pixels
     )
+
+
+async def check_structured(body: SamplingFields) -> None:
+    """Compile the body's output constraint here, off the event loop (a large schema takes ~0.1 s), so
+    that one the LLM service would refuse is a 400 naming its field before any image is fetched."""
+    structured = body.structured
+    if structured is None:
+        return
+    try:
+        await asyncio.to_thread(grammar_of, structured)
+    except InvalidInputError as exc:
+        param = body.structured_param
+        raise InvalidInputError(f"{param}: {exc}", param=param) from None
 
 
 def check_model(body: SamplingFields, model_name: str) -> None:

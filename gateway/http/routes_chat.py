@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from gateway.http.context import served
-from gateway.http.generation import Completion, check_model, respond
+from gateway.http.generation import Completion, check_model, check_structured, respond
 from gateway.http.render import ChatRender
 from gateway.protocol import ChatCompletionRequest, ChatMessage
 from gateway.serving import new_request_id
@@ -34,6 +34,7 @@ def typed_parts(message: ChatMessage) -> dict:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     context = served(request)
     check_model(body, context.model_name)
+    await check_structured(body)
     messages = [typed_parts(m) for m in body.messages]
     try:
         text, urls = await asyncio.to_thread(context.core.chat_prompt, messages, body.chat_template_kwargs)

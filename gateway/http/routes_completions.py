@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from gateway.http.context import served
-from gateway.http.generation import Completion, check_model, respond
+from gateway.http.generation import Completion, check_model, check_structured, respond
 from gateway.http.render import TextRender
 from gateway.protocol import CompletionRequest
 from gateway.serving import new_request_id
@@ -19,6 +19,7 @@ router = APIRouter()
 async def completions(body: CompletionRequest, request: Request) -> Response:
     context = served(request)
     check_model(body, context.model_name)
+    await check_structured(body)
     request_id = new_request_id("cmpl")
     text = context.core.prompt.normalize_raw(body.prompt)
     render = TextRender(request_id, context.model_name)
