@@ -109,9 +109,24 @@ def check_chat_with_image(client: openai.OpenAI, base: str, model: str, image: s
         if c.choices
     )
     assert streamed == text, (streamed, text)
+    # structured output: the LLM container loads the tokenizer and compiles the schema (llguidance)
+    schema = {
+        "type": "object",
+        "properties": {
+            "colour": {"enum": ["red", "green", "blue"]},
+            "count": {"type": "integer", "maximum": 9},
+        },
+        "required": ["colour", "count"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    structured = chat(client, model, image, max_tokens=40, response_format=response_format)
+    value = json.loads(structured.choices[0].message.content)
+    assert set(value) == {"colour", "count"} and value["colour"] in ("red", "green", "blue"), value
+    log(f"structured output with an image: {value}")
     health = httpx.get(base + "/health", timeout=10)
     assert health.status_code == 200, health.text
-    log("chat with an image OK (deterministic, stream == non-stream), /health 200")
+    log("chat with an image OK (deterministic, stream == non-stream, JSON schema), /health 200")
     return text
 
 
