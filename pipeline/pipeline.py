@@ -15,7 +15,7 @@ from gateway.serving import ServingCore, TextDelta, new_request_id
 from mmserve.sampling import GenerationDefaults, GenerationSettings
 from mmserve.wire import Usage
 from pipeline.factory import MultimodalModel
-from pipeline.settings import settings_from_generate_config
+from pipeline.settings import return_sequences, settings_from_generate_config
 
 
 @dataclass
@@ -95,25 +95,26 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         url_lists = _url_lists(prompt, urls)
         settings = settings_from_generate_config(generate_config, self.core.defaults)
-        return self._stream(prompts, url_lists, settings)
+        return self._stream(prompts, url_lists, settings, return_sequences(generate_config))
 
-    async def _generate(self, prompt: str, urls: list, settings: GenerationSettings, report) -> None:
-        """One prompt's deltas, each handed to `report`; a failure is handed over too."""
+    async def _generate(self, prompt: str, urls: list, settings: GenerationSettings, n: int, report) -> None:
+        """One prompt's deltas (of its `n` choices, each with its `index`), each handed to `report`; a
+        failure is handed over too."""
         try:
             text = self.core.prompt.normalize_raw(prompt)
             request_id = new_request_id("pipeline")
             prepared = await self.core.prepare(text, urls, request_id, settings.pixels)
-            async for delta in self.core.generate(prepared, settings, request_id):
+            async for delta in self.core.generate_choices(prepared, settings, request_id, n):
                 report(delta)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             report(exc)
 
-    def _stream(self, prompts, url_lists, settings: GenerationSettings) -> Iterator[PipelineResponse]:
+    def _stream(self, prompts, url_lists, settings: GenerationSettings, n: int) -> Iterator[PipelineResponse]:
         events: queue.Queue = queue.Queue()
-        progress = _Progress(len(prompts))
+        progress = _Progress(len(prompts) * n)  # prompt i's choice j is entry i * n + j
         futures = [
             asyncio.run_coroutine_threadsafe(
-                self._generate(p, u, settings, lambda item, i=i: events.put((i, item))), self._loop
+                self._generate(p, u, settings, n, lambda item, i=i: events.put((i, item))), self._loop
             )
             for i, (p, u) in enumerate(zip(prompts, url_lists, strict=True))
         ]
@@ -122,7 +123,7 @@ class Pipeline:
                 index, item = events.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield progress.add(index, item)
+                yield progress.add(index * n + item.index, item)
         finally:
             for future in futures:
                 future.cancel()

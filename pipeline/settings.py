@@ -35,8 +35,12 @@ CONFIG_KEYS = frozenset(
         # structured output, as vLLM's structured_outputs: {"json": schema} | {"regex": ...} |
         # {"choice": [...]} | {"grammar": lark}
         "structured_outputs",
+        # choices per prompt (1..16), each a sequence of its own; the call's responses list them
+        # prompt by prompt: [prompt 0 choice 0, prompt 0 choice 1, ..., prompt 1 choice 0, ...]
+        "num_return_sequences",
     }
 )
+MAX_RETURN_SEQUENCES = 16
 STRUCTURED_KEYS = ("json", "regex", "choice", "grammar")
 PIXEL_KEYS = ("min_pixels", "max_pixels")
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the call nor the checkpoint's generation_config sets one
@@ -90,6 +94,16 @@ def _structured(config: dict) -> StructuredOutput | None:
     except InvalidInputError as exc:
         raise ValueError(f"structured_outputs.{kind}: {exc}") from None
     return structured
+
+
+def return_sequences(config: dict | None) -> int:
+    """generate_config's num_return_sequences (1 when unset)."""
+    value = (config or {}).get("num_return_sequences", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RETURN_SEQUENCES:
+        raise ValueError(
+            f"num_return_sequences must be an integer in [1, {MAX_RETURN_SEQUENCES}], got {value!r}"
+        )
+    return value
 
 
 def settings_from_generate_config(

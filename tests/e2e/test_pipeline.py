@@ -94,3 +94,23 @@ def test_structured_outputs_in_generate_config(pipeline, image_dir):
         pipeline("hi", generate_config={"structured_outputs": {"regex": "a(b"}})
     with pytest.raises(ValueError, match="exactly one of"):
         pipeline("hi", generate_config={"structured_outputs": {"regex": "a", "choice": ["b"]}})
+
+
+def test_num_return_sequences_lists_each_prompts_choices(pipeline, image_dir):
+    urls = [str(image_dir / "a.png")]
+    prompt = "USER: <image>\nWhat is this? ASSISTANT:"
+    config = {"temperature": 1.0, "top_k": 50, "seed": 21, "max_new_tokens": 8}
+    last = list(
+        pipeline([prompt, "Hello"], urls=[urls, []], generate_config={**config, "num_return_sequences": 3})
+    )[-1]
+    assert last.finished == [True] * 6 and len(last.batch_response) == 6
+    # prompt i's choice j is entry 3 * i + j, and equals a call of its own seeded 21 + j
+    for j in range(3):
+        alone = list(pipeline(prompt, urls=urls, generate_config={**config, "seed": 21 + j}))[-1]
+        assert last.token_ids[j] == alone.token_ids[0]
+        hello = list(pipeline("Hello", generate_config={**config, "seed": 21 + j}))[-1]
+        assert last.token_ids[3 + j] == hello.token_ids[0]
+    assert len({tuple(ids) for ids in last.token_ids[:3]}) > 1  # the choices differ
+    for bad in (0, 17, 1.5, True):
+        with pytest.raises(ValueError, match="num_return_sequences must be an integer in"):
+            pipeline("hi", generate_config={"num_return_sequences": bad})
