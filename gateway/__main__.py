@@ -159,7 +159,8 @@ if __name__ == "__main__":
     # The shutdown was clean: every response sent, the backends' channels closed. Exiting here skips the
     # interpreter's join of what threads are left (a getaddrinfo of a replica check, stuck while a
     # container's DNS goes away), which must not hold the process past its stop grace period.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    with contextlib.suppress(Exception):  # a closed pipe must not keep the process from exiting
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
     os._exit(0)

@@ -324,7 +324,8 @@ class SamplingFields(_Body):
                 {"limit": MAX_LOGIT_BIAS, "count": len(value)},
             )
         for key, bias in value.items():
-            if not (key.isascii() and key.isdigit() and int(key) <= INT32_MAX):
+            # canonical decimals only: "01" and "1" would be two entries for one token
+            if not (key.isascii() and key.isdigit() and key == str(int(key)) and int(key) <= INT32_MAX):
                 raise PydanticCustomError(
                     "invalid_key",
                     "keys are token ids (decimal integers >= 0), got '{key}'",

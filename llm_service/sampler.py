@@ -203,7 +203,7 @@ def _penalised(
             scores[torch.tensor(ids, device=logits.device)] += torch.tensor(biases, device=logits.device)
         allowed = allowed_rows.get(i)
         if _masks_eos(row):
-            ends = _ids_tensor([*eos_token_ids, *p.stop_token_ids], vocab, logits.device)
+            ends = _ids_tensor(sorted({*eos_token_ids, *p.stop_token_ids}), vocab, logits.device)
             # When the grammar allows nothing but an end, it wins over min_new_tokens.
             if allowed is None or int(allowed.sum()) > int(allowed[ends].sum()):
                 scores[ends] = float("-inf")

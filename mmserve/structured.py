@@ -30,6 +30,17 @@ MAX_SPEC_BYTES = 64 * 1024
 # options override these, e.g. {"x-guidance": {"whitespace_flexible": true}}.
 JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False}
 
+# The work a matcher may do per token (llguidance's defaults: 2,000 items in an Earley row, 50,000 items
+# and 200,000 lexer fuel a step). Masks are computed on the engine's thread for every constrained row of
+# every step, so an ambiguous grammar must not slow everyone's step for long: past these limits its
+# matcher stops with an error and only its own request fails. Measured: the 60-byte ambiguous grammar
+# in tests/service/test_structured_engine.py took up to 0.55 s a mask under the defaults (error at token
+# 332) and takes up to ~60 ms under these (error at token ~166). A JSON object of up to ~250 optional
+# properties, enums of thousands of values and regexes stay below them.
+MAX_ITEMS_IN_ROW = 1000
+STEP_MAX_ITEMS = 10_000
+STEP_LEXER_FUEL = 100_000
+
 _WHAT = {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}
 
 
@@ -45,24 +56,42 @@ def grammar_of(structured: StructuredOutput) -> str:
         raise InvalidInputError(f"the {what} is over {MAX_SPEC_BYTES} bytes")
     if not spec.strip():
         raise InvalidInputError(f"the {what} is empty")
-    if kind == "json_schema":
-        try:
-            schema = json.loads(spec)
-        except ValueError as exc:
-            raise InvalidInputError(f"the JSON schema is not valid JSON ({exc})") from None
-        if not isinstance(schema, dict | bool):
-            raise InvalidInputError(
-                f"a JSON schema is an object (or true/false), got {type(schema).__name__}"
-            )
-        grammar = LLMatcher.grammar_from_json_schema(spec, defaults=JSON_DEFAULTS)
-    elif kind == "regex":
-        grammar = LLMatcher.grammar_from_regex(spec)
-    else:
-        grammar = LLMatcher.grammar_from_lark(spec)
-    error = LLMatcher.validate_grammar(grammar)
+    try:
+        if kind == "json_schema":
+            try:
+                schema = json.loads(spec, parse_constant=_no_constant)
+            except ValueError as exc:
+                raise InvalidInputError(f"the JSON schema is not valid JSON ({exc})") from None
+            if not isinstance(schema, dict | bool):
+                raise InvalidInputError(
+                    f"a JSON schema is an object (or true/false), got {type(schema).__name__}"
+                )
+            grammar = LLMatcher.grammar_from_json_schema(spec, defaults=JSON_DEFAULTS)
+        elif kind == "regex":
+            grammar = LLMatcher.grammar_from_regex(spec)
+        else:
+            grammar = LLMatcher.grammar_from_lark(spec)
+    except (ValueError, TypeError, UnicodeError) as exc:  # what the compiler raises instead of reporting
+        raise InvalidInputError(f"the {what} cannot be used: {_one_line(str(exc))}") from None
+    error = LLMatcher.validate_grammar(grammar, limits=parser_limits())
     if error:
         raise InvalidInputError(f"the {what} cannot be used: {_one_line(error)}")
     return grammar
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parser_limits():
+    from llguidance import LLParserLimits
+
+    return LLParserLimits(
+        max_items_in_row=MAX_ITEMS_IN_ROW,
+        step_max_items=STEP_MAX_ITEMS,
+        step_lexer_fuel=STEP_LEXER_FUEL,
+        verbose_errors=False,
+    )
 
 
 def _one_line(message: str, limit: int = 400) -> str:
@@ -71,7 +100,13 @@ def _one_line(message: str, limit: int = 400) -> str:
 
 
 def json_schema(schema: object) -> StructuredOutput:
-    return StructuredOutput("json_schema", json.dumps(schema))
+    """A schema as JSON text; one holding NaN or an infinity (Python's json reads them) is refused."""
+    try:
+        return StructuredOutput("json_schema", json.dumps(schema, allow_nan=False))
+    except ValueError:
+        raise InvalidInputError(
+            "the JSON schema holds NaN or an infinity, which JSON has no number for"
+        ) from None
 
 
 def any_json_object() -> StructuredOutput:
@@ -130,7 +165,7 @@ class MatcherFactory:
         from llguidance import LLMatcher
 
         grammar = grammar_of(structured)
-        matcher = LLMatcher(self.tokenizer(), grammar, log_level=0)
+        matcher = LLMatcher(self.tokenizer(), grammar, log_level=0, limits=parser_limits())
         if matcher.is_error():
             raise InvalidInputError(
                 f"the {_WHAT[structured.kind]} cannot be used: {_one_line(matcher.get_error())}"

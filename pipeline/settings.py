@@ -86,7 +86,11 @@ def _structured(config: dict) -> StructuredOutput | None:
     if kind == "json":
         structured = StructuredOutput("json_schema", value) if isinstance(value, str) else json_schema(value)
     elif kind == "choice":
-        structured = choice_regex([str(c) for c in value])
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+            raise ValueError(
+                f"structured_outputs.choice takes a non-empty list of strings, got {value!r:.200}"
+            )
+        structured = choice_regex(value)
     else:
         structured = StructuredOutput("regex" if kind == "regex" else "grammar", str(value))
     try:

@@ -54,10 +54,10 @@ def settings_from_body(
 async def check_structured(body: SamplingFields) -> None:
     """Compile the body's output constraint here, off the event loop (a large schema takes ~0.1 s), so
     that one the LLM service would refuse is a 400 naming its field before any image is fetched."""
-    structured = body.structured
-    if structured is None:
-        return
     try:
+        structured = body.structured
+        if structured is None:
+            return
         await asyncio.to_thread(grammar_of, structured)
     except InvalidInputError as exc:
         param = body.structured_param

@@ -284,11 +284,15 @@ class Engine:
         seq.append_token(token)
         self.stats.token(seq, now)
         seq.last_token_at = now
-        if seq.matcher is not None and not seq.matcher.consume_token(token):
-            # The mask allowed only what the matcher accepts, so this is a bug, not a request's fault.
-            log.error("request %s: the structured-output matcher refused token %d", seq.request_id, token)
+        if seq.matcher is not None and (not seq.matcher.consume_token(token) or seq.matcher.is_error()):
+            # The grammar's parser stopped (a limit on its work per token, mmserve.structured): this
+            # request's fault, and only this request fails (INVALID_ARGUMENT: the replica stays in the pool).
+            log.warning(
+                "request %s: structured output stopped: %s", seq.request_id, seq.matcher.get_error()[:200]
+            )
             stream = self._streams[seq]
-            self._fail(seq, UnavailableError(f"structured output failed: {seq.matcher.get_error()}"))
+            error = f"structured output stopped at output token {len(seq.output_token_ids)}: {seq.matcher.get_error()}"
+            self._fail(seq, InvalidInputError(error[:500]))
             return stream
         reason = self._finish_reason(seq, token)
         output = GenerateOutput([token], logprobs=None if token_logprobs is None else [token_logprobs])

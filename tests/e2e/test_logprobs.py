@@ -177,6 +177,7 @@ def test_stop_token_ids_end_the_generation(client, served):
     ("extra", "says"),
     [
         ({"logit_bias": {"abc": 1}}, "keys are token ids"),
+        ({"logit_bias": {"01": 1, "1": 2}}, "keys are token ids"),
         ({"logit_bias": {"5": 101}}, "in [-100, 100]"),
         ({"logit_bias": {"999999999": 5}}, "logit_bias token ids must be in [0, "),
         ({"stop_token_ids": [-1]}, "greater than or equal to 0"),

@@ -25,6 +25,7 @@ from transformers import (
 from llm_service.config import LLMConfig
 from llm_service.engine import Engine
 from llm_service.models import load_language_model
+from mmserve.errors import InvalidInputError
 from mmserve.proto import llm_pb2
 from mmserve.sampling import StructuredOutput
 from mmserve.structured import MatcherFactory, allowed_tokens, grammar_of, json_schema
@@ -231,3 +232,37 @@ def test_a_model_without_a_tokenizer_explains_itself():
         Exception, match="structured output is unavailable on this server: the model has no tokenizer"
     ):
         factory.matcher(json_schema(SCHEMA))
+
+
+AMBIGUOUS = 'start: x\nx: x x | x x x | "a" | "b" | x "c" x'  # Earley rows grow with every token
+
+
+def test_a_grammar_past_the_parser_limits_fails_its_own_request_only(tokenizer, engine):
+    # Forced to write "a" forever, the ambiguous grammar's matcher hits the per-token work limit: that
+    # request ends with INVALID_ARGUMENT naming it, while a free request beside it completes.
+    bias = tuple((t, 100.0) for t in tokenizer("a", add_special_tokens=False)["input_ids"][-1:])
+    hostile = request(
+        tokenizer, "hi", StructuredOutput("grammar", AMBIGUOUS), max_new_tokens=400, logit_bias=bias
+    )
+    free = request(tokenizer, "hello world", None, max_new_tokens=30, ignore_eos=True)
+
+    async def run():
+        async def one(r):
+            try:
+                return [t async for out in engine.generate(r) for t in out.token_ids]
+            except Exception as exc:  # noqa: BLE001 - the outcome is what is checked
+                return exc
+
+        return await asyncio.gather(one(hostile), one(free))
+
+    failed, served = asyncio.run(run())
+    assert isinstance(failed, InvalidInputError), failed
+    assert "structured output stopped at output token" in str(failed) and "max is 1000" in str(failed)
+    assert len(served) == 30
+
+
+def test_non_finite_numbers_in_a_schema_are_refused():
+    with pytest.raises(InvalidInputError, match="NaN or an infinity"):
+        json_schema({"type": "number", "maximum": float("inf")})
+    with pytest.raises(InvalidInputError, match="Infinity is not a JSON number"):
+        grammar_of(StructuredOutput("json_schema", '{"type": "number", "maximum": Infinity}'))

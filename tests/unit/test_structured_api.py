@@ -1,0 +1,18 @@
+"""The gateway's structured-output checks that the official client cannot send: a schema holding
+Python json's NaN / Infinity literals (raw bytes to the real app, conftest's scripted LLM behind it)."""
+
+from __future__ import annotations
+
+from tests.unit.test_api import MODEL
+
+
+def test_a_schema_with_infinity_is_a_400_naming_it(http, llm):
+    body = (
+        '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], '
+        '"structured_outputs": {"json": {"type": "number", "maximum": Infinity}}}' % MODEL
+    )
+    response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "structured_outputs.json" and "NaN or an infinity" in error["message"], error
+    assert llm.requests == []
