@@ -3,14 +3,19 @@ Python json's NaN / Infinity literals (raw bytes to the real app, conftest's scr
 
 from __future__ import annotations
 
+import json
+
 from tests.unit.test_api import MODEL
 
 
 def test_a_schema_with_infinity_is_a_400_naming_it(http, llm):
-    body = (
-        '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], '
-        '"structured_outputs": {"json": {"type": "number", "maximum": Infinity}}}' % MODEL
-    )
+    schema = {"type": "number", "maximum": "INF"}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "structured_outputs": {"json": schema},
+    }
+    body = json.dumps(body).replace('"INF"', "Infinity")  # Python's json reads the literal
     response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
